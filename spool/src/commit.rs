@@ -1,0 +1,239 @@
+//! Group commit: one thread owns every durable write.
+//!
+//! Callers hand it a [`Job`] (a list of tree writes plus the index changes they imply) and
+//! wait on a oneshot. The thread takes whatever jobs queued up while its previous sync
+//! ran, applies them as one sled transaction, flushes, fsyncs (see `durability.rs`), and
+//! only then updates the in-memory index and answers every caller. Concurrent producers
+//! therefore share one fsync, and the index never shows a write a crash could undo.
+//! The index is updated here rather than by the caller because a caller may stop waiting
+//! (an HTTP client hangs up) after its messages became durable: they must still be sent.
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+use tokio::sync::{oneshot, watch};
+
+use crate::durability::DiskSync;
+use crate::index::{Index, Slot};
+use crate::keys;
+
+/// Above this many bytes a group is committed without waiting for more jobs.
+const MAX_GROUP_BYTES: usize = 32 << 20;
+
+/// The trees, in the order [`Trees`] holds them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TreeId {
+    Messages = 0,
+    DeadLetter = 1,
+    Quarantine = 2,
+    Meta = 3,
+}
+
+pub type Trees = [sled::Tree; 4];
+
+#[derive(Debug)]
+pub enum Op {
+    Put(TreeId, Vec<u8>, Vec<u8>),
+    Del(TreeId, Vec<u8>),
+}
+
+/// How the in-memory index changes once a job is durable.
+#[derive(Debug)]
+pub enum Effect {
+    /// A message (new or rescheduled) waits in `queue` until `due_ms`.
+    Schedule { queue: String, id: u64, due_ms: u64, slot: Slot },
+    /// A message left the queue (dead-lettered, quarantined, purged).
+    Forget { queue: String, id: u64 },
+}
+
+pub type Reply = Result<(), String>;
+
+pub struct Job {
+    pub ops: Vec<Op>,
+    pub effects: Vec<Effect>,
+    /// Writes that take the job back if the sync fails (new messages are deleted again).
+    pub undo: Vec<Op>,
+    pub reply: Option<oneshot::Sender<Reply>>,
+}
+
+impl Job {
+    pub fn with_capacity(n: usize) -> Job {
+        Job { ops: Vec::with_capacity(n), effects: Vec::with_capacity(n), undo: Vec::new(), reply: None }
+    }
+
+    fn bytes(&self) -> usize {
+        self.ops
+            .iter()
+            .map(|op| match op {
+                Op::Put(_, k, v) => k.len() + v.len(),
+                Op::Del(_, k) => k.len(),
+            })
+            .sum()
+    }
+
+    fn highest_new_id(&self) -> u64 {
+        self.effects
+            .iter()
+            .map(|e| match e {
+                Effect::Schedule { id, .. } => *id,
+                Effect::Forget { .. } => 0,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Figures about group commits, read by metrics.
+#[derive(Debug, Default)]
+pub struct CommitStats {
+    pub groups: std::sync::atomic::AtomicU64,
+    pub jobs: std::sync::atomic::AtomicU64,
+    pub sync_micros: std::sync::atomic::AtomicU64,
+}
+
+pub struct Committer {
+    tx: Option<mpsc::Sender<Job>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+pub struct WriterState {
+    pub db: sled::Db,
+    pub trees: Trees,
+    pub sync: DiskSync,
+    pub index: Arc<Mutex<Index>>,
+    pub changed: watch::Sender<u64>,
+    pub id_hwm: u64,
+    pub stats: Arc<CommitStats>,
+}
+
+impl Committer {
+    pub fn start(state: WriterState) -> std::io::Result<Committer> {
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("spool-commit".into())
+            .spawn(move || run(state, rx))?;
+        Ok(Committer { tx: Some(tx), thread: Some(thread) })
+    }
+
+    pub fn submit(&self, job: Job) -> Result<(), Job> {
+        match &self.tx {
+            Some(tx) => tx.send(job).map_err(|e| e.0),
+            None => Err(job),
+        }
+    }
+
+    /// Finishes queued jobs and stops the thread.
+    pub fn stop(&mut self) {
+        self.tx.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run(mut state: WriterState, rx: mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut bytes = first.bytes();
+        let mut group = vec![first];
+        while bytes < MAX_GROUP_BYTES {
+            match rx.try_recv() {
+                Ok(job) => {
+                    bytes += job.bytes();
+                    group.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let result = commit_group(&mut state, &group);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, jobs = group.len(), "spool group commit failed");
+            undo_group(&state, &group);
+        } else {
+            apply_effects(&state, &mut group);
+        }
+        for job in &mut group {
+            if let Some(reply) = job.reply.take() {
+                let _ = reply.send(result.clone());
+            }
+        }
+    }
+}
+
+fn commit_group(state: &mut WriterState, group: &[Job]) -> Reply {
+    let hwm = group.iter().map(Job::highest_new_id).max().unwrap_or(0);
+    let new_hwm = (hwm > state.id_hwm).then_some(hwm);
+    let written = state.trees.as_slice().transaction(|views| {
+        for op in group.iter().flat_map(|job| &job.ops) {
+            match op {
+                Op::Put(tree, key, value) => {
+                    views[*tree as usize].insert(key.as_slice(), value.as_slice())?;
+                }
+                Op::Del(tree, key) => {
+                    views[*tree as usize].remove(key.as_slice())?;
+                }
+            }
+        }
+        if let Some(hwm) = new_hwm {
+            views[TreeId::Meta as usize].insert(keys::ID_HWM, &hwm.to_be_bytes())?;
+        }
+        Ok::<(), ConflictableTransactionError<()>>(())
+    });
+    match written {
+        Ok(()) => {}
+        Err(TransactionError::Storage(e)) => return Err(format!("sled write failed: {e}")),
+        Err(TransactionError::Abort(())) => return Err("sled transaction aborted".into()),
+    }
+    let started = Instant::now();
+    state.db.flush().map_err(|e| format!("sled flush failed: {e}"))?;
+    state.sync.sync().map_err(|e| format!("fsync failed: {e}"))?;
+    record_stats(&state.stats, group.len(), started);
+    if let Some(hwm) = new_hwm {
+        state.id_hwm = hwm;
+    }
+    Ok(())
+}
+
+fn record_stats(stats: &CommitStats, jobs: usize, started: Instant) {
+    use std::sync::atomic::Ordering::Relaxed;
+    stats.groups.fetch_add(1, Relaxed);
+    stats.jobs.fetch_add(jobs as u64, Relaxed);
+    stats
+        .sync_micros
+        .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+}
+
+/// Best effort: a failed sync left the group's writes in sled's memory; take back new
+/// messages so a later successful sync cannot make unacknowledged data reappear.
+fn undo_group(state: &WriterState, group: &[Job]) {
+    for op in group.iter().flat_map(|job| &job.undo) {
+        let tree = |t: &TreeId| &state.trees[*t as usize];
+        let _ = match op {
+            Op::Put(t, k, v) => tree(t).insert(k.as_slice(), v.as_slice()).map(|_| ()),
+            Op::Del(t, k) => tree(t).remove(k.as_slice()).map(|_| ()),
+        };
+    }
+}
+
+fn apply_effects(state: &WriterState, group: &mut [Job]) {
+    let mut index = state.index.lock().unwrap_or_else(|e| e.into_inner());
+    for effect in group.iter_mut().flat_map(|job| job.effects.drain(..)) {
+        match effect {
+            Effect::Schedule { queue, id, due_ms, slot } => index.insert(&queue, id, due_ms, slot),
+            Effect::Forget { queue, id } => {
+                index.remove(&queue, id);
+            }
+        }
+    }
+    drop(index);
+    state.changed.send_modify(|generation| *generation += 1);
+}

@@ -1,0 +1,36 @@
+//! What can go wrong in the spool, one variant per cause, each naming where.
+
+use std::path::PathBuf;
+
+use crate::record::MessageId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool {path} is locked by pid {pid}: another spoolrelay or spoolctl is using it (stop it, or talk to the daemon with `spoolctl --url`)")]
+    Locked { path: PathBuf, pid: String },
+    #[error("cannot use spool directory {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("sled storage error in {path}: {source} (check the disk, then run `spoolctl verify`)")]
+    Storage {
+        path: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+    /// The batch could not be made durable; nothing in it may be acknowledged.
+    #[error("spool could not make the batch durable: {0} (is the disk full or failing?)")]
+    NotDurable(String),
+    #[error("invalid queue name {name:?}: {why}")]
+    InvalidQueueName { name: String, why: &'static str },
+    #[error("message {id} is not leased from queue {queue:?}")]
+    NotLeased { queue: String, id: MessageId },
+    #[error("message {id} not found")]
+    NotFound { id: MessageId },
+    #[error("the spool's commit thread has stopped; the spool must be reopened")]
+    WriterStopped,
+}
+
+pub type Result<T, E = SpoolError> = std::result::Result<T, E>;

@@ -1,0 +1,186 @@
+//! The in-memory schedule: which message of which queue is due when.
+//!
+//! It holds ids, due times and a few numbers per message, never payloads, so a million
+//! queued messages cost tens of megabytes. It is rebuilt from disk on open and is only
+//! ever changed after the change it mirrors is durable (see `commit.rs`), so the
+//! dispatcher can never lease a message that a crash could take back.
+
+use std::collections::{BTreeMap, HashMap};
+
+/// What the index keeps per message besides its id and due time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    pub created_ms: u64,
+    pub bytes: u32,
+    pub attempts: u32,
+}
+
+#[derive(Debug, Default)]
+struct QueueIndex {
+    /// Waiting messages, ordered by (due time, id): first attempts come out FIFO.
+    scheduled: BTreeMap<(u64, u64), Slot>,
+    /// Messages handed to the dispatcher and not yet settled, with their due time.
+    leased: HashMap<u64, (u64, Slot)>,
+}
+
+/// Figures for one queue, as shown by stats and `spoolctl summary`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueStats {
+    pub count: u64,
+    pub bytes: u64,
+    pub leased: u64,
+    pub due_now: u64,
+    /// Creation time of the oldest message, ms since the epoch.
+    pub oldest_created_ms: Option<u64>,
+    /// Earliest due time among waiting messages.
+    pub next_due_ms: Option<u64>,
+    /// attempts → number of messages with that many failed attempts.
+    pub attempts: BTreeMap<u32, u64>,
+}
+
+#[derive(Debug, Default)]
+pub struct Index {
+    queues: HashMap<String, QueueIndex>,
+}
+
+impl Index {
+    pub fn insert(&mut self, queue: &str, id: u64, due_ms: u64, slot: Slot) {
+        let q = match self.queues.get_mut(queue) {
+            Some(q) => q,
+            None => self.queues.entry(queue.to_owned()).or_default(),
+        };
+        q.leased.remove(&id);
+        q.scheduled.insert((due_ms, id), slot);
+    }
+
+    /// Leases up to `max` messages due at `now_ms`, earliest first.
+    pub fn take_due(&mut self, queue: &str, now_ms: u64, max: usize) -> Vec<(u64, u64, Slot)> {
+        let Some(q) = self.queues.get_mut(queue) else {
+            return Vec::new();
+        };
+        let keys: Vec<(u64, u64)> = q
+            .scheduled
+            .range(..=(now_ms, u64::MAX))
+            .take(max)
+            .map(|(k, _)| *k)
+            .collect();
+        keys.into_iter()
+            .map(|(due, id)| {
+                let slot = q.scheduled.remove(&(due, id)).expect("key just seen");
+                q.leased.insert(id, (due, slot));
+                (id, due, slot)
+            })
+            .collect()
+    }
+
+    pub fn is_leased(&self, queue: &str, id: u64) -> bool {
+        self.queues.get(queue).is_some_and(|q| q.leased.contains_key(&id))
+    }
+
+    /// Gives a lease back untouched (e.g. on shutdown or a suspended queue).
+    pub fn release(&mut self, queue: &str, id: u64) -> bool {
+        let Some(q) = self.queues.get_mut(queue) else {
+            return false;
+        };
+        match q.leased.remove(&id) {
+            Some((due, slot)) => {
+                q.scheduled.insert((due, id), slot);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets a message wherever it is (settled, dead-lettered, purged).
+    pub fn remove(&mut self, queue: &str, id: u64) -> Option<Slot> {
+        let q = self.queues.get_mut(queue)?;
+        let slot = match q.leased.remove(&id) {
+            Some((_, slot)) => Some(slot),
+            None => {
+                let key = q.scheduled.iter().find(|(k, _)| k.1 == id).map(|(k, _)| *k);
+                key.and_then(|k| q.scheduled.remove(&k))
+            }
+        };
+        if q.scheduled.is_empty() && q.leased.is_empty() {
+            self.queues.remove(queue);
+        }
+        slot
+    }
+
+    pub fn queue_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.queues.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Earliest due time of a waiting message, for the dispatcher's timer.
+    pub fn next_due(&self, queue: &str) -> Option<u64> {
+        let q = self.queues.get(queue)?;
+        q.scheduled.keys().next().map(|(due, _)| *due)
+    }
+
+    /// Which queue holds `id` (a linear walk: for operators, not for the hot path).
+    pub fn find(&self, id: u64) -> Option<String> {
+        self.queues
+            .iter()
+            .find(|(_, q)| q.leased.contains_key(&id) || q.scheduled.keys().any(|k| k.1 == id))
+            .map(|(name, _)| name.clone())
+    }
+
+    pub fn stats(&self, queue: &str, now_ms: u64) -> QueueStats {
+        let mut stats = QueueStats::default();
+        let Some(q) = self.queues.get(queue) else {
+            return stats;
+        };
+        let leased = q.leased.values().map(|(_, slot)| slot);
+        for slot in q.scheduled.values().chain(leased) {
+            stats.count += 1;
+            stats.bytes += u64::from(slot.bytes);
+            *stats.attempts.entry(slot.attempts).or_default() += 1;
+            stats.oldest_created_ms = Some(
+                stats
+                    .oldest_created_ms
+                    .map_or(slot.created_ms, |t| t.min(slot.created_ms)),
+            );
+        }
+        stats.leased = q.leased.len() as u64;
+        stats.due_now = q.scheduled.range(..=(now_ms, u64::MAX)).count() as u64;
+        stats.next_due_ms = self.next_due(queue);
+        stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SLOT: Slot = Slot { created_ms: 5, bytes: 10, attempts: 0 };
+
+    #[test]
+    fn leases_due_messages_in_due_then_id_order() {
+        let mut index = Index::default();
+        index.insert("q", 3, 100, SLOT);
+        index.insert("q", 1, 100, SLOT);
+        index.insert("q", 2, 500, SLOT);
+        let taken: Vec<u64> = index.take_due("q", 100, 10).iter().map(|t| t.0).collect();
+        assert_eq!(taken, vec![1, 3]);
+        assert!(index.take_due("q", 100, 10).is_empty(), "leased ones are not handed out twice");
+        assert!(index.release("q", 3));
+        assert_eq!(index.take_due("q", 1000, 10).len(), 2);
+    }
+
+    #[test]
+    fn stats_count_waiting_and_leased() {
+        let mut index = Index::default();
+        index.insert("q", 1, 0, SLOT);
+        index.insert("q", 2, 50, Slot { attempts: 2, created_ms: 1, ..SLOT });
+        index.take_due("q", 0, 1);
+        let stats = index.stats("q", 10);
+        assert_eq!((stats.count, stats.bytes, stats.leased, stats.due_now), (2, 20, 1, 0));
+        assert_eq!(stats.oldest_created_ms, Some(1));
+        assert_eq!(stats.attempts.get(&2), Some(&1));
+        assert_eq!(index.remove("q", 1), Some(SLOT));
+        assert!(index.remove("q", 2).is_some());
+        assert!(index.queue_names().is_empty(), "empty queues are forgotten");
+    }
+}

@@ -1,0 +1,92 @@
+//! Key layout. One data tree holds every queue (sled bloats with many trees, sled #1333):
+//!
+//! ```text
+//! messages:    <queue name bytes> 0x00 <id: u64 big-endian>  -> record v1 (Message)
+//! dead_letter: <id: u64 big-endian>                          -> record v1 (Message)
+//! quarantine:  <seq: u64 big-endian>                         -> record v1 (QuarantineEntry)
+//! meta:        "id_hwm"                                      -> u64 big-endian
+//! ```
+//!
+//! Big-endian ids sort numerically, so a prefix scan of one queue walks it in id (FIFO)
+//! order. Queue names may not contain 0x00, which makes the separator unambiguous.
+
+use crate::record::MessageId;
+
+pub const SEPARATOR: u8 = 0;
+pub const ID_HWM: &[u8] = b"id_hwm";
+/// Longest queue name accepted. Names are KumoMTA-style `campaign:tenant@domain!routing`.
+pub const MAX_QUEUE_NAME: usize = 255;
+
+/// Why a queue name is refused.
+pub fn check_queue_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        Err("queue name is empty")
+    } else if name.len() > MAX_QUEUE_NAME {
+        Err("queue name is longer than 255 bytes")
+    } else if name.bytes().any(|b| b == SEPARATOR || b.is_ascii_control()) {
+        Err("queue name contains a control character")
+    } else {
+        Ok(())
+    }
+}
+
+pub fn message_key(queue: &str, id: MessageId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(queue.len() + 9);
+    key.extend_from_slice(queue.as_bytes());
+    key.push(SEPARATOR);
+    key.extend_from_slice(&id.0.to_be_bytes());
+    key
+}
+
+/// The scan prefix of one queue in the messages tree.
+pub fn queue_prefix(queue: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(queue.len() + 1);
+    key.extend_from_slice(queue.as_bytes());
+    key.push(SEPARATOR);
+    key
+}
+
+/// Splits a messages-tree key; `None` if it is not one this build writes.
+pub fn parse_message_key(key: &[u8]) -> Option<(&str, MessageId)> {
+    if key.len() < 10 || key[key.len() - 9] != SEPARATOR {
+        return None;
+    }
+    let (queue, rest) = key.split_at(key.len() - 9);
+    let queue = std::str::from_utf8(queue).ok()?;
+    check_queue_name(queue).ok()?;
+    let id = u64::from_be_bytes(rest[1..].try_into().ok()?);
+    Some((queue, MessageId(id)))
+}
+
+pub fn id_key(id: u64) -> [u8; 8] {
+    id.to_be_bytes()
+}
+
+pub fn parse_id_key(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_keys_round_trip_and_sort_by_id() {
+        let a = message_key("q@x", MessageId(2));
+        let b = message_key("q@x", MessageId(256));
+        assert!(a < b);
+        assert_eq!(parse_message_key(&b), Some(("q@x", MessageId(256))));
+        assert!(b.starts_with(&queue_prefix("q@x")));
+        assert!(!b.starts_with(&queue_prefix("q@")));
+    }
+
+    #[test]
+    fn bad_keys_and_names_are_refused() {
+        assert_eq!(parse_message_key(b"short"), None);
+        assert_eq!(parse_message_key(&[0xff; 12]), None);
+        assert!(check_queue_name("").is_err());
+        assert!(check_queue_name("a\0b").is_err());
+        assert!(check_queue_name(&"x".repeat(256)).is_err());
+        assert!(check_queue_name("campaign:tenant@example.com!mx").is_ok());
+    }
+}

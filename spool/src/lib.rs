@@ -1,0 +1,87 @@
+//! # The spool: a durable, crash-safe message queue on sled
+//!
+//! spoolrelay answers "accepted" only for messages this library has put on stable storage,
+//! and forgets a message only once it was delivered or an operator removed it. Everything
+//! here serves those two promises.
+//!
+//! ## Invariants
+//! - `enqueue` returns only after the batch is flushed **and fsynced** (sled's own flush is
+//!   not an fsync on Linux, sled #1452: see [`durability`]).
+//! - Every record is checksummed (CRC-32) and versioned ([`record`]). A record that fails its
+//!   checksum or does not decode is moved to the quarantine tree with its raw bytes and key;
+//!   it is never dropped silently and never panics the process.
+//! - A message leaves the messages tree only by `ack` (delivered), `dead_letter` (moved,
+//!   kept), or a quarantine move. `retry` persists attempts, due time and error first.
+//! - The in-memory index changes only after the disk change it mirrors is durable.
+//!
+//! ## On-disk layout
+//! ```text
+//! <spool dir>/
+//!   spool.lock          flock + holder pid: one process per spool
+//!   data/               one sled database
+//!     messages          <queue> 0x00 <id u64 BE>  -> record v1 (Message)
+//!     dead_letter       <id u64 BE>               -> record v1 (Message, last_error = reason)
+//!     quarantine        <seq u64 BE>              -> record v1 (QuarantineEntry)
+//!     meta              "id_hwm"                  -> highest id ever committed
+//! ```
+//! One data tree holds every queue, because sled bloats when used with many trees (sled
+//! #1333, #1484); queue-prefixed keys keep each queue contiguous and FIFO by id.
+//!
+//! ## Writing: group commit
+//! All durable writes go through one commit thread ([`commit`]). It takes every job that
+//! queued up while its previous fsync ran, applies them in one sled transaction, flushes,
+//! fsyncs, updates the index, then answers all callers at once. Many concurrent HTTP
+//! requests therefore share one fsync: throughput grows with concurrency while latency
+//! stays about one fsync.
+//!
+//! ## Reading: leases
+//! The dispatcher calls `lease(queue, max, now)`; the index hands out due ids (earliest
+//! due first, then id: FIFO for first attempts) and the records are read from sled one by
+//! one, so a queue is never loaded whole. Leases are memory-only: after a crash every
+//! message is simply due again, and only what was in flight can be delivered twice.
+//! Deletes after delivery (`ack`) are not fsynced one by one; the next group commit or
+//! sled's background flush carries them. A crash in between means a duplicate, never a loss.
+//!
+//! ## Recovery
+//! Opening scans every tree once ([`recovery`]): it rebuilds the index (ids, due times and
+//! sizes, never payloads: a million messages cost tens of MB), quarantines what does not
+//! decode, and resolves a message found both queued and dead-lettered in favour of the
+//! dead-letter copy. The ids continue above the highest id ever committed.
+
+mod commit;
+pub mod durability;
+pub mod error;
+pub mod index;
+pub mod keys;
+mod lock;
+pub mod record;
+pub mod recovery;
+mod spool;
+
+pub use durability::SyncFaults;
+pub use error::{Result, SpoolError};
+pub use index::QueueStats;
+pub use record::{Message, MessageId, Meta, MetaValue};
+pub use recovery::RecoveryReport;
+pub use spool::{NewMessage, Spool, SpoolOptions, SpoolStats};
+
+/// A record set aside because it could not be read: enough to inspect, export or repair it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QuarantineEntry {
+    /// The tree the record was found in.
+    pub tree: String,
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub raw: Vec<u8>,
+    pub reason: String,
+    pub at_ms: u64,
+}
+
+/// Milliseconds since the Unix epoch: the spool's clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,150 @@
+//! Opening an existing spool: one scan that rebuilds the index and sets corrupt records
+//! aside.
+//!
+//! Every record of every tree is decoded once. What does not decode, or whose key does
+//! not match its contents, is moved to quarantine with its raw bytes (never dropped). A
+//! message found both queued and dead-lettered (a crash between the two halves of a move
+//! that a newer writer would do atomically) keeps its dead-letter copy: the dead-letter
+//! area is the one an operator looks at.
+
+use std::collections::{BTreeMap, HashSet};
+
+use crate::commit::{Op, TreeId, Trees};
+use crate::index::{Index, Slot};
+use crate::keys;
+use crate::record::{self, Message};
+use crate::{now_ms, QuarantineEntry};
+
+/// What an open found, for the startup log line and `spoolctl`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Queue name → (messages, payload bytes).
+    pub queues: BTreeMap<String, (u64, u64)>,
+    pub dead_letter: u64,
+    /// Records moved to quarantine by this open.
+    pub quarantined_now: u64,
+    /// Records in quarantine after this open, old and new.
+    pub quarantine_total: u64,
+    /// Messages found both queued and dead-lettered; the queued copy was removed.
+    pub duplicates_resolved: u64,
+    pub highest_id: u64,
+}
+
+/// The outcome of a scan: the index, and the writes that put corrupt records aside.
+pub struct Scan {
+    pub index: Index,
+    pub repairs: Vec<Op>,
+    pub report: RecoveryReport,
+    pub next_quarantine_seq: u64,
+}
+
+pub fn scan(trees: &Trees) -> Result<Scan, sled::Error> {
+    let mut scan = Scan {
+        index: Index::default(),
+        repairs: Vec::new(),
+        report: RecoveryReport::default(),
+        next_quarantine_seq: 0,
+    };
+    for item in trees[TreeId::Quarantine as usize].iter().keys() {
+        let seq = keys::parse_id_key(&item?).unwrap_or(0);
+        scan.next_quarantine_seq = scan.next_quarantine_seq.max(seq + 1);
+        scan.report.quarantine_total += 1;
+    }
+    if let Some(hwm) = trees[TreeId::Meta as usize].get(keys::ID_HWM)? {
+        scan.report.highest_id = keys::parse_id_key(&hwm).unwrap_or(0);
+    }
+    let dead = scan_dead_letters(trees, &mut scan)?;
+    scan_messages(trees, &dead, &mut scan)?;
+    Ok(scan)
+}
+
+fn scan_dead_letters(trees: &Trees, scan: &mut Scan) -> Result<HashSet<u64>, sled::Error> {
+    let mut dead = HashSet::new();
+    for item in trees[TreeId::DeadLetter as usize].iter() {
+        let (key, raw) = item?;
+        let checked = record::decode::<Message>(&raw)
+            .map_err(|e| e.to_string())
+            .and_then(|m| match keys::parse_id_key(&key) {
+                Some(id) if id == m.id.0 => Ok(m),
+                _ => Err("dead-letter key does not match the record's id".into()),
+            });
+        match checked {
+            Ok(msg) => {
+                dead.insert(msg.id.0);
+                scan.report.highest_id = scan.report.highest_id.max(msg.id.0);
+                scan.report.dead_letter += 1;
+            }
+            Err(reason) => quarantine(scan, TreeId::DeadLetter, &key, &raw, reason),
+        }
+    }
+    Ok(dead)
+}
+
+fn scan_messages(trees: &Trees, dead: &HashSet<u64>, scan: &mut Scan) -> Result<(), sled::Error> {
+    for item in trees[TreeId::Messages as usize].iter() {
+        let (key, raw) = item?;
+        let msg = match check_message(&key, &raw) {
+            Ok(msg) => msg,
+            Err(reason) => {
+                quarantine(scan, TreeId::Messages, &key, &raw, reason);
+                continue;
+            }
+        };
+        scan.report.highest_id = scan.report.highest_id.max(msg.id.0);
+        if dead.contains(&msg.id.0) {
+            scan.repairs.push(Op::Del(TreeId::Messages, key.to_vec()));
+            scan.report.duplicates_resolved += 1;
+            continue;
+        }
+        let counts = scan.report.queues.entry(msg.queue.clone()).or_default();
+        counts.0 += 1;
+        counts.1 += msg.payload.len() as u64;
+        let slot = slot_of(&msg);
+        scan.index.insert(&msg.queue, msg.id.0, msg.due_ms, slot);
+    }
+    Ok(())
+}
+
+/// Decodes a messages-tree record and checks it belongs under its key.
+pub fn check_message(key: &[u8], raw: &[u8]) -> Result<Message, String> {
+    let msg = record::decode::<Message>(raw).map_err(|e| e.to_string())?;
+    match keys::parse_message_key(key) {
+        Some((queue, id)) if queue == msg.queue && id == msg.id => Ok(msg),
+        _ => Err(format!(
+            "key does not match the record (record says queue {:?}, id {})",
+            msg.queue, msg.id
+        )),
+    }
+}
+
+pub fn slot_of(msg: &Message) -> Slot {
+    Slot {
+        created_ms: msg.created_ms,
+        bytes: u32::try_from(msg.payload.len()).unwrap_or(u32::MAX),
+        attempts: msg.attempts,
+    }
+}
+
+fn quarantine(scan: &mut Scan, tree: TreeId, key: &[u8], raw: &[u8], reason: String) {
+    tracing::warn!(?tree, key = ?String::from_utf8_lossy(key), %reason, "quarantining corrupt spool record");
+    let seq = scan.next_quarantine_seq;
+    scan.next_quarantine_seq += 1;
+    scan.repairs.extend(quarantine_ops(seq, tree, key, raw, reason));
+    scan.report.quarantined_now += 1;
+    scan.report.quarantine_total += 1;
+}
+
+/// The writes that move a record into quarantine under sequence number `seq`.
+pub fn quarantine_ops(seq: u64, tree: TreeId, key: &[u8], raw: &[u8], reason: String) -> [Op; 2] {
+    let entry = QuarantineEntry {
+        tree: format!("{tree:?}"),
+        key: key.to_vec(),
+        raw: raw.to_vec(),
+        reason,
+        at_ms: now_ms(),
+    };
+    [
+        Op::Put(TreeId::Quarantine, keys::id_key(seq).to_vec(), record::encode(&entry)),
+        Op::Del(tree, key.to_vec()),
+    ]
+}

@@ -1,0 +1,442 @@
+//! The [`Spool`] handle: open, enqueue, lease, settle, inspect.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::{oneshot, watch};
+
+use crate::commit::{CommitStats, Committer, Effect, Job, Op, Reply, TreeId, Trees, WriterState};
+use crate::durability::{sync_dir, DiskSync, SyncFaults};
+use crate::error::{Result, SpoolError};
+use crate::index::{Index, QueueStats};
+use crate::keys;
+use crate::lock::DirLock;
+use crate::record::{self, Message, MessageId, Meta};
+use crate::recovery::{self, RecoveryReport};
+use crate::{now_ms, QuarantineEntry};
+
+/// How to open a spool. `Default` is what the daemon uses.
+#[derive(Debug, Clone)]
+pub struct SpoolOptions {
+    /// sled's page cache. Small on purpose: the spool is a queue, recently written
+    /// records are read back soon or never, and operators care about RSS.
+    pub cache_capacity: u64,
+    /// Injected disk failures (tests only; inert by default).
+    pub faults: SyncFaults,
+}
+
+impl Default for SpoolOptions {
+    fn default() -> Self {
+        SpoolOptions { cache_capacity: 32 << 20, faults: SyncFaults::default() }
+    }
+}
+
+/// A message to be spooled; the spool assigns its id and times.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewMessage {
+    pub queue: String,
+    pub meta: Meta,
+    pub payload: Vec<u8>,
+}
+
+/// Totals across the spool.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SpoolStats {
+    pub queues: std::collections::BTreeMap<String, QueueStats>,
+    pub dead_letter: u64,
+    pub quarantine: u64,
+}
+
+/// A cheap, cloneable handle on an open spool. The last clone to drop finishes pending
+/// commits and releases the directory lock.
+#[derive(Clone)]
+pub struct Spool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    // Field order is drop order: the committer must stop before sled closes, and the
+    // lock must outlive both.
+    committer: Committer,
+    db: sled::Db,
+    trees: Trees,
+    index: Arc<Mutex<Index>>,
+    next_id: AtomicU64,
+    quarantine_seq: AtomicU64,
+    changed: watch::Receiver<u64>,
+    commit_stats: Arc<CommitStats>,
+    _lock: DirLock,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.committer.stop();
+        if let Err(e) = self.db.flush() {
+            tracing::warn!(error = %e, dir = %self.dir.display(), "final spool flush failed");
+        }
+    }
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool in `dir`, recovering whatever is there.
+    pub fn open(dir: &Path, options: SpoolOptions) -> Result<(Spool, RecoveryReport)> {
+        let io_err = |source| SpoolError::Io { path: dir.to_path_buf(), source };
+        let created = !dir.exists();
+        std::fs::create_dir_all(dir).map_err(io_err)?;
+        let lock = DirLock::acquire(dir)?;
+        let sled_dir = dir.join("data");
+        let storage = |source| SpoolError::Storage { path: sled_dir.clone(), source };
+        let db = sled::Config::new()
+            .path(&sled_dir)
+            .cache_capacity(options.cache_capacity)
+            .open()
+            .map_err(storage)?;
+        if created {
+            sync_dir(dir).map_err(io_err)?;
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent).map_err(io_err)?;
+            }
+        }
+        let trees = [
+            db.open_tree("messages").map_err(storage)?,
+            db.open_tree("dead_letter").map_err(storage)?,
+            db.open_tree("quarantine").map_err(storage)?,
+            db.open_tree("meta").map_err(storage)?,
+        ];
+        let scan = recovery::scan(&trees).map_err(storage)?;
+        let index = Arc::new(Mutex::new(scan.index));
+        let (changed_tx, changed) = watch::channel(0);
+        let commit_stats = Arc::new(CommitStats::default());
+        let sync = DiskSync::new(&sled_dir, options.faults).map_err(io_err)?;
+        let committer = Committer::start(WriterState {
+            db: db.clone(),
+            trees: trees.clone(),
+            sync,
+            index: index.clone(),
+            changed: changed_tx,
+            id_hwm: scan.report.highest_id,
+            stats: commit_stats.clone(),
+        })
+        .map_err(io_err)?;
+        let spool = Spool {
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                committer,
+                db,
+                trees,
+                index,
+                next_id: AtomicU64::new(scan.report.highest_id + 1),
+                quarantine_seq: AtomicU64::new(scan.next_quarantine_seq),
+                changed,
+                commit_stats,
+                _lock: lock,
+            }),
+        };
+        // Repairs (quarantine moves) are made durable before anyone can lease.
+        spool.commit_blocking(scan.repairs, Vec::new(), Vec::new())?;
+        Ok((spool, scan.report))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Spools `messages` as one durable batch and returns their ids, in order. Returns only
+    /// once the batch is fsynced; on error nothing of the batch may be acknowledged.
+    pub async fn enqueue(&self, messages: Vec<NewMessage>) -> Result<Vec<MessageId>> {
+        let (ids, rx) = self.submit_enqueue(messages)?;
+        wait(rx.await)?;
+        Ok(ids)
+    }
+
+    /// [`enqueue`](Self::enqueue) for threads outside an async runtime.
+    pub fn enqueue_blocking(&self, messages: Vec<NewMessage>) -> Result<Vec<MessageId>> {
+        let (ids, rx) = self.submit_enqueue(messages)?;
+        wait(rx.blocking_recv())?;
+        Ok(ids)
+    }
+
+    fn submit_enqueue(
+        &self,
+        messages: Vec<NewMessage>,
+    ) -> Result<(Vec<MessageId>, oneshot::Receiver<Reply>)> {
+        for m in &messages {
+            keys::check_queue_name(&m.queue).map_err(|why| SpoolError::InvalidQueueName {
+                name: m.queue.clone(),
+                why,
+            })?;
+        }
+        let now = now_ms();
+        let first = self.inner.next_id.fetch_add(messages.len() as u64, Ordering::Relaxed);
+        let mut job = Job::with_capacity(messages.len());
+        let mut ids = Vec::with_capacity(messages.len());
+        for (n, m) in messages.into_iter().enumerate() {
+            let msg = Message {
+                id: MessageId(first + n as u64),
+                queue: m.queue,
+                created_ms: now,
+                attempts: 0,
+                due_ms: now,
+                last_error: None,
+                meta: m.meta,
+                payload: m.payload,
+            };
+            let key = keys::message_key(&msg.queue, msg.id);
+            job.undo.push(Op::Del(TreeId::Messages, key.clone()));
+            job.ops.push(Op::Put(TreeId::Messages, key, record::encode(&msg)));
+            job.effects.push(schedule(&msg));
+            ids.push(msg.id);
+        }
+        Ok((ids, self.submit(job)?))
+    }
+
+    /// Leases up to `max` messages of `queue` that are due at `now_ms`. Each must then be
+    /// settled with [`ack`](Self::ack), [`retry`](Self::retry),
+    /// [`dead_letter`](Self::dead_letter) or [`release`](Self::release); leases live in
+    /// memory only, so a restart releases them all.
+    pub fn lease(&self, queue: &str, max: usize, now_ms: u64) -> Result<Vec<Message>> {
+        let taken = self.index().take_due(queue, now_ms, max);
+        let mut leased = Vec::with_capacity(taken.len());
+        for (id, _, _) in taken {
+            let key = keys::message_key(queue, MessageId(id));
+            let raw = self.inner.trees[TreeId::Messages as usize]
+                .get(&key)
+                .map_err(|e| self.storage(e))?;
+            match raw.map(|raw| (recovery::check_message(&key, &raw), raw)) {
+                Some((Ok(msg), _)) => leased.push(msg),
+                Some((Err(reason), raw)) => self.quarantine_live(queue, id, &key, &raw, reason),
+                None => {
+                    tracing::error!(queue, id, "indexed message has no record; dropping it from the index");
+                    self.index().remove(queue, id);
+                }
+            }
+        }
+        Ok(leased)
+    }
+
+    /// Delivered: deletes the message. The delete is made durable by the next group commit
+    /// or sled's background flush; a crash before that redelivers it (at-least-once).
+    pub fn ack(&self, msg: &Message) -> Result<()> {
+        self.check_leased(msg)?;
+        let key = keys::message_key(&msg.queue, msg.id);
+        self.inner.trees[TreeId::Messages as usize]
+            .remove(key)
+            .map_err(|e| self.storage(e))?;
+        self.index().remove(&msg.queue, msg.id.0);
+        Ok(())
+    }
+
+    /// Not delivered: counts the attempt and reschedules the message for `next_due_ms`,
+    /// durably, before returning.
+    pub async fn retry(&self, msg: &Message, error: &str, next_due_ms: u64) -> Result<()> {
+        let rx = self.submit_retry(msg, error, next_due_ms)?;
+        self.release_on_error(msg, wait(rx.await))
+    }
+
+    fn submit_retry(&self, msg: &Message, error: &str, due: u64) -> Result<oneshot::Receiver<Reply>> {
+        self.check_leased(msg)?;
+        let mut updated = msg.clone();
+        updated.attempts = msg.attempts.saturating_add(1);
+        updated.due_ms = due;
+        updated.last_error = Some(error.to_owned());
+        let mut job = Job::with_capacity(1);
+        job.effects.push(schedule(&updated));
+        job.ops.push(Op::Put(
+            TreeId::Messages,
+            keys::message_key(&updated.queue, updated.id),
+            record::encode(&updated),
+        ));
+        self.submit(job)
+    }
+
+    /// Gives up on a message: moves it, with `reason`, to the dead-letter area, where it is
+    /// kept until an operator requeues or purges it.
+    pub async fn dead_letter(&self, msg: &Message, reason: &str) -> Result<()> {
+        self.check_leased(msg)?;
+        let mut dead = msg.clone();
+        dead.last_error = Some(reason.to_owned());
+        let mut job = Job::with_capacity(2);
+        job.ops.push(Op::Put(
+            TreeId::DeadLetter,
+            keys::id_key(msg.id.0).to_vec(),
+            record::encode(&dead),
+        ));
+        job.ops.push(Op::Del(TreeId::Messages, keys::message_key(&msg.queue, msg.id)));
+        job.effects.push(Effect::Forget { queue: msg.queue.clone(), id: msg.id.0 });
+        let done = wait(self.submit(job)?.await);
+        self.release_on_error(msg, done)
+    }
+
+    /// A settlement that could not be made durable leaves the message as it was on disk:
+    /// give the lease back so it is tried again rather than stuck until a restart.
+    fn release_on_error(&self, msg: &Message, done: Result<()>) -> Result<()> {
+        if done.is_err() {
+            self.release(msg);
+        }
+        done
+    }
+
+    /// Returns a lease untouched: the message is due again at its old time.
+    pub fn release(&self, msg: &Message) {
+        self.index().release(&msg.queue, msg.id.0);
+    }
+
+    /// Makes every write so far durable (acks included). Used at shutdown.
+    pub async fn sync(&self) -> Result<()> {
+        wait(self.submit(Job::with_capacity(0))?.await)
+    }
+
+    /// Queues that hold at least one message, sorted.
+    pub fn queue_names(&self) -> Vec<String> {
+        self.index().queue_names()
+    }
+
+    /// When the earliest waiting message of `queue` is due, if any is waiting.
+    pub fn next_due(&self, queue: &str) -> Option<u64> {
+        self.index().next_due(queue)
+    }
+
+    /// Ticks after every commit that changed the schedule: dispatchers wait on it.
+    pub fn watch_changes(&self) -> watch::Receiver<u64> {
+        self.inner.changed.clone()
+    }
+
+    pub fn stats(&self, now_ms: u64) -> SpoolStats {
+        let index = self.index();
+        let queues = index
+            .queue_names()
+            .into_iter()
+            .map(|q| {
+                let stats = index.stats(&q, now_ms);
+                (q, stats)
+            })
+            .collect();
+        SpoolStats {
+            queues,
+            dead_letter: self.inner.trees[TreeId::DeadLetter as usize].len() as u64,
+            quarantine: self.inner.trees[TreeId::Quarantine as usize].len() as u64,
+        }
+    }
+
+    /// (group commits, jobs committed, total µs spent in flush+fsync) since open.
+    pub fn commit_stats(&self) -> (u64, u64, u64) {
+        let s = &self.inner.commit_stats;
+        (
+            s.groups.load(Ordering::Relaxed),
+            s.jobs.load(Ordering::Relaxed),
+            s.sync_micros.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Looks a queued message up by id.
+    pub fn get(&self, id: MessageId) -> Result<Option<Message>> {
+        let Some(queue) = self.index().find(id.0) else {
+            return Ok(None);
+        };
+        let key = keys::message_key(&queue, id);
+        match self.inner.trees[TreeId::Messages as usize].get(&key) {
+            Ok(Some(raw)) => Ok(recovery::check_message(&key, &raw).ok()),
+            Ok(None) => Ok(None),
+            Err(e) => Err(self.storage(e)),
+        }
+    }
+
+    /// Every dead-lettered message, oldest id first.
+    pub fn dead_letters(&self) -> Result<Vec<Message>> {
+        let mut out = Vec::new();
+        for item in self.inner.trees[TreeId::DeadLetter as usize].iter() {
+            let (_, raw) = item.map_err(|e| self.storage(e))?;
+            if let Ok(msg) = record::decode::<Message>(&raw) {
+                out.push(msg);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every quarantined record, in the order it was set aside.
+    pub fn quarantined(&self) -> Result<Vec<QuarantineEntry>> {
+        let mut out = Vec::new();
+        for item in self.inner.trees[TreeId::Quarantine as usize].iter() {
+            let (key, raw) = item.map_err(|e| self.storage(e))?;
+            match record::decode::<QuarantineEntry>(&raw) {
+                Ok(entry) => out.push(entry),
+                Err(e) => out.push(QuarantineEntry {
+                    tree: "Quarantine".into(),
+                    key: key.to_vec(),
+                    raw: raw.to_vec(),
+                    reason: format!("quarantine entry itself is damaged: {e}"),
+                    at_ms: 0,
+                }),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Total bytes of the spool's files on disk.
+    pub fn disk_bytes(&self) -> Result<u64> {
+        self.inner.db.size_on_disk().map_err(|e| self.storage(e))
+    }
+
+    fn quarantine_live(&self, queue: &str, id: u64, key: &[u8], raw: &[u8], reason: String) {
+        tracing::error!(queue, id, %reason, "quarantining corrupt spool record");
+        let seq = self.inner.quarantine_seq.fetch_add(1, Ordering::Relaxed);
+        let mut job = Job::with_capacity(2);
+        job.ops.extend(recovery::quarantine_ops(seq, TreeId::Messages, key, raw, reason));
+        job.effects.push(Effect::Forget { queue: queue.to_owned(), id });
+        // Nobody waits: the record is out of the index already (leased), and the move is
+        // durable with the next group.
+        let _ = self.submit(job);
+    }
+
+    fn commit_blocking(&self, ops: Vec<Op>, effects: Vec<Effect>, undo: Vec<Op>) -> Result<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let job = Job { ops, effects, undo, reply: None };
+        wait(self.submit(job)?.blocking_recv())
+    }
+
+    fn submit(&self, mut job: Job) -> Result<oneshot::Receiver<Reply>> {
+        let (tx, rx) = oneshot::channel();
+        job.reply = Some(tx);
+        self.inner
+            .committer
+            .submit(job).map_err(|_| SpoolError::WriterStopped)?;
+        Ok(rx)
+    }
+
+    fn check_leased(&self, msg: &Message) -> Result<()> {
+        if self.index().is_leased(&msg.queue, msg.id.0) {
+            Ok(())
+        } else {
+            Err(SpoolError::NotLeased { queue: msg.queue.clone(), id: msg.id })
+        }
+    }
+
+    fn index(&self) -> MutexGuard<'_, Index> {
+        self.inner.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn storage(&self, source: sled::Error) -> SpoolError {
+        SpoolError::Storage { path: self.inner.dir.join("data"), source }
+    }
+}
+
+fn schedule(msg: &Message) -> Effect {
+    Effect::Schedule {
+        queue: msg.queue.clone(),
+        id: msg.id.0,
+        due_ms: msg.due_ms,
+        slot: recovery::slot_of(msg),
+    }
+}
+
+fn wait(reply: Result<Reply, oneshot::error::RecvError>) -> Result<()> {
+    match reply {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(why)) => Err(SpoolError::NotDurable(why)),
+        Err(_) => Err(SpoolError::WriterStopped),
+    }
+}

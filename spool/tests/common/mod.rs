@@ -1,0 +1,22 @@
+#![allow(dead_code)] // each test binary uses part of this
+
+use std::path::Path;
+
+use spool::{Message, Meta, MetaValue, NewMessage, Spool, SpoolOptions};
+
+pub fn open(dir: &Path) -> Spool {
+    Spool::open(dir, SpoolOptions::default()).expect("open spool").0
+}
+
+pub fn msg(queue: &str, payload: &[u8]) -> NewMessage {
+    let mut meta = Meta::new();
+    meta.insert("source".into(), MetaValue::Str("test".into()));
+    NewMessage { queue: queue.into(), meta, payload: payload.to_vec() }
+}
+
+/// Far in the future: everything is due.
+pub const LATER: u64 = u64::MAX / 2;
+
+pub fn lease_all(spool: &Spool, queue: &str) -> Vec<Message> {
+    spool.lease(queue, usize::MAX, LATER).expect("lease")
+}

@@ -1,0 +1,218 @@
+//! One test per spool operation and per promise of the contract it keeps.
+
+mod common;
+
+use common::{lease_all, msg, open, LATER};
+use spool::{MessageId, Spool, SpoolError, SpoolOptions, SyncFaults};
+
+#[tokio::test]
+async fn enqueued_messages_come_back_fifo_and_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let payloads: Vec<Vec<u8>> = vec![vec![], (0..=255u8).collect(), b"\0\xff\n".to_vec()];
+    let batch = payloads.iter().map(|p| msg("q", p)).collect();
+    let ids = spool.enqueue(batch).await.unwrap();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids are monotonic: {ids:?}");
+    let leased = lease_all(&spool, "q");
+    assert_eq!(leased.iter().map(|m| m.id).collect::<Vec<_>>(), ids);
+    let got: Vec<&Vec<u8>> = leased.iter().map(|m| &m.payload).collect();
+    assert_eq!(got, payloads.iter().collect::<Vec<_>>());
+    assert_eq!(leased[0].meta, msg("q", b"").meta);
+}
+
+#[tokio::test]
+async fn ten_mib_payload_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let big: Vec<u8> = (0..10 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
+    {
+        let spool = open(dir.path());
+        spool.enqueue(vec![msg("big", &big)]).await.unwrap();
+    }
+    let spool = open(dir.path());
+    let leased = lease_all(&spool, "big");
+    assert_eq!(leased.len(), 1);
+    assert!(leased[0].payload == big, "10 MiB payload differs after reopen");
+}
+
+#[tokio::test]
+async fn ack_deletes_and_the_delete_survives_reopen_after_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let spool = open(dir.path());
+        spool.enqueue(vec![msg("q", b"a"), msg("q", b"b")]).await.unwrap();
+        let leased = lease_all(&spool, "q");
+        spool.ack(&leased[0]).unwrap();
+        assert!(spool.ack(&leased[0]).is_err(), "a settled message cannot be acked twice");
+        spool.sync().await.unwrap();
+    }
+    let spool = open(dir.path());
+    let left = lease_all(&spool, "q");
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].payload, b"b");
+}
+
+#[tokio::test]
+async fn retry_persists_attempts_due_time_and_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let due = spool::now_ms() + 60_000;
+    {
+        let spool = open(dir.path());
+        spool.enqueue(vec![msg("q", b"x")]).await.unwrap();
+        let m = lease_all(&spool, "q").remove(0);
+        spool.retry(&m, "451 broker busy", due).await.unwrap();
+        assert!(spool.lease("q", 10, due - 1).unwrap().is_empty(), "not due before next_due");
+    }
+    let spool = open(dir.path());
+    assert!(spool.lease("q", 10, due - 1).unwrap().is_empty(), "due time persisted");
+    let m = spool.lease("q", 10, due).unwrap().remove(0);
+    assert_eq!((m.attempts, m.due_ms), (1, due));
+    assert_eq!(m.last_error.as_deref(), Some("451 broker busy"));
+}
+
+#[tokio::test]
+async fn dead_letter_keeps_the_message_out_of_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let spool = open(dir.path());
+        spool.enqueue(vec![msg("q", b"poison")]).await.unwrap();
+        let m = lease_all(&spool, "q").remove(0);
+        spool.dead_letter(&m, "550 rejected").await.unwrap();
+        assert!(lease_all(&spool, "q").is_empty());
+    }
+    let spool = open(dir.path());
+    assert!(lease_all(&spool, "q").is_empty());
+    let dead = spool.dead_letters().unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].payload, b"poison");
+    assert_eq!(dead[0].last_error.as_deref(), Some("550 rejected"));
+    assert_eq!(spool.stats(0).dead_letter, 1);
+}
+
+#[tokio::test]
+async fn release_makes_a_lease_due_again_and_restart_releases_all() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let spool = open(dir.path());
+        spool.enqueue(vec![msg("q", b"1"), msg("q", b"2")]).await.unwrap();
+        let leased = lease_all(&spool, "q");
+        assert!(lease_all(&spool, "q").is_empty());
+        spool.release(&leased[0]);
+        assert_eq!(lease_all(&spool, "q").len(), 1);
+    }
+    let spool = open(dir.path());
+    assert_eq!(lease_all(&spool, "q").len(), 2, "leases do not survive a restart");
+}
+
+#[tokio::test]
+async fn ids_are_never_reused_even_after_everything_is_acked() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = {
+        let spool = open(dir.path());
+        let ids = spool.enqueue(vec![msg("q", b"1")]).await.unwrap();
+        let m = lease_all(&spool, "q").remove(0);
+        spool.ack(&m).unwrap();
+        spool.sync().await.unwrap();
+        ids[0]
+    };
+    let spool = open(dir.path());
+    let second = spool.enqueue(vec![msg("q", b"2")]).await.unwrap()[0];
+    assert!(second > first, "{second} must be above {first}");
+}
+
+#[test]
+fn a_second_opener_is_told_who_holds_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let _held = open(dir.path());
+    let err = Spool::open(dir.path(), SpoolOptions::default()).err().expect("must be locked");
+    assert!(matches!(err, SpoolError::Locked { .. }));
+    let text = err.to_string();
+    assert!(text.contains(&format!("locked by pid {}", std::process::id())), "{text}");
+}
+
+#[tokio::test]
+async fn bad_queue_names_are_refused_whole_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let err = spool.enqueue(vec![msg("ok", b"1"), msg("bad\0name", b"2")]).await;
+    assert!(matches!(err, Err(SpoolError::InvalidQueueName { .. })));
+    assert!(spool.queue_names().is_empty(), "nothing of a refused batch is queued");
+}
+
+#[tokio::test]
+async fn failed_fsync_acknowledges_nothing_and_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = SyncFaults::default();
+    let options = SpoolOptions { faults: faults.clone(), ..SpoolOptions::default() };
+    {
+        let (spool, _) = Spool::open(dir.path(), options.clone()).unwrap();
+        faults.fail_with(std::io::ErrorKind::StorageFull);
+        let err = spool.enqueue(vec![msg("q", b"lost?")]).await;
+        assert!(matches!(err, Err(SpoolError::NotDurable(_))), "{err:?}");
+        assert!(lease_all(&spool, "q").is_empty(), "an unacknowledged message is not dispatched");
+        faults.heal();
+        spool.enqueue(vec![msg("q", b"kept")]).await.unwrap();
+    }
+    let (spool, _) = Spool::open(dir.path(), options).unwrap();
+    let payloads: Vec<Vec<u8>> = lease_all(&spool, "q").into_iter().map(|m| m.payload).collect();
+    assert_eq!(payloads, vec![b"kept".to_vec()]);
+}
+
+#[tokio::test]
+async fn stats_report_counts_bytes_due_and_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    spool.enqueue(vec![msg("a", b"12345"), msg("a", b"1"), msg("b", b"")]).await.unwrap();
+    let m = spool.lease("a", 1, LATER).unwrap().remove(0);
+    spool.retry(&m, "451", LATER).await.unwrap();
+    let stats = spool.stats(spool::now_ms());
+    let a = &stats.queues["a"];
+    assert_eq!((a.count, a.bytes, a.due_now), (2, 6, 1));
+    assert_eq!(a.attempts.get(&1), Some(&1));
+    assert_eq!(stats.queues["b"].count, 1);
+    assert!(spool.get(MessageId(m.id.0)).unwrap().is_some());
+}
+
+#[tokio::test]
+async fn many_concurrent_producers_share_group_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let tasks: Vec<_> = (0..64)
+        .map(|n| {
+            let spool = spool.clone();
+            tokio::spawn(async move {
+                for i in 0..20 {
+                    spool.enqueue(vec![msg("q", format!("{n}-{i}").as_bytes())]).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(lease_all(&spool, "q").len(), 64 * 20);
+    let (groups, jobs, _) = spool.commit_stats();
+    assert_eq!(jobs, 64 * 20);
+    assert!(groups <= jobs, "groups {groups} jobs {jobs}");
+}
+
+#[tokio::test]
+async fn disk_use_stays_bounded_over_fill_and_drain_cycles() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let payload = vec![7u8; 1024];
+    let mut sizes = Vec::new();
+    for _cycle in 0..6 {
+        for _ in 0..20 {
+            let batch = (0..100).map(|_| msg("q", &payload)).collect();
+            spool.enqueue(batch).await.unwrap();
+        }
+        for m in lease_all(&spool, "q") {
+            spool.ack(&m).unwrap();
+        }
+        spool.sync().await.unwrap();
+        sizes.push(spool.disk_bytes().unwrap());
+    }
+    // 2 000 KiB pass through per cycle; the files must not keep all six cycles.
+    let (first, last) = (sizes[1], *sizes.last().unwrap());
+    assert!(last < first * 2 + (4 << 20), "spool grew from {first} to {last} bytes: {sizes:?}");
+}

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian machine: installs and starts what the
+# tests need (RabbitMQ), then runs every test of the workspace.
+#
+#   bash tests/run.sh            # everything
+#   bash tests/run.sh -p spool   # extra args go to `cargo test`
+#
+# Idempotent: a second run reuses the installed packages and a running broker.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*" >&2; }
+
+need_apt=()
+command -v rabbitmq-server >/dev/null 2>&1 || need_apt+=(rabbitmq-server)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "installing ${need_apt[*]} (apt-get)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+# RabbitMQ: the image blocks auto-start under dpkg, so we start it ourselves on loopback.
+if ! rabbitmqctl -q status >/dev/null 2>&1; then
+  log "starting rabbitmq-server on 127.0.0.1:5672"
+  RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 rabbitmq-server -detached
+fi
+timeout 120 rabbitmqctl -q await_startup
+export SPOOLRELAY_TEST_AMQP_URL="${SPOOLRELAY_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "cargo test"
+cargo test --workspace --locked "$@"
