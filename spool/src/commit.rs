@@ -45,7 +45,12 @@ pub enum Op {
 #[derive(Debug)]
 pub enum Effect {
     /// A message (new or rescheduled) waits in `queue` until `due_ms`.
-    Schedule { queue: String, id: u64, due_ms: u64, slot: Slot },
+    Schedule {
+        queue: String,
+        id: u64,
+        due_ms: u64,
+        slot: Slot,
+    },
     /// A message left the queue (dead-lettered, quarantined, purged).
     Forget { queue: String, id: u64 },
 }
@@ -62,7 +67,12 @@ pub struct Job {
 
 impl Job {
     pub fn with_capacity(n: usize) -> Job {
-        Job { ops: Vec::with_capacity(n), effects: Vec::with_capacity(n), undo: Vec::new(), reply: None }
+        Job {
+            ops: Vec::with_capacity(n),
+            effects: Vec::with_capacity(n),
+            undo: Vec::new(),
+            reply: None,
+        }
     }
 
     fn bytes(&self) -> usize {
@@ -116,7 +126,10 @@ impl Committer {
         let thread = std::thread::Builder::new()
             .name("spool-commit".into())
             .spawn(move || run(state, rx))?;
-        Ok(Committer { tx: Some(tx), thread: Some(thread) })
+        Ok(Committer {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
     }
 
     pub fn submit(&self, job: Job) -> Result<(), Job> {
@@ -169,6 +182,16 @@ fn run(mut state: WriterState, rx: mpsc::Receiver<Job>) {
     }
 }
 
+/// Commits one job on the calling thread, before the commit thread starts (open-time
+/// repairs: `open` may be called from inside an async runtime, where it must not block on
+/// a channel).
+pub fn commit_now(state: &mut WriterState, job: Job) -> Reply {
+    if job.ops.is_empty() {
+        return Ok(());
+    }
+    commit_group(state, std::slice::from_ref(&job))
+}
+
 fn commit_group(state: &mut WriterState, group: &[Job]) -> Reply {
     let hwm = group.iter().map(Job::highest_new_id).max().unwrap_or(0);
     let new_hwm = (hwm > state.id_hwm).then_some(hwm);
@@ -194,8 +217,14 @@ fn commit_group(state: &mut WriterState, group: &[Job]) -> Reply {
         Err(TransactionError::Abort(())) => return Err("sled transaction aborted".into()),
     }
     let started = Instant::now();
-    state.db.flush().map_err(|e| format!("sled flush failed: {e}"))?;
-    state.sync.sync().map_err(|e| format!("fsync failed: {e}"))?;
+    state
+        .db
+        .flush()
+        .map_err(|e| format!("sled flush failed: {e}"))?;
+    state
+        .sync
+        .sync()
+        .map_err(|e| format!("fsync failed: {e}"))?;
     record_stats(&state.stats, group.len(), started);
     if let Some(hwm) = new_hwm {
         state.id_hwm = hwm;
@@ -228,7 +257,12 @@ fn apply_effects(state: &WriterState, group: &mut [Job]) {
     let mut index = state.index.lock().unwrap_or_else(|e| e.into_inner());
     for effect in group.iter_mut().flat_map(|job| job.effects.drain(..)) {
         match effect {
-            Effect::Schedule { queue, id, due_ms, slot } => index.insert(&queue, id, due_ms, slot),
+            Effect::Schedule {
+                queue,
+                id,
+                due_ms,
+                slot,
+            } => index.insert(&queue, id, due_ms, slot),
             Effect::Forget { queue, id } => {
                 index.remove(&queue, id);
             }

@@ -74,7 +74,9 @@ impl Index {
     }
 
     pub fn is_leased(&self, queue: &str, id: u64) -> bool {
-        self.queues.get(queue).is_some_and(|q| q.leased.contains_key(&id))
+        self.queues
+            .get(queue)
+            .is_some_and(|q| q.leased.contains_key(&id))
     }
 
     /// Gives a lease back untouched (e.g. on shutdown or a suspended queue).
@@ -154,7 +156,11 @@ impl Index {
 mod tests {
     use super::*;
 
-    const SLOT: Slot = Slot { created_ms: 5, bytes: 10, attempts: 0 };
+    const SLOT: Slot = Slot {
+        created_ms: 5,
+        bytes: 10,
+        attempts: 0,
+    };
 
     #[test]
     fn leases_due_messages_in_due_then_id_order() {
@@ -164,7 +170,10 @@ mod tests {
         index.insert("q", 2, 500, SLOT);
         let taken: Vec<u64> = index.take_due("q", 100, 10).iter().map(|t| t.0).collect();
         assert_eq!(taken, vec![1, 3]);
-        assert!(index.take_due("q", 100, 10).is_empty(), "leased ones are not handed out twice");
+        assert!(
+            index.take_due("q", 100, 10).is_empty(),
+            "leased ones are not handed out twice"
+        );
         assert!(index.release("q", 3));
         assert_eq!(index.take_due("q", 1000, 10).len(), 2);
     }
@@ -173,10 +182,22 @@ mod tests {
     fn stats_count_waiting_and_leased() {
         let mut index = Index::default();
         index.insert("q", 1, 0, SLOT);
-        index.insert("q", 2, 50, Slot { attempts: 2, created_ms: 1, ..SLOT });
+        index.insert(
+            "q",
+            2,
+            50,
+            Slot {
+                attempts: 2,
+                created_ms: 1,
+                ..SLOT
+            },
+        );
         index.take_due("q", 0, 1);
         let stats = index.stats("q", 10);
-        assert_eq!((stats.count, stats.bytes, stats.leased, stats.due_now), (2, 20, 1, 0));
+        assert_eq!(
+            (stats.count, stats.bytes, stats.leased, stats.due_now),
+            (2, 20, 1, 0)
+        );
         assert_eq!(stats.oldest_created_ms, Some(1));
         assert_eq!(stats.attempts.get(&2), Some(&1));
         assert_eq!(index.remove("q", 1), Some(SLOT));

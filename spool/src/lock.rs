@@ -18,7 +18,10 @@ pub struct DirLock {
 impl DirLock {
     pub fn acquire(dir: &Path) -> Result<DirLock> {
         let path = dir.join("spool.lock");
-        let io_err = |source| SpoolError::Io { path: path.clone(), source };
+        let io_err = |source| SpoolError::Io {
+            path: path.clone(),
+            source,
+        };
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -33,7 +36,11 @@ impl DirLock {
             let pid = holder.trim();
             return Err(SpoolError::Locked {
                 path: dir.to_path_buf(),
-                pid: if pid.is_empty() { "unknown".into() } else { pid.into() },
+                pid: if pid.is_empty() {
+                    "unknown".into()
+                } else {
+                    pid.into()
+                },
             });
         }
         file.set_len(0).map_err(io_err)?;

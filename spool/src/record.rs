@@ -168,7 +168,10 @@ mod tests {
             for bit in 0..8 {
                 let mut bad = raw.clone();
                 bad[byte] ^= 1 << bit;
-                assert!(decode::<Message>(&bad).is_err(), "flip at {byte}:{bit} undetected");
+                assert!(
+                    decode::<Message>(&bad).is_err(),
+                    "flip at {byte}:{bit} undetected"
+                );
             }
         }
     }

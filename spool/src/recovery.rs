@@ -129,7 +129,8 @@ fn quarantine(scan: &mut Scan, tree: TreeId, key: &[u8], raw: &[u8], reason: Str
     tracing::warn!(?tree, key = ?String::from_utf8_lossy(key), %reason, "quarantining corrupt spool record");
     let seq = scan.next_quarantine_seq;
     scan.next_quarantine_seq += 1;
-    scan.repairs.extend(quarantine_ops(seq, tree, key, raw, reason));
+    scan.repairs
+        .extend(quarantine_ops(seq, tree, key, raw, reason));
     scan.report.quarantined_now += 1;
     scan.report.quarantine_total += 1;
 }
@@ -144,7 +145,11 @@ pub fn quarantine_ops(seq: u64, tree: TreeId, key: &[u8], raw: &[u8], reason: St
         at_ms: now_ms(),
     };
     [
-        Op::Put(TreeId::Quarantine, keys::id_key(seq).to_vec(), record::encode(&entry)),
+        Op::Put(
+            TreeId::Quarantine,
+            keys::id_key(seq).to_vec(),
+            record::encode(&entry),
+        ),
         Op::Del(tree, key.to_vec()),
     ]
 }

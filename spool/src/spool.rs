@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{oneshot, watch};
 
-use crate::commit::{CommitStats, Committer, Effect, Job, Op, Reply, TreeId, Trees, WriterState};
+use crate::commit::{
+    self, CommitStats, Committer, Effect, Job, Op, Reply, TreeId, Trees, WriterState,
+};
 use crate::durability::{sync_dir, DiskSync, SyncFaults};
 use crate::error::{Result, SpoolError};
 use crate::index::{Index, QueueStats};
@@ -28,7 +30,10 @@ pub struct SpoolOptions {
 
 impl Default for SpoolOptions {
     fn default() -> Self {
-        SpoolOptions { cache_capacity: 32 << 20, faults: SyncFaults::default() }
+        SpoolOptions {
+            cache_capacity: 32 << 20,
+            faults: SyncFaults::default(),
+        }
     }
 }
 
@@ -82,12 +87,18 @@ impl Drop for Inner {
 impl Spool {
     /// Opens (creating if needed) the spool in `dir`, recovering whatever is there.
     pub fn open(dir: &Path, options: SpoolOptions) -> Result<(Spool, RecoveryReport)> {
-        let io_err = |source| SpoolError::Io { path: dir.to_path_buf(), source };
+        let io_err = |source| SpoolError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
         let created = !dir.exists();
         std::fs::create_dir_all(dir).map_err(io_err)?;
         let lock = DirLock::acquire(dir)?;
         let sled_dir = dir.join("data");
-        let storage = |source| SpoolError::Storage { path: sled_dir.clone(), source };
+        let storage = |source| SpoolError::Storage {
+            path: sled_dir.clone(),
+            source,
+        };
         let db = sled::Config::new()
             .path(&sled_dir)
             .cache_capacity(options.cache_capacity)
@@ -110,7 +121,7 @@ impl Spool {
         let (changed_tx, changed) = watch::channel(0);
         let commit_stats = Arc::new(CommitStats::default());
         let sync = DiskSync::new(&sled_dir, options.faults).map_err(io_err)?;
-        let committer = Committer::start(WriterState {
+        let mut writer = WriterState {
             db: db.clone(),
             trees: trees.clone(),
             sync,
@@ -118,8 +129,14 @@ impl Spool {
             changed: changed_tx,
             id_hwm: scan.report.highest_id,
             stats: commit_stats.clone(),
-        })
-        .map_err(io_err)?;
+        };
+        // Repairs (quarantine moves) are made durable before anyone can lease.
+        let repairs = Job {
+            ops: scan.repairs,
+            ..Job::with_capacity(0)
+        };
+        commit::commit_now(&mut writer, repairs).map_err(SpoolError::NotDurable)?;
+        let committer = Committer::start(writer).map_err(io_err)?;
         let spool = Spool {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
@@ -134,8 +151,6 @@ impl Spool {
                 _lock: lock,
             }),
         };
-        // Repairs (quarantine moves) are made durable before anyone can lease.
-        spool.commit_blocking(scan.repairs, Vec::new(), Vec::new())?;
         Ok((spool, scan.report))
     }
 
@@ -169,7 +184,10 @@ impl Spool {
             })?;
         }
         let now = now_ms();
-        let first = self.inner.next_id.fetch_add(messages.len() as u64, Ordering::Relaxed);
+        let first = self
+            .inner
+            .next_id
+            .fetch_add(messages.len() as u64, Ordering::Relaxed);
         let mut job = Job::with_capacity(messages.len());
         let mut ids = Vec::with_capacity(messages.len());
         for (n, m) in messages.into_iter().enumerate() {
@@ -185,7 +203,8 @@ impl Spool {
             };
             let key = keys::message_key(&msg.queue, msg.id);
             job.undo.push(Op::Del(TreeId::Messages, key.clone()));
-            job.ops.push(Op::Put(TreeId::Messages, key, record::encode(&msg)));
+            job.ops
+                .push(Op::Put(TreeId::Messages, key, record::encode(&msg)));
             job.effects.push(schedule(&msg));
             ids.push(msg.id);
         }
@@ -208,7 +227,11 @@ impl Spool {
                 Some((Ok(msg), _)) => leased.push(msg),
                 Some((Err(reason), raw)) => self.quarantine_live(queue, id, &key, &raw, reason),
                 None => {
-                    tracing::error!(queue, id, "indexed message has no record; dropping it from the index");
+                    tracing::error!(
+                        queue,
+                        id,
+                        "indexed message has no record; dropping it from the index"
+                    );
                     self.index().remove(queue, id);
                 }
             }
@@ -235,7 +258,12 @@ impl Spool {
         self.release_on_error(msg, wait(rx.await))
     }
 
-    fn submit_retry(&self, msg: &Message, error: &str, due: u64) -> Result<oneshot::Receiver<Reply>> {
+    fn submit_retry(
+        &self,
+        msg: &Message,
+        error: &str,
+        due: u64,
+    ) -> Result<oneshot::Receiver<Reply>> {
         self.check_leased(msg)?;
         let mut updated = msg.clone();
         updated.attempts = msg.attempts.saturating_add(1);
@@ -263,8 +291,14 @@ impl Spool {
             keys::id_key(msg.id.0).to_vec(),
             record::encode(&dead),
         ));
-        job.ops.push(Op::Del(TreeId::Messages, keys::message_key(&msg.queue, msg.id)));
-        job.effects.push(Effect::Forget { queue: msg.queue.clone(), id: msg.id.0 });
+        job.ops.push(Op::Del(
+            TreeId::Messages,
+            keys::message_key(&msg.queue, msg.id),
+        ));
+        job.effects.push(Effect::Forget {
+            queue: msg.queue.clone(),
+            id: msg.id.0,
+        });
         let done = wait(self.submit(job)?.await);
         self.release_on_error(msg, done)
     }
@@ -383,19 +417,20 @@ impl Spool {
         tracing::error!(queue, id, %reason, "quarantining corrupt spool record");
         let seq = self.inner.quarantine_seq.fetch_add(1, Ordering::Relaxed);
         let mut job = Job::with_capacity(2);
-        job.ops.extend(recovery::quarantine_ops(seq, TreeId::Messages, key, raw, reason));
-        job.effects.push(Effect::Forget { queue: queue.to_owned(), id });
+        job.ops.extend(recovery::quarantine_ops(
+            seq,
+            TreeId::Messages,
+            key,
+            raw,
+            reason,
+        ));
+        job.effects.push(Effect::Forget {
+            queue: queue.to_owned(),
+            id,
+        });
         // Nobody waits: the record is out of the index already (leased), and the move is
         // durable with the next group.
         let _ = self.submit(job);
-    }
-
-    fn commit_blocking(&self, ops: Vec<Op>, effects: Vec<Effect>, undo: Vec<Op>) -> Result<()> {
-        if ops.is_empty() {
-            return Ok(());
-        }
-        let job = Job { ops, effects, undo, reply: None };
-        wait(self.submit(job)?.blocking_recv())
     }
 
     fn submit(&self, mut job: Job) -> Result<oneshot::Receiver<Reply>> {
@@ -403,7 +438,8 @@ impl Spool {
         job.reply = Some(tx);
         self.inner
             .committer
-            .submit(job).map_err(|_| SpoolError::WriterStopped)?;
+            .submit(job)
+            .map_err(|_| SpoolError::WriterStopped)?;
         Ok(rx)
     }
 
@@ -411,7 +447,10 @@ impl Spool {
         if self.index().is_leased(&msg.queue, msg.id.0) {
             Ok(())
         } else {
-            Err(SpoolError::NotLeased { queue: msg.queue.clone(), id: msg.id })
+            Err(SpoolError::NotLeased {
+                queue: msg.queue.clone(),
+                id: msg.id,
+            })
         }
     }
 
@@ -420,7 +459,10 @@ impl Spool {
     }
 
     fn storage(&self, source: sled::Error) -> SpoolError {
-        SpoolError::Storage { path: self.inner.dir.join("data"), source }
+        SpoolError::Storage {
+            path: self.inner.dir.join("data"),
+            source,
+        }
     }
 }
 

@@ -12,7 +12,10 @@ async fn enqueued_messages_come_back_fifo_and_byte_for_byte() {
     let payloads: Vec<Vec<u8>> = vec![vec![], (0..=255u8).collect(), b"\0\xff\n".to_vec()];
     let batch = payloads.iter().map(|p| msg("q", p)).collect();
     let ids = spool.enqueue(batch).await.unwrap();
-    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids are monotonic: {ids:?}");
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids are monotonic: {ids:?}"
+    );
     let leased = lease_all(&spool, "q");
     assert_eq!(leased.iter().map(|m| m.id).collect::<Vec<_>>(), ids);
     let got: Vec<&Vec<u8>> = leased.iter().map(|m| &m.payload).collect();
@@ -31,7 +34,10 @@ async fn ten_mib_payload_survives_reopen() {
     let spool = open(dir.path());
     let leased = lease_all(&spool, "big");
     assert_eq!(leased.len(), 1);
-    assert!(leased[0].payload == big, "10 MiB payload differs after reopen");
+    assert!(
+        leased[0].payload == big,
+        "10 MiB payload differs after reopen"
+    );
 }
 
 #[tokio::test]
@@ -39,10 +45,16 @@ async fn ack_deletes_and_the_delete_survives_reopen_after_sync() {
     let dir = tempfile::tempdir().unwrap();
     {
         let spool = open(dir.path());
-        spool.enqueue(vec![msg("q", b"a"), msg("q", b"b")]).await.unwrap();
+        spool
+            .enqueue(vec![msg("q", b"a"), msg("q", b"b")])
+            .await
+            .unwrap();
         let leased = lease_all(&spool, "q");
         spool.ack(&leased[0]).unwrap();
-        assert!(spool.ack(&leased[0]).is_err(), "a settled message cannot be acked twice");
+        assert!(
+            spool.ack(&leased[0]).is_err(),
+            "a settled message cannot be acked twice"
+        );
         spool.sync().await.unwrap();
     }
     let spool = open(dir.path());
@@ -60,10 +72,16 @@ async fn retry_persists_attempts_due_time_and_error() {
         spool.enqueue(vec![msg("q", b"x")]).await.unwrap();
         let m = lease_all(&spool, "q").remove(0);
         spool.retry(&m, "451 broker busy", due).await.unwrap();
-        assert!(spool.lease("q", 10, due - 1).unwrap().is_empty(), "not due before next_due");
+        assert!(
+            spool.lease("q", 10, due - 1).unwrap().is_empty(),
+            "not due before next_due"
+        );
     }
     let spool = open(dir.path());
-    assert!(spool.lease("q", 10, due - 1).unwrap().is_empty(), "due time persisted");
+    assert!(
+        spool.lease("q", 10, due - 1).unwrap().is_empty(),
+        "due time persisted"
+    );
     let m = spool.lease("q", 10, due).unwrap().remove(0);
     assert_eq!((m.attempts, m.due_ms), (1, due));
     assert_eq!(m.last_error.as_deref(), Some("451 broker busy"));
@@ -93,14 +111,21 @@ async fn release_makes_a_lease_due_again_and_restart_releases_all() {
     let dir = tempfile::tempdir().unwrap();
     {
         let spool = open(dir.path());
-        spool.enqueue(vec![msg("q", b"1"), msg("q", b"2")]).await.unwrap();
+        spool
+            .enqueue(vec![msg("q", b"1"), msg("q", b"2")])
+            .await
+            .unwrap();
         let leased = lease_all(&spool, "q");
         assert!(lease_all(&spool, "q").is_empty());
         spool.release(&leased[0]);
         assert_eq!(lease_all(&spool, "q").len(), 1);
     }
     let spool = open(dir.path());
-    assert_eq!(lease_all(&spool, "q").len(), 2, "leases do not survive a restart");
+    assert_eq!(
+        lease_all(&spool, "q").len(),
+        2,
+        "leases do not survive a restart"
+    );
 }
 
 #[tokio::test]
@@ -123,37 +148,56 @@ async fn ids_are_never_reused_even_after_everything_is_acked() {
 fn a_second_opener_is_told_who_holds_the_lock() {
     let dir = tempfile::tempdir().unwrap();
     let _held = open(dir.path());
-    let err = Spool::open(dir.path(), SpoolOptions::default()).err().expect("must be locked");
+    let err = Spool::open(dir.path(), SpoolOptions::default())
+        .err()
+        .expect("must be locked");
     assert!(matches!(err, SpoolError::Locked { .. }));
     let text = err.to_string();
-    assert!(text.contains(&format!("locked by pid {}", std::process::id())), "{text}");
+    assert!(
+        text.contains(&format!("locked by pid {}", std::process::id())),
+        "{text}"
+    );
 }
 
 #[tokio::test]
 async fn bad_queue_names_are_refused_whole_batch() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
-    let err = spool.enqueue(vec![msg("ok", b"1"), msg("bad\0name", b"2")]).await;
+    let err = spool
+        .enqueue(vec![msg("ok", b"1"), msg("bad\0name", b"2")])
+        .await;
     assert!(matches!(err, Err(SpoolError::InvalidQueueName { .. })));
-    assert!(spool.queue_names().is_empty(), "nothing of a refused batch is queued");
+    assert!(
+        spool.queue_names().is_empty(),
+        "nothing of a refused batch is queued"
+    );
 }
 
 #[tokio::test]
 async fn failed_fsync_acknowledges_nothing_and_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let faults = SyncFaults::default();
-    let options = SpoolOptions { faults: faults.clone(), ..SpoolOptions::default() };
+    let options = SpoolOptions {
+        faults: faults.clone(),
+        ..SpoolOptions::default()
+    };
     {
         let (spool, _) = Spool::open(dir.path(), options.clone()).unwrap();
         faults.fail_with(std::io::ErrorKind::StorageFull);
         let err = spool.enqueue(vec![msg("q", b"lost?")]).await;
         assert!(matches!(err, Err(SpoolError::NotDurable(_))), "{err:?}");
-        assert!(lease_all(&spool, "q").is_empty(), "an unacknowledged message is not dispatched");
+        assert!(
+            lease_all(&spool, "q").is_empty(),
+            "an unacknowledged message is not dispatched"
+        );
         faults.heal();
         spool.enqueue(vec![msg("q", b"kept")]).await.unwrap();
     }
     let (spool, _) = Spool::open(dir.path(), options).unwrap();
-    let payloads: Vec<Vec<u8>> = lease_all(&spool, "q").into_iter().map(|m| m.payload).collect();
+    let payloads: Vec<Vec<u8>> = lease_all(&spool, "q")
+        .into_iter()
+        .map(|m| m.payload)
+        .collect();
     assert_eq!(payloads, vec![b"kept".to_vec()]);
 }
 
@@ -161,7 +205,10 @@ async fn failed_fsync_acknowledges_nothing_and_leaves_nothing_behind() {
 async fn stats_report_counts_bytes_due_and_attempts() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
-    spool.enqueue(vec![msg("a", b"12345"), msg("a", b"1"), msg("b", b"")]).await.unwrap();
+    spool
+        .enqueue(vec![msg("a", b"12345"), msg("a", b"1"), msg("b", b"")])
+        .await
+        .unwrap();
     let m = spool.lease("a", 1, LATER).unwrap().remove(0);
     spool.retry(&m, "451", LATER).await.unwrap();
     let stats = spool.stats(spool::now_ms());
@@ -181,7 +228,10 @@ async fn many_concurrent_producers_share_group_commits() {
             let spool = spool.clone();
             tokio::spawn(async move {
                 for i in 0..20 {
-                    spool.enqueue(vec![msg("q", format!("{n}-{i}").as_bytes())]).await.unwrap();
+                    spool
+                        .enqueue(vec![msg("q", format!("{n}-{i}").as_bytes())])
+                        .await
+                        .unwrap();
                 }
             })
         })
@@ -214,5 +264,8 @@ async fn disk_use_stays_bounded_over_fill_and_drain_cycles() {
     }
     // 2 000 KiB pass through per cycle; the files must not keep all six cycles.
     let (first, last) = (sizes[1], *sizes.last().unwrap());
-    assert!(last < first * 2 + (4 << 20), "spool grew from {first} to {last} bytes: {sizes:?}");
+    assert!(
+        last < first * 2 + (4 << 20),
+        "spool grew from {first} to {last} bytes: {sizes:?}"
+    );
 }

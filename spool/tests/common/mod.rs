@@ -5,13 +5,19 @@ use std::path::Path;
 use spool::{Message, Meta, MetaValue, NewMessage, Spool, SpoolOptions};
 
 pub fn open(dir: &Path) -> Spool {
-    Spool::open(dir, SpoolOptions::default()).expect("open spool").0
+    Spool::open(dir, SpoolOptions::default())
+        .expect("open spool")
+        .0
 }
 
 pub fn msg(queue: &str, payload: &[u8]) -> NewMessage {
     let mut meta = Meta::new();
     meta.insert("source".into(), MetaValue::Str("test".into()));
-    NewMessage { queue: queue.into(), meta, payload: payload.to_vec() }
+    NewMessage {
+        queue: queue.into(),
+        meta,
+        payload: payload.to_vec(),
+    }
 }
 
 /// Far in the future: everything is due.
