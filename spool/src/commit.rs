@@ -21,6 +21,10 @@ use crate::durability::DiskSync;
 use crate::index::{Index, Slot};
 use crate::keys;
 
+/// How far ahead of the highest used id the persisted high-water mark is set. Ids skipped
+/// after a crash are harmless; only reuse would be wrong.
+const ID_RESERVATION: u64 = 1 << 16;
+
 /// Above this many bytes a group is committed without waiting for more jobs.
 const MAX_GROUP_BYTES: usize = 32 << 20;
 
@@ -65,6 +69,14 @@ pub struct Job {
     pub reply: Option<oneshot::Sender<Reply>>,
 }
 
+impl Op {
+    fn tree(&self) -> TreeId {
+        match self {
+            Op::Put(tree, _, _) | Op::Del(tree, _) => *tree,
+        }
+    }
+}
+
 impl Job {
     pub fn with_capacity(n: usize) -> Job {
         Job {
@@ -94,6 +106,52 @@ impl Job {
             })
             .max()
             .unwrap_or(0)
+    }
+}
+
+/// The common case (enqueue, retry) touches only the messages tree: one sled batch is
+/// atomic there and much cheaper than a transaction. The id high-water mark rides along
+/// outside the batch; recovery takes the max of it and the ids it scans, so it need not be
+/// atomic with the messages.
+fn write_messages_batch(state: &WriterState, group: &[Job], hwm: Option<u64>) -> sled::Result<()> {
+    let mut batch = sled::Batch::default();
+    for op in group.iter().flat_map(|job| &job.ops) {
+        match op {
+            Op::Put(_, key, value) => batch.insert(key.as_slice(), value.as_slice()),
+            Op::Del(_, key) => batch.remove(key.as_slice()),
+        }
+    }
+    state.trees[TreeId::Messages as usize].apply_batch(batch)?;
+    if let Some(hwm) = hwm {
+        state.trees[TreeId::Meta as usize].insert(keys::ID_HWM, &hwm.to_be_bytes())?;
+    }
+    Ok(())
+}
+
+/// Moves between trees (dead-letter, quarantine) must be all or nothing across trees.
+fn write_transaction(state: &WriterState, group: &[Job], hwm: Option<u64>) -> sled::Result<()> {
+    let written = state.trees.as_slice().transaction(|views| {
+        for op in group.iter().flat_map(|job| &job.ops) {
+            match op {
+                Op::Put(tree, key, value) => {
+                    views[*tree as usize].insert(key.as_slice(), value.as_slice())?;
+                }
+                Op::Del(tree, key) => {
+                    views[*tree as usize].remove(key.as_slice())?;
+                }
+            }
+        }
+        if let Some(hwm) = hwm {
+            views[TreeId::Meta as usize].insert(keys::ID_HWM, &hwm.to_be_bytes())?;
+        }
+        Ok::<(), ConflictableTransactionError<()>>(())
+    });
+    match written {
+        Ok(()) => Ok(()),
+        Err(TransactionError::Storage(e)) => Err(e),
+        Err(TransactionError::Abort(())) => {
+            Err(sled::Error::Unsupported("transaction aborted".into()))
+        }
     }
 }
 
@@ -194,28 +252,18 @@ pub fn commit_now(state: &mut WriterState, job: Job) -> Reply {
 
 fn commit_group(state: &mut WriterState, group: &[Job]) -> Reply {
     let hwm = group.iter().map(Job::highest_new_id).max().unwrap_or(0);
-    let new_hwm = (hwm > state.id_hwm).then_some(hwm);
-    let written = state.trees.as_slice().transaction(|views| {
-        for op in group.iter().flat_map(|job| &job.ops) {
-            match op {
-                Op::Put(tree, key, value) => {
-                    views[*tree as usize].insert(key.as_slice(), value.as_slice())?;
-                }
-                Op::Del(tree, key) => {
-                    views[*tree as usize].remove(key.as_slice())?;
-                }
-            }
-        }
-        if let Some(hwm) = new_hwm {
-            views[TreeId::Meta as usize].insert(keys::ID_HWM, &hwm.to_be_bytes())?;
-        }
-        Ok::<(), ConflictableTransactionError<()>>(())
-    });
-    match written {
-        Ok(()) => {}
-        Err(TransactionError::Storage(e)) => return Err(format!("sled write failed: {e}")),
-        Err(TransactionError::Abort(())) => return Err("sled transaction aborted".into()),
+    // The high-water mark is reserved ahead in steps, so most groups write only messages.
+    let new_hwm = (hwm > state.id_hwm).then_some(hwm + ID_RESERVATION);
+    let single_tree = group
+        .iter()
+        .flat_map(|job| &job.ops)
+        .all(|op| op.tree() == TreeId::Messages);
+    if single_tree {
+        write_messages_batch(state, group, new_hwm)
+    } else {
+        write_transaction(state, group, new_hwm)
     }
+    .map_err(|e| format!("sled write failed: {e}"))?;
     let started = Instant::now();
     state
         .db
