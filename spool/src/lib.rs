@@ -48,6 +48,7 @@
 //! decode, and resolves a message found both queued and dead-lettered in favour of the
 //! dead-letter copy. The ids continue above the highest id ever committed.
 
+mod admin;
 mod commit;
 pub mod durability;
 pub mod error;
@@ -62,7 +63,7 @@ pub use durability::SyncFaults;
 pub use error::{Result, SpoolError};
 pub use index::QueueStats;
 pub use record::{Message, MessageId, Meta, MetaValue};
-pub use recovery::RecoveryReport;
+pub use recovery::{DamagedRecord, RecoveryReport};
 pub use spool::{NewMessage, Spool, SpoolOptions, SpoolStats};
 
 /// A record set aside because it could not be read: enough to inspect, export or repair it.

@@ -28,6 +28,17 @@ pub struct RecoveryReport {
     /// Messages found both queued and dead-lettered; the queued copy was removed.
     pub duplicates_resolved: u64,
     pub highest_id: u64,
+    /// Every record that failed its checks, whether or not it was moved (see
+    /// `SpoolOptions::repair`).
+    pub damaged: Vec<DamagedRecord>,
+}
+
+/// A record that failed its checksum, decoding, or key check.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DamagedRecord {
+    pub tree: String,
+    pub key: Vec<u8>,
+    pub reason: String,
 }
 
 /// The outcome of a scan: the index, and the writes that put corrupt records aside.
@@ -126,7 +137,12 @@ pub fn slot_of(msg: &Message) -> Slot {
 }
 
 fn quarantine(scan: &mut Scan, tree: TreeId, key: &[u8], raw: &[u8], reason: String) {
-    tracing::warn!(?tree, key = ?String::from_utf8_lossy(key), %reason, "quarantining corrupt spool record");
+    tracing::warn!(?tree, key = ?String::from_utf8_lossy(key), %reason, "corrupt spool record");
+    scan.report.damaged.push(DamagedRecord {
+        tree: format!("{tree:?}"),
+        key: key.to_vec(),
+        reason: reason.clone(),
+    });
     let seq = scan.next_quarantine_seq;
     scan.next_quarantine_seq += 1;
     scan.repairs

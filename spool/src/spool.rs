@@ -26,6 +26,9 @@ pub struct SpoolOptions {
     pub cache_capacity: u64,
     /// Injected disk failures (tests only; inert by default).
     pub faults: SyncFaults,
+    /// Move damaged records to quarantine on open (the daemon's choice). `false` leaves
+    /// them where they are, unindexed, and only lists them in the report: `spoolctl verify`.
+    pub repair: bool,
 }
 
 impl Default for SpoolOptions {
@@ -33,6 +36,7 @@ impl Default for SpoolOptions {
         SpoolOptions {
             cache_capacity: 32 << 20,
             faults: SyncFaults::default(),
+            repair: true,
         }
     }
 }
@@ -57,19 +61,19 @@ pub struct SpoolStats {
 /// commits and releases the directory lock.
 #[derive(Clone)]
 pub struct Spool {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
-    dir: PathBuf,
+pub(crate) struct Inner {
+    pub(crate) dir: PathBuf,
     // Field order is drop order: the committer must stop before sled closes, and the
     // lock must outlive both.
-    committer: Committer,
-    db: sled::Db,
-    trees: Trees,
-    index: Arc<Mutex<Index>>,
-    next_id: AtomicU64,
-    quarantine_seq: AtomicU64,
+    pub(crate) committer: Committer,
+    pub(crate) db: sled::Db,
+    pub(crate) trees: Trees,
+    pub(crate) index: Arc<Mutex<Index>>,
+    pub(crate) next_id: AtomicU64,
+    pub(crate) quarantine_seq: AtomicU64,
     changed: watch::Receiver<u64>,
     commit_stats: Arc<CommitStats>,
     _lock: DirLock,
@@ -116,7 +120,11 @@ impl Spool {
             db.open_tree("quarantine").map_err(storage)?,
             db.open_tree("meta").map_err(storage)?,
         ];
-        let scan = recovery::scan(&trees).map_err(storage)?;
+        let mut scan = recovery::scan(&trees).map_err(storage)?;
+        if !options.repair {
+            scan.report.quarantine_total -= scan.report.quarantined_now;
+            scan.report.quarantined_now = 0;
+        }
         let index = Arc::new(Mutex::new(scan.index));
         let (changed_tx, changed) = watch::channel(0);
         let commit_stats = Arc::new(CommitStats::default());
@@ -132,7 +140,11 @@ impl Spool {
         };
         // Repairs (quarantine moves) are made durable before anyone can lease.
         let repairs = Job {
-            ops: scan.repairs,
+            ops: if options.repair {
+                scan.repairs
+            } else {
+                Vec::new()
+            },
             ..Job::with_capacity(0)
         };
         commit::commit_now(&mut writer, repairs).map_err(SpoolError::NotDurable)?;
@@ -433,7 +445,7 @@ impl Spool {
         let _ = self.submit(job);
     }
 
-    fn submit(&self, mut job: Job) -> Result<oneshot::Receiver<Reply>> {
+    pub(crate) fn submit(&self, mut job: Job) -> Result<oneshot::Receiver<Reply>> {
         let (tx, rx) = oneshot::channel();
         job.reply = Some(tx);
         self.inner
@@ -454,11 +466,11 @@ impl Spool {
         }
     }
 
-    fn index(&self) -> MutexGuard<'_, Index> {
+    pub(crate) fn index(&self) -> MutexGuard<'_, Index> {
         self.inner.index.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn storage(&self, source: sled::Error) -> SpoolError {
+    pub(crate) fn storage(&self, source: sled::Error) -> SpoolError {
         SpoolError::Storage {
             path: self.inner.dir.join("data"),
             source,
@@ -466,7 +478,7 @@ impl Spool {
     }
 }
 
-fn schedule(msg: &Message) -> Effect {
+pub(crate) fn schedule(msg: &Message) -> Effect {
     Effect::Schedule {
         queue: msg.queue.clone(),
         id: msg.id.0,
@@ -475,7 +487,7 @@ fn schedule(msg: &Message) -> Effect {
     }
 }
 
-fn wait(reply: Result<Reply, oneshot::error::RecvError>) -> Result<()> {
+pub(crate) fn wait(reply: Result<Reply, oneshot::error::RecvError>) -> Result<()> {
     match reply {
         Ok(Ok(())) => Ok(()),
         Ok(Err(why)) => Err(SpoolError::NotDurable(why)),

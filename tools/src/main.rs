@@ -1,1 +1,213 @@
-fn main() {}
+//! `spoolctl`: inspect and repair a spoolrelay spool directory offline.
+//!
+//! Every command opens the spool the way the daemon does (taking its lock), so it refuses
+//! to touch a spool a running daemon holds. `verify` opens it without repairing.
+
+mod inspect;
+mod output;
+mod repair;
+mod transfer;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use spool::{Spool, SpoolOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "spoolctl",
+    version,
+    about = "Inspect and repair spoolrelay spools"
+)]
+struct Cli {
+    /// The spool directory.
+    #[arg(
+        long,
+        global = true,
+        default_value = "./spool",
+        env = "SPOOLRELAY_SPOOL"
+    )]
+    spool: PathBuf,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Per-queue counts, bytes, ages, due now, attempts; dead-letter and quarantine totals.
+    Summary,
+    /// Messages of one queue, in id order.
+    Ls {
+        queue: String,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Only messages due now.
+        #[arg(long)]
+        due: bool,
+        /// Only messages that failed at least once.
+        #[arg(long)]
+        failed: bool,
+    },
+    /// One message: metadata, attempts, last error, next due; payload with --data.
+    Show {
+        id: u64,
+        #[arg(long)]
+        data: bool,
+    },
+    /// Check every record (checksum, decoding, key); exit 0 only when clean.
+    Verify {
+        /// Move damaged records to quarantine.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// The dead-letter area.
+    #[command(subcommand, name = "dead-letter")]
+    DeadLetter(DeadLetterCommand),
+    /// Records set aside as unreadable.
+    #[command(subcommand)]
+    Quarantine(QuarantineCommand),
+    /// Make a queue's messages due now, or move them to another queue (--to).
+    Requeue {
+        #[arg(long)]
+        queue: String,
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Delete every waiting message of a queue.
+    Purge {
+        #[arg(long)]
+        queue: String,
+        /// Required: purging cannot be undone.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Write every queued message to an NDJSON file (payloads in base64).
+    Export { file: PathBuf },
+    /// Add messages from an export file, keeping their ids; idempotent.
+    Import { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    Ls {
+        #[arg(long)]
+        queue: Option<String>,
+    },
+    Requeue {
+        #[arg(long)]
+        queue: Option<String>,
+        #[arg(long)]
+        id: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum QuarantineCommand {
+    Ls,
+    /// One file per record: raw bytes, plus a .json with its key and reason.
+    Export {
+        dir: PathBuf,
+    },
+}
+
+impl Command {
+    fn changes_spool(&self) -> bool {
+        matches!(
+            self,
+            Command::DeadLetter(DeadLetterCommand::Requeue { .. })
+                | Command::Requeue { .. }
+                | Command::Purge { .. }
+                | Command::Import { .. }
+        )
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("spoolctl: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn open(cli: &Cli, repair: bool) -> anyhow::Result<(Spool, spool::RecoveryReport)> {
+    let options = SpoolOptions {
+        repair,
+        ..SpoolOptions::default()
+    };
+    Spool::open(&cli.spool, options)
+        .with_context(|| format!("opening spool {}", cli.spool.display()))
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let out = output::Output { json: cli.json };
+    if let Command::Verify { repair } = &cli.command {
+        let (_, report) = open(&cli, *repair)?;
+        return Ok(repair::verify(&out, &report, *repair));
+    }
+    // Read-only commands leave damaged records where they are; only commands that change
+    // the spool also quarantine what they find, as the daemon would.
+    let (spool, _) = open(&cli, cli.command.changes_spool())?;
+    match cli.command {
+        Command::Summary => inspect::summary(&out, &spool),
+        Command::Ls {
+            queue,
+            limit,
+            due,
+            failed,
+        } => inspect::ls(&out, &spool, &queue, limit, due, failed),
+        Command::Show { id, data } => inspect::show(&out, &spool, id, data),
+        Command::Verify { .. } => unreachable!("handled above"),
+        Command::DeadLetter(DeadLetterCommand::Ls { queue }) => {
+            repair::dead_letter_ls(&out, &spool, queue.as_deref())
+        }
+        Command::DeadLetter(DeadLetterCommand::Requeue { queue, id }) => {
+            let n = rt
+                .block_on(spool.requeue_dead_letters(queue.as_deref(), id.map(spool::MessageId)))?;
+            out.done("requeued from dead-letter", n)
+        }
+        Command::Quarantine(QuarantineCommand::Ls) => repair::quarantine_ls(&out, &spool),
+        Command::Quarantine(QuarantineCommand::Export { dir }) => {
+            repair::quarantine_export(&out, &spool, &dir)
+        }
+        Command::Requeue { queue, to } => {
+            let n = match &to {
+                Some(to) => rt.block_on(spool.rebind(&queue, to))?,
+                None => rt.block_on(spool.expedite(&queue))?,
+            };
+            out.done(
+                if to.is_some() {
+                    "moved"
+                } else {
+                    "made due now"
+                },
+                n,
+            )
+        }
+        Command::Purge { queue, yes } => {
+            anyhow::ensure!(
+                yes,
+                "purge deletes every waiting message of {queue:?}: add --yes to confirm"
+            );
+            let n = rt.block_on(spool.purge(&queue))?;
+            eprintln!(
+                "spoolctl: purged {n} messages from queue {queue:?} of {}",
+                cli.spool.display()
+            );
+            out.done("purged", n)
+        }
+        Command::Export { file } => transfer::export(&out, &spool, &file),
+        Command::Import { file } => transfer::import(&out, &rt, &spool, &file),
+    }
+}

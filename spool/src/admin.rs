@@ -1,0 +1,217 @@
+//! Operator operations: listing, re-routing, purging, dead-letter requeue, export/import.
+//!
+//! They go through the same commit thread as the dispatcher's writes, so they are durable
+//! when they return and never race a group commit. They touch waiting messages only:
+//! a leased message is in flight and belongs to the dispatcher until it is settled.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+
+use crate::commit::{Effect, Job, Op, TreeId};
+use crate::error::{Result, SpoolError};
+use crate::keys;
+use crate::record::{self, Message, MessageId};
+use crate::recovery;
+use crate::spool::{schedule, wait, Spool};
+
+/// Writes are committed in chunks so a million-message purge does not build one giant job.
+const CHUNK: usize = 1000;
+
+impl Spool {
+    /// Up to `limit` messages of `queue` in id order, read from disk (leased ones included).
+    /// Records that fail their checks are skipped here; `verify` reports them.
+    pub fn list(&self, queue: &str, limit: usize) -> Result<Vec<Message>> {
+        let mut out = Vec::new();
+        for item in
+            self.inner.trees[TreeId::Messages as usize].scan_prefix(keys::queue_prefix(queue))
+        {
+            let (key, raw) = item.map_err(|e| self.storage(e))?;
+            if let Ok(msg) = recovery::check_message(&key, &raw) {
+                out.push(msg);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every queued message of every queue, in key order (for export).
+    pub fn for_each_message(&self, mut f: impl FnMut(Message) -> Result<()>) -> Result<()> {
+        for item in self.inner.trees[TreeId::Messages as usize].iter() {
+            let (key, raw) = item.map_err(|e| self.storage(e))?;
+            if let Ok(msg) = recovery::check_message(&key, &raw) {
+                f(msg)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the waiting messages of `from` to `to` (KumoMTA's rebind). Returns how many.
+    pub async fn rebind(&self, from: &str, to: &str) -> Result<u64> {
+        keys::check_queue_name(to).map_err(|why| SpoolError::InvalidQueueName {
+            name: to.into(),
+            why,
+        })?;
+        self.rewrite_waiting(from, |msg| {
+            let mut moved = msg.clone();
+            moved.queue = to.to_owned();
+            let mut ops = vec![Op::Del(TreeId::Messages, keys::message_key(from, msg.id))];
+            ops.push(Op::Put(
+                TreeId::Messages,
+                keys::message_key(to, moved.id),
+                record::encode(&moved),
+            ));
+            let effects = vec![
+                Effect::Forget {
+                    queue: from.into(),
+                    id: msg.id.0,
+                },
+                schedule(&moved),
+            ];
+            (ops, effects)
+        })
+        .await
+    }
+
+    /// Makes every waiting message of `queue` due now (retry immediately). Returns how many.
+    pub async fn expedite(&self, queue: &str) -> Result<u64> {
+        let now = crate::now_ms();
+        self.rewrite_waiting(queue, |msg| {
+            let mut due = msg.clone();
+            due.due_ms = now;
+            let ops = vec![Op::Put(
+                TreeId::Messages,
+                keys::message_key(queue, msg.id),
+                record::encode(&due),
+            )];
+            (ops, vec![schedule(&due)])
+        })
+        .await
+    }
+
+    /// Deletes every waiting message of `queue`. Returns how many.
+    pub async fn purge(&self, queue: &str) -> Result<u64> {
+        self.rewrite_waiting(queue, |msg| {
+            let ops = vec![Op::Del(TreeId::Messages, keys::message_key(queue, msg.id))];
+            (
+                ops,
+                vec![Effect::Forget {
+                    queue: queue.into(),
+                    id: msg.id.0,
+                }],
+            )
+        })
+        .await
+    }
+
+    /// Leases every waiting message of `queue` (so the dispatcher cannot take them
+    /// meanwhile), then commits `change(msg)` for each, chunk by chunk. The index changes
+    /// are applied only at the end: until then the rewritten messages stay leased, so a
+    /// message rescheduled into the same queue is not picked up a second time.
+    async fn rewrite_waiting(
+        &self,
+        queue: &str,
+        change: impl Fn(&Message) -> (Vec<Op>, Vec<Effect>),
+    ) -> Result<u64> {
+        let mut done = Vec::new();
+        let mut effects = Vec::new();
+        loop {
+            let chunk = self.lease(queue, CHUNK, u64::MAX)?;
+            if chunk.is_empty() {
+                break;
+            }
+            let mut job = Job::with_capacity(chunk.len());
+            for msg in &chunk {
+                let (ops, more) = change(msg);
+                job.ops.extend(ops);
+                effects.extend(more);
+            }
+            if let Err(e) = wait(self.submit(job)?.await) {
+                // Written chunks are durable; apply their index changes, give back the rest.
+                chunk.iter().for_each(|m| self.release(m));
+                self.apply_effects(effects).await?;
+                return Err(e);
+            }
+            done.extend(chunk.into_iter().map(|m| m.id));
+        }
+        self.apply_effects(effects).await?;
+        Ok(done.len() as u64)
+    }
+
+    async fn apply_effects(&self, effects: Vec<Effect>) -> Result<()> {
+        let job = Job {
+            effects,
+            ..Job::with_capacity(0)
+        };
+        wait(self.submit(job)?.await)
+    }
+
+    /// Puts dead-lettered messages back in their queue, due now, with their attempt count
+    /// reset. `queue`/`id` narrow the selection. Returns how many.
+    pub async fn requeue_dead_letters(
+        &self,
+        queue: Option<&str>,
+        id: Option<MessageId>,
+    ) -> Result<u64> {
+        let selected: Vec<Message> = self
+            .dead_letters()?
+            .into_iter()
+            .filter(|m| queue.is_none_or(|q| m.queue == q) && id.is_none_or(|id| m.id == id))
+            .collect();
+        let now = crate::now_ms();
+        for chunk in selected.chunks(CHUNK) {
+            let mut job = Job::with_capacity(chunk.len() * 2);
+            for dead in chunk {
+                let mut msg = dead.clone();
+                msg.attempts = 0;
+                msg.due_ms = now;
+                job.ops
+                    .push(Op::Del(TreeId::DeadLetter, keys::id_key(msg.id.0).to_vec()));
+                job.ops.push(Op::Put(
+                    TreeId::Messages,
+                    keys::message_key(&msg.queue, msg.id),
+                    record::encode(&msg),
+                ));
+                job.effects.push(schedule(&msg));
+            }
+            wait(self.submit(job)?.await)?;
+        }
+        Ok(selected.len() as u64)
+    }
+
+    /// Adds messages exported from a spool, keeping their ids, durably. Ids already present
+    /// (queued or dead-lettered) are skipped, so importing the same file twice is harmless.
+    /// Returns (imported, skipped).
+    pub async fn import(&self, messages: Vec<Message>) -> Result<(u64, u64)> {
+        let mut present: HashSet<u64> = self.dead_letters()?.iter().map(|m| m.id.0).collect();
+        self.for_each_message(|m| {
+            present.insert(m.id.0);
+            Ok(())
+        })?;
+        let (mut imported, mut skipped) = (0, 0);
+        let mut job = Job::with_capacity(messages.len());
+        for msg in messages {
+            keys::check_queue_name(&msg.queue).map_err(|why| SpoolError::InvalidQueueName {
+                name: msg.queue.clone(),
+                why,
+            })?;
+            if !present.insert(msg.id.0) {
+                skipped += 1;
+                continue;
+            }
+            self.inner
+                .next_id
+                .fetch_max(msg.id.0 + 1, Ordering::Relaxed);
+            job.ops.push(Op::Put(
+                TreeId::Messages,
+                keys::message_key(&msg.queue, msg.id),
+                record::encode(&msg),
+            ));
+            job.effects.push(schedule(&msg));
+            imported += 1;
+        }
+        wait(self.submit(job)?.await)?;
+        Ok((imported, skipped))
+    }
+}

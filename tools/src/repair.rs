@@ -1,0 +1,132 @@
+//! Checking and repairing: verify, dead-letter and quarantine.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use serde_json::json;
+use spool::{RecoveryReport, Spool};
+
+use crate::inspect::describe;
+use crate::output::{table, Output};
+
+/// Reports what the (non-repairing, unless asked) open found. Exit 0 only when clean.
+pub fn verify(out: &Output, report: &RecoveryReport, repaired: bool) -> ExitCode {
+    let checked: u64 = report.queues.values().map(|(n, _)| n).sum::<u64>() + report.dead_letter;
+    if out.json {
+        out.json(&json!({
+            "checked": checked,
+            "damaged": report.damaged.iter().map(|d| json!({
+                "tree": d.tree, "key": String::from_utf8_lossy(&d.key), "reason": d.reason,
+            })).collect::<Vec<_>>(),
+            "queued_and_dead_lettered": report.duplicates_resolved,
+            "repaired": repaired,
+        }));
+    } else {
+        println!("checked {checked} intact records");
+        for d in &report.damaged {
+            println!(
+                "DAMAGED {} key {:?}: {}",
+                d.tree,
+                String::from_utf8_lossy(&d.key),
+                d.reason
+            );
+        }
+        if report.duplicates_resolved > 0 {
+            println!(
+                "{} messages are both queued and dead-lettered",
+                report.duplicates_resolved
+            );
+        }
+        match (report.damaged.is_empty(), repaired) {
+            (true, _) => println!("spool is clean"),
+            (false, true) => println!(
+                "moved {} damaged records to quarantine",
+                report.damaged.len()
+            ),
+            (false, false) => println!("run `spoolctl verify --repair` to move them to quarantine"),
+        }
+    }
+    let clean = report.damaged.is_empty() && report.duplicates_resolved == 0;
+    if clean || repaired {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+pub fn dead_letter_ls(
+    out: &Output,
+    spool: &Spool,
+    queue: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let dead: Vec<_> = spool
+        .dead_letters()?
+        .into_iter()
+        .filter(|m| queue.is_none_or(|q| m.queue == q))
+        .collect();
+    if out.json {
+        out.json(&json!(dead
+            .iter()
+            .map(|m| describe(m, false))
+            .collect::<Vec<_>>()));
+    } else {
+        let rows: Vec<Vec<String>> = dead
+            .iter()
+            .map(|m| {
+                vec![
+                    m.id.to_string(),
+                    m.queue.clone(),
+                    m.attempts.to_string(),
+                    m.last_error.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        table(&["ID", "QUEUE", "ATTEMPTS", "REASON"], &rows);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn quarantine_ls(out: &Output, spool: &Spool) -> anyhow::Result<ExitCode> {
+    let entries = spool.quarantined()?;
+    if out.json {
+        out.json(&json!(entries
+            .iter()
+            .map(|e| json!({"tree": e.tree, "key": String::from_utf8_lossy(&e.key), "bytes": e.raw.len(), "reason": e.reason, "at_ms": e.at_ms}))
+            .collect::<Vec<_>>()));
+    } else {
+        let rows: Vec<Vec<String>> = entries
+            .iter()
+            .map(|e| {
+                vec![
+                    e.tree.clone(),
+                    format!("{:?}", String::from_utf8_lossy(&e.key)),
+                    e.raw.len().to_string(),
+                    e.reason.clone(),
+                ]
+            })
+            .collect();
+        table(&["TREE", "KEY", "BYTES", "REASON"], &rows);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `<n>.raw` (the record's bytes as found) and `<n>.json` (where and why) per entry.
+pub fn quarantine_export(out: &Output, spool: &Spool, dir: &Path) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let entries = spool.quarantined()?;
+    for (n, e) in entries.iter().enumerate() {
+        std::fs::write(dir.join(format!("{n}.raw")), &e.raw)?;
+        let about =
+            json!({"tree": e.tree, "key_hex": hex(&e.key), "reason": e.reason, "at_ms": e.at_ms});
+        std::fs::write(
+            dir.join(format!("{n}.json")),
+            serde_json::to_vec_pretty(&about)?,
+        )?;
+    }
+    out.done("exported quarantine records", entries.len() as u64)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

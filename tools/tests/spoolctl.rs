@@ -1,0 +1,243 @@
+//! Every spoolctl command against a real spool on disk.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use spool::{Meta, MetaValue, NewMessage, Spool, SpoolOptions};
+
+fn spoolctl(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_spoolctl"))
+        .arg("--spool")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("run spoolctl")
+}
+
+fn json(dir: &Path, args: &[&str]) -> Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = spoolctl(dir, &all);
+    assert!(
+        out.status.success(),
+        "spoolctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON output")
+}
+
+/// Opens a spool, waiting out the moment after a sibling test forked a child: the child
+/// briefly shares every open descriptor, our flock included, until it execs.
+fn open_retrying(dir: &Path) -> Spool {
+    for _ in 0..50 {
+        match Spool::open(dir, SpoolOptions::default()) {
+            Ok((spool, _)) => return spool,
+            Err(spool::SpoolError::Locked { .. }) => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => panic!("open: {e}"),
+        }
+    }
+    panic!("spool stayed locked");
+}
+
+/// A spool with 3 messages in `a` (one failed once), 1 in `b`, 1 dead-lettered.
+fn populated() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let spool = open_retrying(dir.path());
+    let mut meta = Meta::new();
+    meta.insert("tenant".into(), MetaValue::Str("acme".into()));
+    let m = |q: &str, p: &[u8]| NewMessage {
+        queue: q.into(),
+        meta: meta.clone(),
+        payload: p.to_vec(),
+    };
+    spool
+        .enqueue_blocking(vec![
+            m("a", b"\x00\xffbinary"),
+            m("a", b"two"),
+            m("a", b"three"),
+            m("b", b"bee"),
+            m("dead", b"x"),
+        ])
+        .unwrap();
+    let first = spool.lease("a", 1, u64::MAX).unwrap().remove(0);
+    rt.block_on(spool.retry(&first, "451 later", spool::now_ms() + 3_600_000))
+        .unwrap();
+    let dead = spool.lease("dead", 1, u64::MAX).unwrap().remove(0);
+    rt.block_on(spool.dead_letter(&dead, "550 nope")).unwrap();
+    dir
+}
+
+#[test]
+fn summary_ls_and_show() {
+    let dir = populated();
+    let s = json(dir.path(), &["summary"]);
+    assert_eq!(s["queues"]["a"]["count"], 3);
+    assert_eq!(s["queues"]["a"]["due_now"], 2);
+    assert_eq!(s["queues"]["a"]["attempts"]["1"], 1);
+    assert_eq!(s["queues"]["b"]["count"], 1);
+    assert_eq!(
+        (s["dead_letter"].clone(), s["quarantine"].clone()),
+        (1.into(), 0.into())
+    );
+    let human = spoolctl(dir.path(), &["summary"]);
+    assert!(String::from_utf8_lossy(&human.stdout).contains("dead-letter: 1"));
+
+    assert_eq!(json(dir.path(), &["ls", "a"]).as_array().unwrap().len(), 3);
+    let failed = json(dir.path(), &["ls", "a", "--failed"]);
+    assert_eq!(failed.as_array().unwrap().len(), 1);
+    assert_eq!(failed[0]["last_error"], "451 later");
+    assert_eq!(
+        json(dir.path(), &["ls", "a", "--due", "--limit", "1"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let id = failed[0]["id"].as_str().unwrap().to_owned();
+    let shown = spoolctl(dir.path(), &["show", &id, "--data"]);
+    assert_eq!(
+        shown.stdout, b"\x00\xffbinary",
+        "payload is written byte for byte"
+    );
+    assert_eq!(json(dir.path(), &["show", &id])["meta"]["tenant"], "acme");
+    assert!(!spoolctl(dir.path(), &["show", "999999"]).status.success());
+}
+
+#[test]
+fn verify_reports_damage_and_repair_quarantines_it() {
+    let dir = populated();
+    assert!(
+        spoolctl(dir.path(), &["verify"]).status.success(),
+        "a fresh spool is clean"
+    );
+    {
+        let db = sled::open(dir.path().join("data")).unwrap();
+        let tree = db.open_tree("messages").unwrap();
+        let (key, value) = tree.iter().next().unwrap().unwrap();
+        let mut bad = value.to_vec();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        tree.insert(key, bad).unwrap();
+        db.flush().unwrap();
+    }
+    let out = spoolctl(dir.path(), &["verify"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("DAMAGED Messages key"));
+    assert_eq!(
+        json(dir.path(), &["quarantine", "ls"])
+            .as_array()
+            .unwrap()
+            .len(),
+        0,
+        "verify alone repairs nothing"
+    );
+    assert!(spoolctl(dir.path(), &["verify", "--repair"])
+        .status
+        .success());
+    assert!(
+        spoolctl(dir.path(), &["verify"]).status.success(),
+        "clean after repair"
+    );
+    let q = json(dir.path(), &["quarantine", "ls"]);
+    assert_eq!(q.as_array().unwrap().len(), 1);
+    assert!(q[0]["reason"].as_str().unwrap().contains("checksum"));
+    let export = tempfile::tempdir().unwrap();
+    assert!(spoolctl(
+        dir.path(),
+        &["quarantine", "export", export.path().to_str().unwrap()]
+    )
+    .status
+    .success());
+    assert!(export.path().join("0.raw").exists() && export.path().join("0.json").exists());
+}
+
+#[test]
+fn dead_letter_requeue_rebind_and_purge() {
+    let dir = populated();
+    let dead = json(dir.path(), &["dead-letter", "ls"]);
+    assert_eq!(dead[0]["last_error"], "550 nope");
+    assert_eq!(
+        json(dir.path(), &["dead-letter", "requeue", "--queue", "dead"])["count"],
+        1
+    );
+    assert_eq!(json(dir.path(), &["summary"])["queues"]["dead"]["count"], 1);
+    assert_eq!(
+        json(dir.path(), &["dead-letter", "ls"])
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+
+    assert_eq!(
+        json(dir.path(), &["requeue", "--queue", "a", "--to", "c"])["count"],
+        3
+    );
+    let s = json(dir.path(), &["summary"]);
+    assert!(s["queues"].get("a").is_none());
+    assert_eq!(s["queues"]["c"]["count"], 3);
+    assert_eq!(json(dir.path(), &["requeue", "--queue", "c"])["count"], 3);
+    assert_eq!(json(dir.path(), &["summary"])["queues"]["c"]["due_now"], 3);
+
+    let refused = spoolctl(dir.path(), &["purge", "--queue", "c"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--yes"));
+    assert_eq!(
+        json(dir.path(), &["purge", "--queue", "c", "--yes"])["count"],
+        3
+    );
+    assert!(json(dir.path(), &["summary"])["queues"].get("c").is_none());
+}
+
+#[test]
+fn export_then_import_elsewhere_is_exact_and_idempotent() {
+    let dir = populated();
+    let file = dir.path().join("backup.ndjson");
+    assert_eq!(
+        json(dir.path(), &["export", file.to_str().unwrap()])["count"],
+        4
+    );
+    let other = tempfile::tempdir().unwrap();
+    let first = json(other.path(), &["import", file.to_str().unwrap()]);
+    assert_eq!(
+        (first["imported"].clone(), first["skipped_existing"].clone()),
+        (4.into(), 0.into())
+    );
+    let again = json(other.path(), &["import", file.to_str().unwrap()]);
+    assert_eq!(
+        (again["imported"].clone(), again["skipped_existing"].clone()),
+        (0.into(), 4.into())
+    );
+    let ls = |d: &Path| json(d, &["ls", "a"]);
+    assert_eq!(
+        ls(dir.path()),
+        ls(other.path()),
+        "ids, attempts, errors and meta survive the move"
+    );
+    let id = ls(other.path())[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        spoolctl(other.path(), &["show", &id, "--data"]).stdout,
+        b"\x00\xffbinary"
+    );
+}
+
+#[test]
+fn a_spool_held_by_a_daemon_is_refused_with_a_pointer_to_url() {
+    let dir = populated();
+    let _held = open_retrying(dir.path());
+    let out = spoolctl(dir.path(), &["summary"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("locked by pid") && err.contains("--url"),
+        "{err}"
+    );
+}
