@@ -1,0 +1,106 @@
+//! Command line and its merge with the policy's `init` event.
+//!
+//! A KumoMTA policy configures the server from Lua (`kumo.define_spool`,
+//! `kumo.start_http_listener` in `init`); spoolrelay honours that so a Kumo policy runs
+//! unchanged, but a flag given on the command line always wins, and built-in defaults fill
+//! what neither says.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use policy::Policy;
+
+pub const DEFAULT_SPOOL: &str = "./spool";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8000";
+pub const DEFAULT_MAX_BODY: usize = 16 << 20;
+
+#[derive(Parser, Debug)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Kafka end to end in one process: a mock broker, the daemon, N messages in and back out.
+    Demo(crate::demo::DemoArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// The Lua policy (KumoMTA-compatible).
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Spool directory [default: ./spool, or the policy's kumo.define_spool path].
+    #[arg(long, value_name = "DIR")]
+    pub spool: Option<PathBuf>,
+    /// HTTP listen address [default: 127.0.0.1:8000, or the policy's start_http_listener].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Largest accepted request body; bigger requests get 413.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_BODY)]
+    pub max_body_bytes: usize,
+    /// How long in-flight sends may finish after SIGTERM before they are abandoned (and
+    /// sent again after restart).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+/// Everything the daemon needs, resolved.
+#[derive(Clone)]
+pub struct Config {
+    pub policy: Policy,
+    pub spool_dir: PathBuf,
+    pub listen: String,
+    pub max_body_bytes: usize,
+    pub drain_timeout: Duration,
+    /// How the spool is opened; tests inject disk faults through it.
+    pub spool_options: spool::SpoolOptions,
+}
+
+impl Config {
+    /// A config with built-in defaults around an already loaded policy (tests, demo).
+    pub fn new(policy: Policy, spool_dir: PathBuf) -> Config {
+        Config {
+            policy,
+            spool_dir,
+            listen: DEFAULT_LISTEN.into(),
+            max_body_bytes: DEFAULT_MAX_BODY,
+            drain_timeout: Duration::from_secs(10),
+            spool_options: Default::default(),
+        }
+    }
+
+    /// Loads the policy, runs its `init` event, and merges: flags > policy > defaults.
+    pub async fn resolve(args: RunArgs) -> anyhow::Result<Config> {
+        let path = args
+            .policy
+            .context("--policy FILE is required (or use `spoolrelay demo`)")?;
+        // The policy error carries the Lua chunk name and line; show it as is.
+        let policy = Policy::load(&path)
+            .map_err(|e| anyhow::anyhow!("cannot load policy {}: {e}", path.display()))?;
+        let init = policy
+            .init_config()
+            .await
+            .map_err(|e| anyhow::anyhow!("policy {} init event failed: {e}", path.display()))?;
+        Ok(Config {
+            policy,
+            spool_dir: args
+                .spool
+                .or(init.spool_path)
+                .unwrap_or_else(|| DEFAULT_SPOOL.into()),
+            listen: args
+                .listen
+                .or(init.listen)
+                .unwrap_or_else(|| DEFAULT_LISTEN.into()),
+            max_body_bytes: args.max_body_bytes,
+            drain_timeout: args.drain_timeout,
+            spool_options: Default::default(),
+        })
+    }
+}

@@ -1,0 +1,136 @@
+//! Timing rules: when to retry a message, when to retry a connect, how fast to send.
+//!
+//! All pure functions or tiny state machines over explicit times, so they are tested
+//! without sleeping.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+/// The delay before attempt `attempts + 1` of a message that failed `attempts` times before:
+/// `retry_interval * 2^attempts`, capped by `max_retry_interval` (or, without one, by
+/// `max_age`, past which retrying is pointless), plus up to 10 % jitter so that a burst of
+/// failures does not come back as a burst.
+pub fn retry_delay(
+    retry_interval: Duration,
+    max_retry_interval: Option<Duration>,
+    max_age: Duration,
+    attempts: u32,
+) -> Duration {
+    let cap = max_retry_interval.unwrap_or(max_age).max(retry_interval);
+    let factor = 1u32.checked_shl(attempts.min(31)).unwrap_or(u32::MAX);
+    let base = retry_interval.saturating_mul(factor).min(cap);
+    let jitter_ms = (base.as_millis() as u64 / 10).max(1);
+    base + Duration::from_millis(rand::thread_rng().gen_range(0..jitter_ms))
+}
+
+/// Exponential backoff for a queue whose connections cannot be made (constructor raised,
+/// no protocol, broker down): 1 s, 2 s, 4 s, ... capped at 30 s. Reset on success.
+#[derive(Debug, Default)]
+pub struct ConnectBackoff {
+    failures: u32,
+}
+
+impl ConnectBackoff {
+    pub const FIRST: Duration = Duration::from_secs(1);
+    pub const MAX: Duration = Duration::from_secs(30);
+
+    /// Records a failure and returns how long to wait before the next try.
+    pub fn failed(&mut self) -> Duration {
+        let delay = Self::FIRST
+            .saturating_mul(1u32 << self.failures.min(16))
+            .min(Self::MAX);
+        self.failures = self.failures.saturating_add(1);
+        delay
+    }
+
+    pub fn succeeded(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// A token bucket for `max_message_rate`: `rate` tokens per `per`, burst of one `per`'s
+/// worth. Times are `Instant`-free milliseconds so tests drive them.
+#[derive(Debug)]
+pub struct TokenBucket {
+    capacity: f64,
+    per_ms: f64,
+    tokens: f64,
+    last_ms: u64,
+}
+
+impl TokenBucket {
+    pub fn new(count: u64, per: Duration, now_ms: u64) -> TokenBucket {
+        let capacity = count.max(1) as f64;
+        TokenBucket {
+            capacity,
+            per_ms: capacity / (per.as_millis().max(1) as f64),
+            tokens: capacity,
+            last_ms: now_ms,
+        }
+    }
+
+    fn refill(&mut self, now_ms: u64) {
+        let elapsed = now_ms.saturating_sub(self.last_ms) as f64;
+        self.tokens = (self.tokens + elapsed * self.per_ms).min(self.capacity);
+        self.last_ms = now_ms.max(self.last_ms);
+    }
+
+    /// Takes up to `want` whole tokens; returns how many were granted.
+    pub fn take(&mut self, want: usize, now_ms: u64) -> usize {
+        self.refill(now_ms);
+        let granted = (self.tokens.floor() as usize).min(want);
+        self.tokens -= granted as f64;
+        granted
+    }
+
+    /// How long until at least one token is available.
+    pub fn wait_for_one(&mut self, now_ms: u64) -> Duration {
+        self.refill(now_ms);
+        if self.tokens >= 1.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(((1.0 - self.tokens) / self.per_ms).ceil() as u64)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_doubles_and_is_capped() {
+        let ri = Duration::from_secs(60);
+        let d0 = retry_delay(ri, None, Duration::from_secs(7 * 86400), 0);
+        assert!(
+            d0 >= ri && d0 < ri + ri / 10 + Duration::from_millis(1),
+            "{d0:?}"
+        );
+        let d3 = retry_delay(ri, None, Duration::from_secs(7 * 86400), 3);
+        assert!(d3 >= ri * 8 && d3 <= ri * 8 + ri * 8 / 10, "{d3:?}");
+        let capped = retry_delay(ri, Some(Duration::from_secs(300)), Duration::MAX, 40);
+        assert!(capped >= Duration::from_secs(300) && capped <= Duration::from_secs(330));
+        let by_age = retry_delay(ri, None, Duration::from_secs(3600), 1000);
+        assert!(by_age <= Duration::from_secs(3960));
+    }
+
+    #[test]
+    fn connect_backoff_grows_to_thirty_seconds_and_resets() {
+        let mut b = ConnectBackoff::default();
+        let seq: Vec<u64> = (0..7).map(|_| b.failed().as_secs()).collect();
+        assert_eq!(seq, [1, 2, 4, 8, 16, 30, 30]);
+        b.succeeded();
+        assert_eq!(b.failed(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn token_bucket_limits_rate() {
+        let mut tb = TokenBucket::new(10, Duration::from_secs(1), 0);
+        assert_eq!(tb.take(100, 0), 10);
+        assert_eq!(tb.take(1, 0), 0);
+        assert_eq!(tb.wait_for_one(0), Duration::from_millis(100));
+        assert_eq!(tb.take(100, 500), 5);
+        assert_eq!(tb.take(100, 10_000), 10);
+    }
+}

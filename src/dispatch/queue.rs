@@ -1,0 +1,307 @@
+//! One queue's scheduler: lease what is due, hand it to connections, sleep otherwise.
+//!
+//! The worker never waits on a send itself: each send runs as its own task that settles its
+//! messages with the spool (see [`deliver`](super::deliver)), so a slow broker only ever
+//! holds its in-flight slots. The worker's loop is: refresh config → make room (open a
+//! connection if all are full) → lease as many due messages as there is room for → spawn
+//! sends → sleep until the next due time, a spool change, a finished send or shutdown.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use policy::{Policy, QueueConfig};
+use spool::{Message, MessageId, Spool};
+use tokio::task::{Id, JoinSet};
+
+use super::backoff::{ConnectBackoff, TokenBucket};
+use super::connection::{self, Pool};
+use super::deliver;
+use crate::shutdown::Shutdown;
+
+/// How often a queue's config is asked again of the policy.
+const CONFIG_TTL: Duration = Duration::from_secs(60);
+/// Upper bound on one connect (a constructor reaching a dead broker may hang).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest a worker sleeps without looking around (idle connections, config).
+const MAX_NAP: Duration = Duration::from_secs(1);
+/// Most messages leased in one call, so one queue cannot hog the index lock.
+const MAX_LEASE: usize = 1024;
+
+pub struct QueueWorker {
+    queue: String,
+    spool: Spool,
+    policy: Policy,
+    shutdown: Shutdown,
+    drain_timeout: Duration,
+    config: Option<(Arc<QueueConfig>, Instant)>,
+    pool: Pool,
+    sends: JoinSet<()>,
+    /// What each running send holds (id only), so a send that panics or is aborted at
+    /// shutdown can have its leases returned.
+    leased: HashMap<Id, Vec<(String, MessageId)>>,
+    bucket: Option<TokenBucket>,
+    backoff: ConnectBackoff,
+    blocked_until: Option<Instant>,
+}
+
+/// What one fill pass found: sleep at most until `wake`.
+struct Nap {
+    wake: Instant,
+}
+
+impl QueueWorker {
+    pub fn new(
+        queue: String,
+        spool: Spool,
+        policy: Policy,
+        shutdown: Shutdown,
+        drain_timeout: Duration,
+    ) -> Self {
+        QueueWorker {
+            pool: Pool::new(&queue),
+            queue,
+            spool,
+            policy,
+            shutdown,
+            drain_timeout,
+            config: None,
+            sends: JoinSet::new(),
+            leased: HashMap::new(),
+            bucket: None,
+            backoff: ConnectBackoff::default(),
+            blocked_until: None,
+        }
+    }
+
+    /// Runs until shutdown, or until the queue is empty with no connection left open.
+    pub async fn run(mut self) {
+        let mut changes = self.spool.watch_changes();
+        let mut spool_alive = true;
+        while !self.shutdown.is_triggered() {
+            self.pool.close_idle(false);
+            let nap = self.fill().await;
+            if self.sends.is_empty()
+                && self.pool.is_empty()
+                && self.spool.next_due(&self.queue).is_none()
+            {
+                tracing::debug!(queue = %self.queue, "queue is empty; worker exits");
+                return;
+            }
+            tokio::select! {
+                Some(done) = self.sends.join_next_with_id(), if !self.sends.is_empty() => self.finished(done),
+                changed = changes.changed(), if spool_alive => spool_alive = changed.is_ok(),
+                _ = tokio::time::sleep_until(nap.wake.into()) => {}
+                _ = self.shutdown.wait() => {}
+            }
+        }
+        self.drain().await;
+    }
+
+    /// Fills the connections with due messages; returns when there is nothing more to do.
+    async fn fill(&mut self) -> Nap {
+        let now = Instant::now();
+        let later = |d: Duration| Nap {
+            wake: now + d.min(MAX_NAP),
+        };
+        if let Some(until) = self.blocked_until {
+            if until > now {
+                return Nap { wake: until };
+            }
+            self.blocked_until = None;
+        }
+        let Some(cfg) = self.config().await else {
+            return Nap {
+                wake: self.blocked_until.unwrap_or(now + MAX_NAP),
+            };
+        };
+        let per_send = cfg.batch_size.max(1);
+        loop {
+            let now_ms = spool::now_ms();
+            match self.spool.next_due(&self.queue) {
+                Some(due) if due <= now_ms => {}
+                Some(due) => return later(Duration::from_millis(due - now_ms)),
+                None => return later(MAX_NAP),
+            }
+            let (conn, room) = match self.pool.with_room() {
+                Some(found) => found,
+                None if self.pool.may_grow(cfg.connection_limit) => {
+                    if !self.connect().await {
+                        return Nap {
+                            wake: self.blocked_until.unwrap_or(now + MAX_NAP),
+                        };
+                    }
+                    continue;
+                }
+                // Every connection is full: a finished send (or the growth timer) wakes us.
+                None => return later(connection::GROWTH_INTERVAL),
+            };
+            let mut want = (room * per_send).min(MAX_LEASE);
+            if let Some(bucket) = &mut self.bucket {
+                want = bucket.take(want, now_ms);
+                if want == 0 {
+                    return later(bucket.wait_for_one(now_ms));
+                }
+            }
+            let msgs = match self.spool.lease(&self.queue, want, now_ms) {
+                Ok(msgs) => msgs,
+                Err(e) => {
+                    tracing::error!(queue = %self.queue, error = %e, "lease failed");
+                    return later(MAX_NAP);
+                }
+            };
+            if msgs.is_empty() {
+                return later(MAX_NAP);
+            }
+            let (expired, live): (Vec<_>, Vec<_>) = msgs.into_iter().partition(|m| {
+                now_ms.saturating_sub(m.created_ms) > cfg.max_age.as_millis() as u64
+            });
+            for msg in expired {
+                let reason = format!(
+                    "expired (max_age {}) after {} attempts; last error: {}",
+                    humantime::format_duration(cfg.max_age),
+                    msg.attempts,
+                    msg.last_error.as_deref().unwrap_or("none")
+                );
+                self.spawn(
+                    move |spool| async move { deliver::dead_letter(&spool, &msg, &reason).await },
+                    Vec::new(),
+                );
+            }
+            let mut live = live.into_iter().peekable();
+            while live.peek().is_some() {
+                let batch: Vec<Message> = live.by_ref().take(per_send).collect();
+                let ids = batch.iter().map(|m| (m.queue.clone(), m.id)).collect();
+                let (conn, cfg) = (conn.clone(), cfg.clone());
+                self.spawn(move |spool| deliver::deliver(spool, conn, cfg, batch), ids);
+            }
+        }
+    }
+
+    fn spawn<F>(&mut self, send: impl FnOnce(Spool) -> F, ids: Vec<(String, MessageId)>)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let handle = self.sends.spawn(send(self.spool.clone()));
+        if !ids.is_empty() {
+            self.leased.insert(handle.id(), ids);
+        }
+    }
+
+    /// A send task ended. If it did not end normally, its leases may still be held.
+    fn finished(&mut self, done: Result<(Id, ()), tokio::task::JoinError>) {
+        match done {
+            Ok((id, ())) => {
+                self.leased.remove(&id);
+            }
+            Err(e) => {
+                if e.is_panic() {
+                    tracing::error!(queue = %self.queue, error = %e, "a send task panicked; releasing its messages");
+                }
+                for (queue, id) in self.leased.remove(&e.id()).unwrap_or_default() {
+                    self.spool.release(&lease_stub(queue, id));
+                }
+            }
+        }
+    }
+
+    /// The cached queue config, asked again every [`CONFIG_TTL`]. A failing refresh keeps
+    /// the old config; a failing first ask blocks the queue with backoff.
+    async fn config(&mut self) -> Option<Arc<QueueConfig>> {
+        if let Some((cfg, at)) = &self.config {
+            if at.elapsed() < CONFIG_TTL {
+                return Some(cfg.clone());
+            }
+        }
+        match self.policy.queue_config(&self.queue).await {
+            Ok(cfg) => {
+                let rate_changed = self
+                    .config
+                    .as_ref()
+                    .map(|(old, _)| old.max_message_rate != cfg.max_message_rate);
+                if rate_changed != Some(false) {
+                    self.bucket = super::token_bucket(&cfg);
+                }
+                let cfg = Arc::new(cfg);
+                self.config = Some((cfg.clone(), Instant::now()));
+                Some(cfg)
+            }
+            Err(e) => {
+                if let Some((cfg, at)) = &mut self.config {
+                    tracing::warn!(queue = %self.queue, error = %e, "get_queue_config failed; keeping the previous config");
+                    *at = Instant::now();
+                    return Some(cfg.clone());
+                }
+                self.block(format_args!("get_queue_config failed: {e}"));
+                None
+            }
+        }
+    }
+
+    /// Opens one more connection. On failure the queue backs off (nothing was leased).
+    async fn connect(&mut self) -> bool {
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.policy.connect(&self.queue)).await {
+            Ok(Ok(conn)) => {
+                self.backoff.succeeded();
+                self.pool.add(conn);
+                tracing::info!(queue = %self.queue, connections = self.pool.len(), "connected");
+                true
+            }
+            Ok(Err(e)) => {
+                self.block(format_args!("cannot connect: {e}"));
+                false
+            }
+            Err(_) => {
+                self.block(format_args!(
+                    "cannot connect: constructor took over {}",
+                    humantime::format_duration(CONNECT_TIMEOUT)
+                ));
+                false
+            }
+        }
+    }
+
+    fn block(&mut self, why: std::fmt::Arguments<'_>) {
+        let delay = self.backoff.failed();
+        tracing::error!(queue = %self.queue, retry_in = %humantime::format_duration(delay), "{why}");
+        self.blocked_until = Some(Instant::now() + delay);
+    }
+
+    /// Shutdown: no more leases; let running sends finish until the drain deadline, then
+    /// abort the rest and release their leases (they are due again on the next start).
+    async fn drain(&mut self) {
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        if !self.sends.is_empty() {
+            tracing::info!(queue = %self.queue, sends = self.sends.len(), "draining in-flight sends");
+        }
+        while !self.sends.is_empty() {
+            tokio::select! {
+                Some(done) = self.sends.join_next_with_id() => self.finished(done),
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        if !self.sends.is_empty() {
+            tracing::warn!(queue = %self.queue, sends = self.sends.len(),
+                "drain deadline passed; aborting sends (their messages stay spooled and are sent again after restart)");
+            self.sends.abort_all();
+            while let Some(done) = self.sends.join_next_with_id().await {
+                self.finished(done);
+            }
+        }
+        self.pool.close_all().await;
+    }
+}
+
+/// `Spool::release` only reads the queue and id of the message it is given.
+fn lease_stub(queue: String, id: MessageId) -> Message {
+    Message {
+        id,
+        queue,
+        created_ms: 0,
+        attempts: 0,
+        due_ms: 0,
+        last_error: None,
+        meta: Default::default(),
+        payload: Vec::new(),
+    }
+}

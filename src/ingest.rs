@@ -1,0 +1,310 @@
+//! HTTP ingest: the axum handlers that turn requests into spooled messages.
+//!
+//! The one rule here: a 2xx answer is sent only after `Spool::enqueue` returned `Ok`,
+//! which means the messages are fsynced. Every request is one enqueue call, so a batch is
+//! accepted whole or not at all, and concurrent requests share fsyncs via the spool's
+//! group commit. Errors are JSON `{"error": "..."}` with 400 (the request is wrong),
+//! 413 (too large) or 503 (the spool could not make it durable: retry later).
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use spool::{Meta, MetaValue, NewMessage, Spool, SpoolError};
+
+use crate::meta;
+
+/// Builds the router. `max_body_bytes` bounds every request body (413 above it).
+pub fn router(spool: Spool, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/api/v1/stats", get(stats))
+        .route("/api/v1/queues/{queue}/messages", post(post_message))
+        .route("/api/v1/queues/{queue}/batch", post(post_batch))
+        .route("/api/inject/v1", post(inject))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(spool)
+}
+
+/// An error answer: status plus a human-readable message, sent as JSON.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn bad_request(msg: impl Into<String>) -> ApiError {
+        ApiError(StatusCode::BAD_REQUEST, msg.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<SpoolError> for ApiError {
+    fn from(e: SpoolError) -> ApiError {
+        let status = match e {
+            SpoolError::InvalidQueueName { .. } => StatusCode::BAD_REQUEST,
+            // NotDurable, WriterStopped, Storage, Io: nothing was accepted; try again later.
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %e, "enqueue failed; answering 503");
+        }
+        ApiError(status, e.to_string())
+    }
+}
+
+/// A body that failed to arrive (too large, aborted) keeps axum's status, JSON-shaped.
+impl From<BytesRejection> for ApiError {
+    fn from(r: BytesRejection) -> ApiError {
+        ApiError(r.status(), r.body_text())
+    }
+}
+
+fn check_queue(queue: &str) -> Result<(), ApiError> {
+    spool::keys::check_queue_name(queue)
+        .map_err(|why| ApiError::bad_request(format!("invalid queue name {queue:?}: {why}")))
+}
+
+async fn stats(State(spool): State<Spool>) -> Json<spool::SpoolStats> {
+    Json(spool.stats(spool::now_ms()))
+}
+
+/// One message: the body verbatim, `X-Meta-<name>` headers as string metadata.
+async fn post_message(
+    State(spool): State<Spool>,
+    Path(queue): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    check_queue(&queue)?;
+    let body = body?;
+    let mut meta = Meta::new();
+    for (name, value) in &headers {
+        // HeaderName is already lowercase.
+        if let Some(key) = name.as_str().strip_prefix("x-meta-") {
+            let value = value.to_str().map_err(|_| {
+                ApiError::bad_request(format!("header {name} is not visible ASCII"))
+            })?;
+            meta.insert(key.to_owned(), MetaValue::Str(value.to_owned()));
+        }
+    }
+    let ids = spool
+        .enqueue(vec![NewMessage {
+            queue,
+            meta,
+            payload: body.to_vec(),
+        }])
+        .await?;
+    Ok(Json(json!({ "id": ids[0].to_string() })))
+}
+
+/// One NDJSON line of a batch.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchLine {
+    data: Option<String>,
+    data_b64: Option<String>,
+    #[serde(default)]
+    meta: Map<String, Value>,
+}
+
+/// Parses a whole NDJSON batch; the first bad line fails it, named by its 1-based number.
+pub fn parse_batch(queue: &str, body: &[u8]) -> Result<Vec<NewMessage>, ApiError> {
+    let mut out = Vec::new();
+    for (n, line) in body.split(|b| *b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let bad = |why: String| ApiError::bad_request(format!("line {}: {why}", n + 1));
+        let parsed: BatchLine = serde_json::from_slice(line).map_err(|e| bad(e.to_string()))?;
+        let payload = match (parsed.data, parsed.data_b64) {
+            (Some(text), None) => text.into_bytes(),
+            (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|e| bad(format!("data_b64 is not valid base64: {e}")))?,
+            _ => {
+                return Err(bad(
+                    "exactly one of \"data\" or \"data_b64\" is required".into()
+                ))
+            }
+        };
+        out.push(NewMessage {
+            queue: queue.to_owned(),
+            meta: meta::meta_from_map(parsed.meta),
+            payload,
+        });
+    }
+    Ok(out)
+}
+
+/// NDJSON batch: every line is spooled in one durable enqueue, or none is.
+async fn post_batch(
+    State(spool): State<Spool>,
+    Path(queue): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    check_queue(&queue)?;
+    let messages = parse_batch(&queue, &body?)?;
+    let ids = if messages.is_empty() {
+        Vec::new()
+    } else {
+        spool.enqueue(messages).await?
+    };
+    let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+    Ok(Json(json!({ "ids": ids })))
+}
+
+/// The KumoMTA injection request, as far as a relay needs it.
+#[derive(Deserialize)]
+struct InjectRequest {
+    envelope_sender: String,
+    recipients: Vec<InjectRecipient>,
+    content: Value,
+    /// Metadata for every recipient (a spoolrelay extension; per-recipient wins).
+    #[serde(default)]
+    metadata: Map<String, Value>,
+}
+
+#[derive(Deserialize)]
+struct InjectRecipient {
+    email: String,
+    #[serde(default)]
+    metadata: Map<String, Value>,
+}
+
+/// KumoMTA's queue name: `[campaign:][tenant@]domain[!routing_domain]`, unless metadata
+/// `queue` names one outright.
+pub fn kumo_queue_name(domain: &str, meta: &Map<String, Value>) -> String {
+    let text = |key: &str| {
+        meta.get(key)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    };
+    if let Some(queue) = text("queue") {
+        return queue.to_owned();
+    }
+    let mut name = String::new();
+    if let Some(campaign) = text("campaign") {
+        name.push_str(campaign);
+        name.push(':');
+    }
+    if let Some(tenant) = text("tenant") {
+        name.push_str(tenant);
+        name.push('@');
+    }
+    name.push_str(domain);
+    if let Some(routing) = text("routing_domain") {
+        name.push('!');
+        name.push_str(routing);
+    }
+    name
+}
+
+/// KumoMTA-shaped injection: one message per recipient, all spooled in one enqueue.
+/// Recipients that cannot be queued (no domain, bad queue name) are reported in
+/// `failed_recipients`; the others are accepted.
+async fn inject(
+    State(spool): State<Spool>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let req: InjectRequest = serde_json::from_slice(&body?)
+        .map_err(|e| ApiError::bad_request(format!("invalid injection request: {e}")))?;
+    let Value::String(content) = req.content else {
+        return Err(ApiError::bad_request(
+            "\"content\" must be the message text (content builders are not supported)",
+        ));
+    };
+    let mut messages = Vec::new();
+    let mut failed = Vec::new();
+    let mut errors = Vec::new();
+    for rcpt in req.recipients {
+        let domain = match rcpt.email.rsplit_once('@') {
+            Some((local, domain)) if !local.is_empty() && !domain.is_empty() => {
+                domain.to_ascii_lowercase()
+            }
+            _ => {
+                errors.push(format!("{}: not an email address", rcpt.email));
+                failed.push(rcpt.email);
+                continue;
+            }
+        };
+        let mut map = req.metadata.clone();
+        map.extend(rcpt.metadata);
+        let queue = kumo_queue_name(&domain, &map);
+        if let Err(why) = spool::keys::check_queue_name(&queue) {
+            errors.push(format!(
+                "{}: invalid queue name {queue:?}: {why}",
+                rcpt.email
+            ));
+            failed.push(rcpt.email);
+            continue;
+        }
+        map.insert("sender".into(), Value::String(req.envelope_sender.clone()));
+        map.insert("recipient".into(), Value::String(rcpt.email));
+        messages.push(NewMessage {
+            queue,
+            meta: meta::meta_from_map(map),
+            payload: content.clone().into_bytes(),
+        });
+    }
+    let accepted = messages.len();
+    if accepted > 0 {
+        spool.enqueue(messages).await?;
+    }
+    Ok(Json(json!({
+        "success_count": accepted,
+        "fail_count": failed.len(),
+        "failed_recipients": failed,
+        "errors": errors,
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_names_follow_kumo_rules() {
+        let meta = |v: Value| v.as_object().cloned().unwrap_or_default();
+        assert_eq!(kumo_queue_name("example.com", &Map::new()), "example.com");
+        assert_eq!(
+            kumo_queue_name(
+                "example.com",
+                &meta(json!({"campaign": "c", "tenant": "t", "routing_domain": "r"}))
+            ),
+            "c:t@example.com!r"
+        );
+        assert_eq!(
+            kumo_queue_name("x", &meta(json!({"queue": "amqp", "tenant": "t"}))),
+            "amqp"
+        );
+    }
+
+    #[test]
+    fn batch_names_the_bad_line_and_accepts_nothing() {
+        let body = b"{\"data\":\"a\"}\n\n{\"data_b64\":\"AAEC/w==\"}\n{nope}\n";
+        let err = parse_batch("q", body).unwrap_err();
+        assert_eq!(err.0, StatusCode::BAD_REQUEST);
+        assert!(err.1.starts_with("line 4:"), "{}", err.1);
+        let ok = parse_batch("q", &body[..body.len() - 7]).unwrap();
+        assert_eq!(ok.len(), 2);
+        assert_eq!(ok[1].payload, vec![0, 1, 2, 255]);
+    }
+
+    #[test]
+    fn batch_line_needs_exactly_one_data_field() {
+        assert!(parse_batch("q", br#"{"data":"a","data_b64":"YQ=="}"#).is_err());
+        assert!(parse_batch("q", br#"{"meta":{}}"#).is_err());
+        assert!(parse_batch("q", br#"{"data_b64":"!!"}"#).is_err());
+    }
+}

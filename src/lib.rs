@@ -1,0 +1,121 @@
+//! # spoolrelay: HTTP in → durable spool → Lua policy → brokers out
+//!
+//! The daemon is three parts around one [`Spool`]:
+//! - [`ingest`]: axum handlers; a 2xx means the message is fsynced.
+//! - [`dispatch`]: a worker per queue leasing due messages and sending them through the
+//!   policy's connections; only a delivered message is deleted.
+//! - [`shutdown`]: SIGTERM/SIGINT stop HTTP first, then leasing; in-flight sends get a
+//!   deadline; the spool is synced; a restart resumes where this run stopped.
+//!
+//! [`start`] runs all of it in the current tokio runtime and returns once it is serving,
+//! so tests and the demo embed the daemon without a subprocess.
+
+pub mod config;
+pub mod demo;
+pub mod dispatch;
+pub mod ingest;
+pub mod meta;
+pub mod shutdown;
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use spool::{RecoveryReport, Spool};
+use tokio::task::JoinHandle;
+
+pub use config::Config;
+pub use shutdown::Shutdown;
+
+/// A running daemon.
+pub struct Daemon {
+    /// Where the HTTP API listens (the real port when `listen` asked for port 0).
+    pub addr: SocketAddr,
+    /// The daemon's spool, for inspection. Drop it before reopening the directory.
+    pub spool: Spool,
+    shutdown: Shutdown,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Daemon {
+    /// Asks the daemon to stop and waits until it has (drained, synced).
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.trigger();
+        self.wait().await
+    }
+
+    /// Waits until the daemon stopped (its `Shutdown` was triggered elsewhere).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        let Daemon { spool, task, .. } = self;
+        drop(spool);
+        task.await.context("daemon task failed")?
+    }
+}
+
+/// Opens the spool, binds the listener and starts serving and dispatching. Returns once
+/// requests are accepted; the daemon stops when `shutdown` is triggered.
+pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon> {
+    let (dir, options) = (config.spool_dir.clone(), config.spool_options.clone());
+    let (spool, report) = tokio::task::spawn_blocking(move || Spool::open(&dir, options))
+        .await
+        .context("spool open task failed")?
+        .with_context(|| format!("cannot open spool {}", config.spool_dir.display()))?;
+    log_recovery(&config, &report);
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "HTTP API listening");
+
+    let app = ingest::router(spool.clone(), config.max_body_bytes);
+    let http_stop = shutdown.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { http_stop.wait().await })
+            .await
+    });
+    let dispatcher = dispatch::Dispatcher {
+        spool: spool.clone(),
+        policy: config.policy.clone(),
+        shutdown: shutdown.clone(),
+        drain_timeout: config.drain_timeout,
+    };
+    let dispatch = tokio::spawn(dispatcher.run());
+    let task_spool = spool.clone();
+    let task = tokio::spawn(async move {
+        let served = http.await.context("HTTP task failed")?;
+        dispatch.await.context("dispatcher task failed")?;
+        served.context("HTTP server failed")?;
+        task_spool.sync().await.context("final spool sync failed")?;
+        tracing::info!("stopped; spool synced");
+        Ok(())
+    });
+    Ok(Daemon {
+        addr,
+        spool,
+        shutdown,
+        task,
+    })
+}
+
+/// The startup summary: what the spool held, per queue.
+fn log_recovery(config: &Config, report: &RecoveryReport) {
+    let total: u64 = report.queues.values().map(|(n, _)| n).sum();
+    tracing::info!(
+        spool = %config.spool_dir.display(),
+        queued = total,
+        queues = report.queues.len(),
+        dead_letter = report.dead_letter,
+        quarantined_now = report.quarantined_now,
+        quarantine_total = report.quarantine_total,
+        "spool opened"
+    );
+    for (queue, (count, bytes)) in &report.queues {
+        tracing::info!(%queue, messages = count, bytes, "recovered queue");
+    }
+    if report.quarantined_now > 0 {
+        tracing::warn!(
+            count = report.quarantined_now,
+            "corrupt records were quarantined at open (see `spoolctl`)"
+        );
+    }
+}

@@ -1,0 +1,128 @@
+//! Shared test harness: an in-process daemon around a Lua policy, HTTP helpers, and the
+//! brokers' read-back sides.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use spoolrelay::{Config, Daemon, Shutdown};
+
+pub use spoolrelay::demo::{consume, MockKafka};
+
+/// Starts a daemon on a random port with `lua` as its policy and `dir` as its spool.
+pub async fn start(lua: &str, dir: &Path) -> Daemon {
+    start_with(lua, dir, |_| {}).await
+}
+
+pub async fn start_with(lua: &str, dir: &Path, tweak: impl FnOnce(&mut Config)) -> Daemon {
+    let policy = policy::Policy::from_source("test-policy.lua", lua)
+        .unwrap_or_else(|e| panic!("test policy does not load: {e}\n{lua}"));
+    let mut config = Config::new(policy, dir.to_path_buf());
+    config.listen = "127.0.0.1:0".into();
+    config.drain_timeout = Duration::from_secs(5);
+    tweak(&mut config);
+    spoolrelay::start(config, Shutdown::new())
+        .await
+        .expect("daemon starts")
+}
+
+pub fn url(daemon: &Daemon, path: &str) -> String {
+    format!("http://{}{path}", daemon.addr)
+}
+
+/// Messages still in the spool (queued or leased), all queues.
+pub fn queued(daemon: &Daemon) -> u64 {
+    daemon
+        .spool
+        .stats(spool::now_ms())
+        .queues
+        .values()
+        .map(|q| q.count)
+        .sum()
+}
+
+/// Waits until `cond` holds, or panics with `what` after `limit`.
+pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A policy routing every queue to Kafka topic `topic` at `brokers`, with `extra` Lua
+/// inside the sender's `send` before producing (e.g. a conditional `kumo.reject`), and
+/// `queue_extra` added to the queue config table.
+pub fn kafka_policy(brokers: &str, topic: &str, send_prelude: &str, queue_extra: &str) -> String {
+    format!(
+        r#"
+kumo.on('get_queue_config', function(domain, tenant, campaign, routing_domain)
+  return kumo.make_queue_config {{
+    protocol = {{ custom_lua = {{ constructor = 'make.kafka' }} }},
+    retry_interval = '100ms',
+    max_retry_interval = '400ms',
+    {queue_extra}
+  }}
+end)
+kumo.on('make.kafka', function(domain, tenant, campaign)
+  local producer = kumo.kafka.build_producer {{
+    ['bootstrap.servers'] = '{brokers}',
+    ['linger.ms'] = '2',
+  }}
+  local sender = {{}}
+  function sender:send(message)
+    {send_prelude}
+    producer:send {{ topic = '{topic}', payload = message:get_data(), timeout = '10s' }}
+    return '250 ok'
+  end
+  function sender:close()
+    producer:close()
+  end
+  return sender
+end)
+"#
+    )
+}
+
+/// Reads `topic` back and returns the payloads sorted (a multiset to compare).
+pub async fn consume_sorted(kafka: &MockKafka, want: usize) -> Vec<Vec<u8>> {
+    let (brokers, topic, parts) = (kafka.brokers.clone(), kafka.topic.clone(), kafka.partitions);
+    let mut got = tokio::task::spawn_blocking(move || {
+        consume(
+            &brokers,
+            &topic,
+            parts,
+            want,
+            Duration::from_secs(20),
+            &|_| {},
+        )
+    })
+    .await
+    .expect("consumer thread")
+    .expect("consume");
+    got.sort();
+    // Read the topic again, past `want`: anything beyond it would be a duplicate.
+    let (brokers, topic) = (kafka.brokers.clone(), kafka.topic.clone());
+    let recount = tokio::task::spawn_blocking(move || {
+        consume(
+            &brokers,
+            &topic,
+            parts,
+            want + 1,
+            Duration::from_secs(2),
+            &|_| {},
+        )
+    })
+    .await
+    .expect("consumer thread")
+    .expect("consume")
+    .len();
+    assert!(
+        recount <= want,
+        "Kafka holds {recount} messages, {want} expected: duplicates"
+    );
+    got
+}
