@@ -1,0 +1,53 @@
+-- spoolrelay policy: relay the `kafka` queue to Apache Kafka.
+--
+-- This is the KumoMTA "Routing Messages via Kafka" example, corrected: the published
+-- constructor used an undefined `message` and returned no sender. Here the constructor
+-- builds the producer once per connection and returns a sender whose send(message)
+-- publishes one record and returns a '250 ...' string (the result rule: 2xx => delivered;
+-- a raised error => retried later).
+--
+-- Environment: SPOOLRELAY_KAFKA_BROKERS (default localhost:9092),
+--              SPOOLRELAY_KAFKA_TOPIC   (default my.topic).
+
+kumo.on('get_queue_config', function(domain, tenant, campaign, routing_domain)
+  if domain == 'kafka' then
+    return kumo.make_queue_config {
+      protocol = {
+        custom_lua = {
+          -- fires the `make.kafka` event below to build a sender
+          constructor = 'make.kafka',
+        },
+      },
+    }
+  end
+  return kumo.make_queue_config {}
+end)
+
+kumo.on('make.kafka', function(domain, tenant, campaign)
+  local producer = kumo.kafka.build_producer {
+    ['bootstrap.servers'] = os.getenv('SPOOLRELAY_KAFKA_BROKERS') or 'localhost:9092',
+    -- wait for all in-sync replicas: a '250' means the record is really stored
+    ['acks'] = 'all',
+    -- small linger: concurrent sends are batched, a lone send is not held back long
+    ['linger.ms'] = '5',
+  }
+  local topic = os.getenv('SPOOLRELAY_KAFKA_TOPIC') or 'my.topic'
+
+  local sender = {}
+
+  function sender:send(message)
+    local partition, offset = producer:send {
+      topic = topic,
+      payload = message:get_data(),
+      -- how long to keep trying to submit to kafka before a lua error is raised
+      timeout = '1 minute',
+    }
+    return string.format('250 %s partition=%d offset=%d', topic, partition, offset)
+  end
+
+  function sender:close()
+    producer:close()
+  end
+
+  return sender
+end)

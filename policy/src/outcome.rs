@@ -1,0 +1,129 @@
+//! The result rule: what a sender's `send` did, turned into a [`SendOutcome`].
+//!
+//! * a string whose leading code is 2xx (`'250 ok'`) => [`SendOutcome::Delivered`];
+//! * `kumo.reject(code, msg)`: code >= 500 => [`SendOutcome::Permanent`], below => `Transient`;
+//! * any other raised error, `nil`, a non-string, or a non-2xx string => `Transient`
+//!   with [`TRANSIENT_CODE`] (or the string's own 4xx code) and a text that says where.
+
+use mlua::Value;
+
+/// The code used for transient failures that carry no code of their own.
+pub const TRANSIENT_CODE: u16 = 451;
+
+/// The verdict on one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// The broker has it. `response` is what the policy returned (`'250 ...'`).
+    Delivered { response: String },
+    /// Try again later.
+    Transient { code: u16, response: String },
+    /// Retrying will not help (the policy said so with `kumo.reject(5xx, ...)`).
+    Permanent { code: u16, response: String },
+}
+
+impl SendOutcome {
+    pub fn is_delivered(&self) -> bool {
+        matches!(self, SendOutcome::Delivered { .. })
+    }
+
+    /// The response text, whatever the outcome.
+    pub fn response(&self) -> &str {
+        match self {
+            SendOutcome::Delivered { response }
+            | SendOutcome::Transient { response, .. }
+            | SendOutcome::Permanent { response, .. } => response,
+        }
+    }
+
+    pub(crate) fn transient(response: impl Into<String>) -> SendOutcome {
+        SendOutcome::Transient {
+            code: TRANSIENT_CODE,
+            response: response.into(),
+        }
+    }
+}
+
+/// The error `kumo.reject(code, message)` raises; recognised wherever it ends up in
+/// the error chain (also after a Lua `pcall` + `error(e)` re-raise).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{code} {message}")]
+pub(crate) struct Rejection {
+    pub code: u16,
+    pub message: String,
+}
+
+/// The leading three-digit code of a response string, if any.
+pub fn leading_code(s: &str) -> Option<u16> {
+    let digits = s.get(..3)?;
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    match s.as_bytes().get(3) {
+        None | Some(b' ') | Some(b'-') | Some(b'\t') => digits.parse().ok(),
+        Some(_) => None,
+    }
+}
+
+/// Applies the result rule. `who` names the Lua function for messages
+/// (e.g. `sender.send (kafka.lua:12)`).
+pub(crate) fn classify(result: mlua::Result<Value>, who: &str) -> SendOutcome {
+    match result {
+        Ok(value) => classify_value(&value, who),
+        Err(e) => classify_error(&e),
+    }
+}
+
+pub(crate) fn classify_value(value: &Value, who: &str) -> SendOutcome {
+    match value {
+        Value::String(s) => {
+            let text = s.to_string_lossy();
+            match leading_code(&text) {
+                Some(200..=299) => SendOutcome::Delivered { response: text },
+                Some(code @ 400..=499) => SendOutcome::Transient {
+                    code,
+                    response: format!("{who} returned a non-2xx response: {text}"),
+                },
+                _ => SendOutcome::transient(format!(
+                    "{who} returned {text:?}, which is not a 2xx response; use kumo.reject(code, msg) to fail a message"
+                )),
+            }
+        }
+        other => SendOutcome::transient(format!(
+            "{who} returned {}; it must return a string like '250 ok' or raise",
+            crate::host::describe(other)
+        )),
+    }
+}
+
+pub(crate) fn classify_error(e: &mlua::Error) -> SendOutcome {
+    if let Some(r) = e.downcast_ref::<Rejection>() {
+        let response = format!("{} {}", r.code, r.message);
+        return if r.code >= 500 {
+            SendOutcome::Permanent {
+                code: r.code,
+                response,
+            }
+        } else {
+            SendOutcome::Transient {
+                code: r.code,
+                response,
+            }
+        };
+    }
+    SendOutcome::transient(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leading_codes() {
+        assert_eq!(leading_code("250 ok"), Some(250));
+        assert_eq!(leading_code("250"), Some(250));
+        assert_eq!(leading_code("250-multi"), Some(250));
+        assert_eq!(leading_code("2500 x"), None);
+        assert_eq!(leading_code("ok 250"), None);
+        assert_eq!(leading_code(""), None);
+    }
+}

@@ -1,0 +1,404 @@
+//! `kumo.make_queue_config{...}`: validation of queue settings, durations and rates,
+//! and KumoMTA queue-name parsing.
+
+use std::time::Duration;
+
+use mlua::{Lua, Table, UserData, Value};
+
+/// What to do with a message whose send ended in a permanent failure.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PermanentFailure {
+    /// Keep it in the spool and retry later (the safe default: a relay loses nothing).
+    #[default]
+    Requeue,
+    /// Move it to the dead-letter area.
+    DeadLetter,
+}
+
+/// A message rate: at most `limit` messages per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub limit: u64,
+    pub per: Duration,
+}
+
+impl Rate {
+    /// Parses `'1000/s'`, `'50/m'`, `'3600/h'`, `'10/d'` (also `sec`, `minute`, `hour`, `day`).
+    pub fn parse(s: &str) -> Result<Rate, String> {
+        let (n, unit) = s
+            .split_once('/')
+            .ok_or_else(|| format!("invalid rate '{s}': expected N/s, N/m, N/h or N/d"))?;
+        let limit: u64 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("invalid rate '{s}': '{n}' is not a whole number"))?;
+        let per = match unit.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hr" | "hour" => Duration::from_secs(3600),
+            "d" | "day" => Duration::from_secs(86400),
+            other => {
+                return Err(format!(
+                    "invalid rate '{s}': unknown unit '{other}' (use s, m, h or d)"
+                ))
+            }
+        };
+        if limit == 0 {
+            return Err(format!("invalid rate '{s}': must be at least 1"));
+        }
+        Ok(Rate { limit, per })
+    }
+}
+
+/// How one queue is delivered; built by `kumo.make_queue_config`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueConfig {
+    /// Event that builds a sender (`protocol.custom_lua.constructor`). `None`: the queue
+    /// has no protocol, which is an error at connect time, not a crash.
+    pub constructor: Option<String>,
+    pub batch_size: usize,
+    pub min_batch_size: usize,
+    pub max_batch_latency: Duration,
+    pub retry_interval: Duration,
+    pub max_retry_interval: Option<Duration>,
+    pub max_age: Duration,
+    pub max_message_rate: Option<Rate>,
+    pub connection_limit: usize,
+    pub send_timeout: Duration,
+    pub on_permanent_failure: PermanentFailure,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            constructor: None,
+            batch_size: 1,
+            min_batch_size: 1,
+            max_batch_latency: Duration::ZERO,
+            retry_interval: Duration::from_secs(20 * 60),
+            max_retry_interval: None,
+            max_age: Duration::from_secs(7 * 86400),
+            max_message_rate: None,
+            connection_limit: 32,
+            send_timeout: Duration::from_secs(60),
+            on_permanent_failure: PermanentFailure::Requeue,
+        }
+    }
+}
+
+/// The Lua face of a [`QueueConfig`] (what `make_queue_config` returns).
+pub(crate) struct LuaQueueConfig(pub QueueConfig);
+impl UserData for LuaQueueConfig {}
+
+/// KumoMTA queue-config fields accepted for compatibility and ignored here.
+const IGNORED_KUMO_FIELDS: &[&str] = &[
+    "egress_pool",
+    "reap_interval",
+    "refresh_interval",
+    "refresh_strategy",
+];
+
+pub(crate) fn install(lua: &Lua, kumo: &Table) -> mlua::Result<()> {
+    kumo.set(
+        "make_queue_config",
+        lua.create_function(|lua, t: Option<Table>| {
+            let config = match t {
+                Some(t) => parse_table(&t).map_err(|e| match e {
+                    // prefix the caller's file:line, like a Lua error() would
+                    mlua::Error::RuntimeError(msg) => mlua::Error::RuntimeError(format!(
+                        "{}: {msg}",
+                        crate::host::caller_location(lua)
+                    )),
+                    other => other,
+                })?,
+                None => QueueConfig::default(),
+            };
+            Ok(LuaQueueConfig(config))
+        })?,
+    )
+}
+
+pub(crate) enum FromValueError {
+    Invalid(mlua::Error),
+    NotAConfig(String),
+}
+
+/// Accepts what a `get_queue_config` handler returned: a `make_queue_config` result or a
+/// plain table with the same fields.
+pub(crate) fn from_lua_value(v: Value) -> Result<QueueConfig, FromValueError> {
+    match &v {
+        Value::UserData(ud) if ud.is::<LuaQueueConfig>() => ud
+            .borrow::<LuaQueueConfig>()
+            .map(|c| c.0.clone())
+            .map_err(FromValueError::Invalid),
+        Value::Table(t) => parse_table(t).map_err(FromValueError::Invalid),
+        other => Err(FromValueError::NotAConfig(crate::host::describe(other))),
+    }
+}
+
+fn bad(field: &str, why: impl std::fmt::Display) -> mlua::Error {
+    mlua::Error::runtime(format!("make_queue_config: field '{field}': {why}"))
+}
+
+pub(crate) fn parse_table(t: &Table) -> mlua::Result<QueueConfig> {
+    let mut c = QueueConfig::default();
+    for pair in t.pairs::<Value, Value>() {
+        let (k, v) = pair?;
+        let Value::String(k) = k else {
+            return Err(mlua::Error::runtime(format!(
+                "make_queue_config: field names must be strings, got {}",
+                crate::host::describe(&k)
+            )));
+        };
+        let key = k.to_str()?.to_string();
+        match key.as_str() {
+            "protocol" => parse_protocol(&v, &mut c)?,
+            "retry_interval" => c.retry_interval = duration(&key, &v)?,
+            "max_retry_interval" => c.max_retry_interval = Some(duration(&key, &v)?),
+            "max_age" => c.max_age = duration(&key, &v)?,
+            "send_timeout" => c.send_timeout = duration(&key, &v)?,
+            "connection_limit" => c.connection_limit = count(&key, &v)?,
+            "max_message_rate" => {
+                let s = string(&key, &v)?;
+                c.max_message_rate = Some(Rate::parse(&s).map_err(|e| bad(&key, e))?);
+            }
+            "on_permanent_failure" => {
+                c.on_permanent_failure = match string(&key, &v)?.as_str() {
+                    "requeue" => PermanentFailure::Requeue,
+                    "dead_letter" => PermanentFailure::DeadLetter,
+                    other => {
+                        return Err(bad(
+                            &key,
+                            format!("'{other}' is neither 'requeue' nor 'dead_letter'"),
+                        ))
+                    }
+                }
+            }
+            k if IGNORED_KUMO_FIELDS.contains(&k) => {
+                tracing::debug!(target: "policy", "make_queue_config: ignoring KumoMTA field '{k}'");
+            }
+            _ => {
+                return Err(mlua::Error::runtime(format!(
+                    "make_queue_config: unknown field '{key}'"
+                )))
+            }
+        }
+    }
+    if let Some(max) = c.max_retry_interval {
+        if max < c.retry_interval {
+            return Err(bad(
+                "max_retry_interval",
+                "must not be smaller than retry_interval",
+            ));
+        }
+    }
+    Ok(c)
+}
+
+fn parse_protocol(v: &Value, c: &mut QueueConfig) -> mlua::Result<()> {
+    let Value::Table(p) = v else {
+        return Err(bad(
+            "protocol",
+            format!("expected a table, got {}", crate::host::describe(v)),
+        ));
+    };
+    for pair in p.pairs::<String, Value>() {
+        let (kind, body) = pair?;
+        if kind != "custom_lua" {
+            return Err(bad(
+                "protocol",
+                format!("protocol '{kind}' is not supported; use custom_lua"),
+            ));
+        }
+        let Value::Table(body) = body else {
+            return Err(bad("protocol.custom_lua", "expected a table"));
+        };
+        for pair in body.pairs::<String, Value>() {
+            let (key, v) = pair?;
+            let field = format!("protocol.custom_lua.{key}");
+            match key.as_str() {
+                "constructor" => c.constructor = Some(string(&field, &v)?),
+                "batch_size" => c.batch_size = count(&field, &v)?,
+                "min_batch_size" => c.min_batch_size = count(&field, &v)?,
+                "max_batch_latency" => c.max_batch_latency = duration(&field, &v)?,
+                _ => {
+                    return Err(mlua::Error::runtime(format!(
+                        "make_queue_config: unknown field '{field}'"
+                    )))
+                }
+            }
+        }
+        if c.constructor.is_none() {
+            return Err(bad("protocol.custom_lua.constructor", "is required"));
+        }
+        if c.min_batch_size > c.batch_size {
+            return Err(bad(
+                "protocol.custom_lua.min_batch_size",
+                "must not exceed batch_size",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn string(field: &str, v: &Value) -> mlua::Result<String> {
+    match v {
+        Value::String(s) => Ok(s.to_str()?.to_string()),
+        other => Err(bad(
+            field,
+            format!("expected a string, got {}", crate::host::describe(other)),
+        )),
+    }
+}
+
+/// A positive whole number.
+fn count(field: &str, v: &Value) -> mlua::Result<usize> {
+    let n = match v {
+        Value::Integer(i) => *i,
+        Value::Number(n) if n.fract() == 0.0 && n.is_finite() => *n as i64,
+        other => {
+            return Err(bad(
+                field,
+                format!(
+                    "expected a whole number, got {}",
+                    crate::host::describe(other)
+                ),
+            ))
+        }
+    };
+    if n < 1 {
+        return Err(bad(field, format!("must be at least 1, got {n}")));
+    }
+    usize::try_from(n).map_err(|_| bad(field, "too large"))
+}
+
+fn duration(field: &str, v: &Value) -> mlua::Result<Duration> {
+    parse_duration(v).map_err(|e| bad(field, e))
+}
+
+/// A humantime string (`'20m'`, `'1 minute'`, `'7d'`, `'200ms'`) or a number of seconds.
+pub(crate) fn parse_duration(v: &Value) -> Result<Duration, String> {
+    let secs = match v {
+        Value::String(s) => {
+            let s = s.to_string_lossy();
+            return humantime::parse_duration(s.trim())
+                .map_err(|e| format!("invalid duration '{s}': {e}"));
+        }
+        Value::Integer(i) => *i as f64,
+        Value::Number(n) => *n,
+        other => {
+            return Err(format!(
+                "expected a duration like '20m' or seconds, got {}",
+                crate::host::describe(other)
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| format!("invalid duration {secs}: must be a non-negative number of seconds"))
+}
+
+/// The parts of a KumoMTA queue name: `campaign:tenant@domain!routing_domain`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueName {
+    pub domain: Option<String>,
+    pub tenant: Option<String>,
+    pub campaign: Option<String>,
+    pub routing_domain: Option<String>,
+}
+
+impl QueueName {
+    /// Splits a queue name; a bare name (`kafka`) is all domain. Empty parts are `None`.
+    pub fn parse(name: &str) -> QueueName {
+        let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        let (name, routing_domain) = match name.split_once('!') {
+            Some((n, r)) => (n, some(r)),
+            None => (name, None),
+        };
+        let (campaign, tenant, domain) = match name.split_once('@') {
+            None => (None, None, some(name)),
+            Some((prefix, domain)) => match prefix.split_once(':') {
+                Some((campaign, tenant)) => (some(campaign), some(tenant), some(domain)),
+                None => (None, some(prefix), some(domain)),
+            },
+        };
+        QueueName {
+            domain,
+            tenant,
+            campaign,
+            routing_domain,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn qn(d: Option<&str>, t: Option<&str>, c: Option<&str>, r: Option<&str>) -> QueueName {
+        let s = |x: Option<&str>| x.map(str::to_string);
+        QueueName {
+            domain: s(d),
+            tenant: s(t),
+            campaign: s(c),
+            routing_domain: s(r),
+        }
+    }
+
+    #[test]
+    fn bare_name_is_domain_only() {
+        assert_eq!(
+            QueueName::parse("kafka"),
+            qn(Some("kafka"), None, None, None)
+        );
+    }
+
+    #[test]
+    fn full_name_has_all_parts() {
+        assert_eq!(
+            QueueName::parse("camp:ten@example.com!mx.example.net"),
+            qn(
+                Some("example.com"),
+                Some("ten"),
+                Some("camp"),
+                Some("mx.example.net")
+            )
+        );
+    }
+
+    #[test]
+    fn tenant_without_campaign() {
+        assert_eq!(
+            QueueName::parse("ten@example.com"),
+            qn(Some("example.com"), Some("ten"), None, None)
+        );
+    }
+
+    #[test]
+    fn routing_domain_without_tenant() {
+        assert_eq!(
+            QueueName::parse("amqp!rabbit"),
+            qn(Some("amqp"), None, None, Some("rabbit"))
+        );
+    }
+
+    #[test]
+    fn empty_parts_are_none() {
+        assert_eq!(QueueName::parse(":@d"), qn(Some("d"), None, None, None));
+        assert_eq!(QueueName::parse(""), qn(None, None, None, None));
+    }
+
+    #[test]
+    fn rates_parse() {
+        let r = |l, s| Rate {
+            limit: l,
+            per: Duration::from_secs(s),
+        };
+        assert_eq!(Rate::parse("1000/s"), Ok(r(1000, 1)));
+        assert_eq!(Rate::parse("50/m"), Ok(r(50, 60)));
+        assert_eq!(Rate::parse("3600/h"), Ok(r(3600, 3600)));
+        assert!(Rate::parse("fast").is_err());
+        assert!(Rate::parse("10/fortnight").is_err());
+        assert!(Rate::parse("-1/s").is_err());
+        assert!(Rate::parse("0/s").is_err());
+    }
+}
