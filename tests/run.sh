@@ -3,7 +3,7 @@
 # tests need (RabbitMQ), then runs every test of the workspace.
 #
 #   bash tests/run.sh            # everything
-#   bash tests/run.sh -p spool   # extra args go to `cargo test`
+#   bash tests/run.sh -p spool   # extra args go to `cargo test` (and skip the fuzz smoke run)
 #
 # Idempotent: a second run reuses the installed packages and a running broker.
 set -euo pipefail
@@ -36,3 +36,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 log "cargo test"
 cargo test --workspace --locked "$@"
+
+# Every fuzz target briefly, so none can rot (longer runs: fuzz/README.md).
+if [ $# -eq 0 ]; then
+  log "fuzz smoke run"
+  bash fuzz/smoke.sh "${FUZZ_SECONDS:-30}"
+fi

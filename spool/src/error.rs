@@ -20,6 +20,8 @@ pub enum SpoolError {
         #[source]
         source: sled::Error,
     },
+    #[error("the sled database in {path} is damaged beyond what it can recover ({detail}): move the spool directory aside, start with an empty spool, and salvage with `spoolctl --spool <old dir> verify` / `export` once it opens, or restore from a `spoolctl export` backup")]
+    Unrecoverable { path: PathBuf, detail: String },
     /// The batch could not be made durable; nothing in it may be acknowledged.
     #[error("spool could not make the batch durable: {0} (is the disk full or failing?)")]
     NotDurable(String),

@@ -58,6 +58,7 @@ mod lock;
 pub mod record;
 pub mod recovery;
 mod spool;
+pub mod view;
 
 pub use durability::SyncFaults;
 pub use error::{Result, SpoolError};

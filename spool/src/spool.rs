@@ -103,11 +103,10 @@ impl Spool {
             path: sled_dir.clone(),
             source,
         };
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(&sled_dir)
-            .cache_capacity(options.cache_capacity)
-            .open()
-            .map_err(storage)?;
+            .cache_capacity(options.cache_capacity);
+        let db = survive_panic(&sled_dir, || config.open())?.map_err(storage)?;
         if created {
             sync_dir(dir).map_err(io_err)?;
             if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -120,7 +119,7 @@ impl Spool {
             db.open_tree("quarantine").map_err(storage)?,
             db.open_tree("meta").map_err(storage)?,
         ];
-        let mut scan = recovery::scan(&trees).map_err(storage)?;
+        let mut scan = survive_panic(&sled_dir, || recovery::scan(&trees))?.map_err(storage)?;
         if !options.repair {
             scan.report.quarantine_total -= scan.report.quarantined_now;
             scan.report.quarantined_now = 0;
@@ -476,6 +475,23 @@ impl Spool {
             source,
         }
     }
+}
+
+/// sled 0.34 asserts its way through recovery: a damaged database file can make it panic
+/// rather than return an error. A daemon must not crash on a bad disk, so the panic is
+/// turned into an error that tells the operator what to do.
+fn survive_panic<T>(sled_dir: &Path, f: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        let detail = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into());
+        SpoolError::Unrecoverable {
+            path: sled_dir.to_path_buf(),
+            detail,
+        }
+    })
 }
 
 pub(crate) fn schedule(msg: &Message) -> Effect {
