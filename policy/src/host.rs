@@ -22,6 +22,8 @@ const MULTI_HANDLER_EVENT: &str = "get_queue_config";
 pub struct InitConfig {
     pub spool_path: Option<PathBuf>,
     pub listen: Option<String>,
+    /// Names declared with `kumo.configure_log_hook{ name = ... }`.
+    pub log_hooks: Vec<String>,
 }
 
 /// A loaded, validated policy. Cheap to clone; `Send + Sync`.
@@ -196,14 +198,23 @@ impl Policy {
         Ok(QueueConfig::default())
     }
 
-    fn single_handler(&self, lua: &Lua, event: &str) -> Result<Option<Function>, PolicyError> {
+    /// The long-lived state `queue_config` and log hooks run in.
+    pub(crate) fn shared_state(&self) -> &Lua {
+        &self.inner.shared
+    }
+
+    pub(crate) fn single_handler(
+        &self,
+        lua: &Lua,
+        event: &str,
+    ) -> Result<Option<Function>, PolicyError> {
         Ok(handlers(lua, event)
             .map_err(|e| self.lua_error(e))?
             .into_iter()
             .next())
     }
 
-    fn event_error(&self, event: &str, error: mlua::Error) -> PolicyError {
+    pub(crate) fn event_error(&self, event: &str, error: mlua::Error) -> PolicyError {
         PolicyError::Event {
             chunk: self.inner.chunk.clone(),
             event: event.to_string(),
@@ -299,6 +310,7 @@ fn install_kumo(lua: &Lua) -> mlua::Result<()> {
     crate::json::install(lua, &kumo)?;
     crate::kafka::install(lua, &kumo)?;
     crate::amqp::install(lua, &kumo)?;
+    crate::log_hook::install(lua, &kumo)?;
     lua.globals().set("kumo", kumo)?;
     Ok(())
 }
@@ -331,7 +343,10 @@ fn kumo_on(lua: &Lua, (event, func): (String, Function)) -> mlua::Result<()> {
 }
 
 /// The state's bookkeeping, as a Lua error (never a panic) if it is unavailable.
-fn host_state_mut<'a>(lua: &'a Lua, who: &str) -> mlua::Result<mlua::AppDataRefMut<'a, HostState>> {
+pub(crate) fn host_state_mut<'a>(
+    lua: &'a Lua,
+    who: &str,
+) -> mlua::Result<mlua::AppDataRefMut<'a, HostState>> {
     match lua.try_app_data_mut::<HostState>() {
         Ok(Some(state)) => Ok(state),
         Ok(None) => Err(mlua::Error::runtime(format!("{who}: host state missing"))),

@@ -80,6 +80,7 @@ end)
         InitConfig {
             spool_path: Some("/var/spool/relay".into()),
             listen: Some("127.0.0.1:8000".into()),
+            log_hooks: Vec::new(),
         }
     );
     // No init handler: defaults.
@@ -255,4 +256,69 @@ fn policy_is_send_sync_clone() {
     assert_traits::<Policy>();
     fn assert_conn<T: Send + Sync + 'static>() {}
     assert_conn::<policy::Connection>();
+}
+
+#[tokio::test]
+async fn log_hooks_are_declared_in_init_and_offered_records_come_back_rerouted() {
+    let policy = policy::Policy::from_source(
+        "hooks.lua",
+        r#"
+        kumo.on('init', function()
+          kumo.configure_log_hook { name = 'events' }
+        end)
+        kumo.on('should_enqueue_log_record', function(msg, hook)
+          if hook ~= 'events' or msg:get_meta('type') == 'Reception' then
+            return false
+          end
+          msg:set_meta('queue', 'kafka')
+          return true
+        end)
+        "#,
+    )
+    .unwrap();
+    assert_eq!(
+        policy.init_config().await.unwrap().log_hooks,
+        vec!["events".to_string()]
+    );
+    let record = |kind: &str| {
+        let mut meta = serde_json::Map::new();
+        meta.insert("type".into(), kind.into());
+        policy::MessageView {
+            id: "1".into(),
+            data: b"{}".to_vec(),
+            meta,
+            ..Default::default()
+        }
+    };
+    let taken = policy
+        .should_enqueue_log_record(record("Delivery"), "events")
+        .await
+        .unwrap();
+    let taken = taken.expect("a Delivery record is enqueued");
+    assert_eq!(taken.meta["queue"], "kafka");
+    assert_eq!(taken.data, b"{}");
+    assert!(policy
+        .should_enqueue_log_record(record("Reception"), "events")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(policy
+        .should_enqueue_log_record(record("Delivery"), "other")
+        .await
+        .unwrap()
+        .is_none());
+}
+
+#[tokio::test]
+async fn configure_log_hook_needs_a_name() {
+    let policy = policy::Policy::from_source(
+        "hooks.lua",
+        "kumo.on('init', function() kumo.configure_log_hook {} end)",
+    )
+    .unwrap();
+    let err = policy.init_config().await.unwrap_err().to_string();
+    assert!(
+        err.contains("'name'") && err.contains("hooks.lua:1"),
+        "{err}"
+    );
 }

@@ -1,0 +1,72 @@
+//! Log hooks, KumoMTA style: the relay's own delivery records can be routed back into a
+//! queue, and so to Kafka or AMQP like any message.
+//!
+//! In `init`, `kumo.configure_log_hook{ name = 'events' }` declares a hook. For each record
+//! the daemon then asks `should_enqueue_log_record(message, hook_name)`: the message's data
+//! is the record as JSON, its metadata carries the record's fields; a handler that returns
+//! true (usually after `message:set_meta('queue', 'kafka')`) has it spooled. The daemon is
+//! the one that keeps this loop-free: records about log-hook messages are not offered.
+
+use mlua::{AnyUserData, Function, Lua, Table, Value};
+
+use crate::error::PolicyError;
+use crate::message::{LuaMessage, MessageView};
+use crate::Policy;
+
+/// The event asked about every log record.
+pub const SHOULD_ENQUEUE: &str = "should_enqueue_log_record";
+
+/// Installs `kumo.configure_log_hook`.
+pub(crate) fn install(lua: &Lua, kumo: &Table) -> mlua::Result<()> {
+    let configure = lua.create_function(|lua, params: Table| {
+        let name: String = params
+            .get::<Option<String>>("name")?
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| {
+                mlua::Error::runtime(
+                    "kumo.configure_log_hook: 'name' (a non-empty string) is required",
+                )
+            })?;
+        let mut state = crate::host::host_state_mut(lua, "kumo.configure_log_hook")?;
+        if !state.init.log_hooks.contains(&name) {
+            state.init.log_hooks.push(name);
+        }
+        Ok(())
+    })?;
+    kumo.set("configure_log_hook", configure)
+}
+
+impl Policy {
+    /// Offers a log record to the policy's `should_enqueue_log_record` handler. Returns the
+    /// message as the handler left it (metadata it set included) when it answered true,
+    /// `None` when it answered false/nil or there is no handler.
+    pub async fn should_enqueue_log_record(
+        &self,
+        record: MessageView,
+        hook: &str,
+    ) -> Result<Option<MessageView>, PolicyError> {
+        let lua = self.shared_state();
+        let Some(handler) = self.single_handler(lua, SHOULD_ENQUEUE)? else {
+            return Ok(None);
+        };
+        let message = lua
+            .create_userdata(LuaMessage(record))
+            .map_err(|e| self.event_error(SHOULD_ENQUEUE, e))?;
+        let answer = call(&handler, &message, hook)
+            .await
+            .map_err(|e| self.event_error(SHOULD_ENQUEUE, e))?;
+        if !matches!(answer, Value::Nil | Value::Boolean(false)) {
+            let LuaMessage(view) = message
+                .take::<LuaMessage>()
+                .map_err(|e| self.event_error(SHOULD_ENQUEUE, e))?;
+            return Ok(Some(view));
+        }
+        Ok(None)
+    }
+}
+
+async fn call(handler: &Function, message: &AnyUserData, hook: &str) -> mlua::Result<Value> {
+    handler
+        .call_async::<Value>((message.clone(), hook.to_owned()))
+        .await
+}
