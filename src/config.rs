@@ -49,6 +49,24 @@ pub struct RunArgs {
     /// sent again after restart).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// Bearer token the admin API (/api/admin/...) requires. Without one the daemon refuses
+    /// to listen on a non-loopback address (unless --no-admin-api).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "SPOOLRELAY_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+    /// Serve no admin API at all (ingest, /metrics and /healthz only).
+    #[arg(long)]
+    pub no_admin_api: bool,
+    /// Write a JSONL delivery log (one line per reception and send outcome) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub delivery_log: Option<PathBuf>,
+    /// Rotate the delivery log when it would pass this size (FILE.1 … FILE.5 are kept).
+    #[arg(long, value_name = "BYTES", default_value_t = crate::delivery_log::DEFAULT_MAX_BYTES)]
+    pub delivery_log_max_bytes: u64,
 }
 
 /// Everything the daemon needs, resolved.
@@ -61,6 +79,12 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// How the spool is opened; tests inject disk faults through it.
     pub spool_options: spool::SpoolOptions,
+    /// Bearer token for the admin API (`None`: no token; then only loopback is allowed).
+    pub admin_token: Option<String>,
+    /// Whether the admin API is served at all.
+    pub admin_api: bool,
+    pub delivery_log: Option<PathBuf>,
+    pub delivery_log_max_bytes: u64,
 }
 
 impl Config {
@@ -73,6 +97,10 @@ impl Config {
             max_body_bytes: DEFAULT_MAX_BODY,
             drain_timeout: Duration::from_secs(10),
             spool_options: Default::default(),
+            admin_token: None,
+            admin_api: true,
+            delivery_log: None,
+            delivery_log_max_bytes: crate::delivery_log::DEFAULT_MAX_BYTES,
         }
     }
 
@@ -101,6 +129,11 @@ impl Config {
             max_body_bytes: args.max_body_bytes,
             drain_timeout: args.drain_timeout,
             spool_options: Default::default(),
+            // An empty SPOOLRELAY_ADMIN_TOKEN means no token, not the empty token.
+            admin_token: args.admin_token.filter(|t| !t.is_empty()),
+            admin_api: !args.no_admin_api,
+            delivery_log: args.delivery_log,
+            delivery_log_max_bytes: args.delivery_log_max_bytes,
         })
     }
 }

@@ -19,9 +19,17 @@ use serde_json::{json, Map, Value};
 use spool::{Meta, MetaValue, NewMessage, Spool, SpoolError};
 
 use crate::meta;
+use crate::telemetry::Telemetry;
+
+/// What the handlers share: the spool, and where accepted messages are reported.
+#[derive(Clone)]
+pub struct Ingest {
+    pub spool: Spool,
+    pub telemetry: Telemetry,
+}
 
 /// Builds the router. `max_body_bytes` bounds every request body (413 above it).
-pub fn router(spool: Spool, max_body_bytes: usize) -> Router {
+pub fn router(state: Ingest, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/api/v1/stats", get(stats))
@@ -29,12 +37,12 @@ pub fn router(spool: Spool, max_body_bytes: usize) -> Router {
         .route("/api/v1/queues/{queue}/batch", post(post_batch))
         .route("/api/inject/v1", post(inject))
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .with_state(spool)
+        .with_state(state)
 }
 
 /// An error answer: status plus a human-readable message, sent as JSON.
 #[derive(Debug)]
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl ApiError {
     fn bad_request(msg: impl Into<String>) -> ApiError {
@@ -74,13 +82,13 @@ fn check_queue(queue: &str) -> Result<(), ApiError> {
         .map_err(|why| ApiError::bad_request(format!("invalid queue name {queue:?}: {why}")))
 }
 
-async fn stats(State(spool): State<Spool>) -> Json<spool::SpoolStats> {
-    Json(spool.stats(spool::now_ms()))
+async fn stats(State(ingest): State<Ingest>) -> Json<spool::SpoolStats> {
+    Json(ingest.spool.stats(spool::now_ms()))
 }
 
 /// One message: the body verbatim, `X-Meta-<name>` headers as string metadata.
 async fn post_message(
-    State(spool): State<Spool>,
+    State(Ingest { spool, telemetry }): State<Ingest>,
     Path(queue): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -99,11 +107,12 @@ async fn post_message(
     }
     let ids = spool
         .enqueue(vec![NewMessage {
-            queue,
+            queue: queue.clone(),
             meta,
             payload: body.to_vec(),
         }])
         .await?;
+    telemetry.accepted(&queue, &ids);
     Ok(Json(json!({ "id": ids[0].to_string() })))
 }
 
@@ -149,7 +158,7 @@ pub fn parse_batch(queue: &str, body: &[u8]) -> Result<Vec<NewMessage>, ApiError
 
 /// NDJSON batch: every line is spooled in one durable enqueue, or none is.
 async fn post_batch(
-    State(spool): State<Spool>,
+    State(Ingest { spool, telemetry }): State<Ingest>,
     Path(queue): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
@@ -160,6 +169,7 @@ async fn post_batch(
     } else {
         spool.enqueue(messages).await?
     };
+    telemetry.accepted(&queue, &ids);
     let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
     Ok(Json(json!({ "ids": ids })))
 }
@@ -210,31 +220,38 @@ pub fn kumo_queue_name(domain: &str, meta: &Map<String, Value>) -> String {
     name
 }
 
-/// KumoMTA-shaped injection: one message per recipient, all spooled in one enqueue.
-/// Recipients that cannot be queued (no domain, bad queue name) are reported in
-/// `failed_recipients`; the others are accepted.
-async fn inject(
-    State(spool): State<Spool>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let req: InjectRequest = serde_json::from_slice(&body?)
+/// What an injection request turns into: the messages to spool, and the recipients that
+/// could not be queued (no domain, bad queue name), with why.
+pub struct InjectPlan {
+    pub messages: Vec<NewMessage>,
+    pub failed_recipients: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+/// Parses a KumoMTA injection body into one message per recipient. Pure, so it can be
+/// fuzzed; the handler only adds the enqueue.
+pub fn plan_inject(body: &[u8]) -> Result<InjectPlan, ApiError> {
+    let req: InjectRequest = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid injection request: {e}")))?;
     let Value::String(content) = req.content else {
         return Err(ApiError::bad_request(
             "\"content\" must be the message text (content builders are not supported)",
         ));
     };
-    let mut messages = Vec::new();
-    let mut failed = Vec::new();
-    let mut errors = Vec::new();
+    let mut plan = InjectPlan {
+        messages: Vec::new(),
+        failed_recipients: Vec::new(),
+        errors: Vec::new(),
+    };
     for rcpt in req.recipients {
         let domain = match rcpt.email.rsplit_once('@') {
             Some((local, domain)) if !local.is_empty() && !domain.is_empty() => {
                 domain.to_ascii_lowercase()
             }
             _ => {
-                errors.push(format!("{}: not an email address", rcpt.email));
-                failed.push(rcpt.email);
+                plan.errors
+                    .push(format!("{}: not an email address", rcpt.email));
+                plan.failed_recipients.push(rcpt.email);
                 continue;
             }
         };
@@ -242,30 +259,45 @@ async fn inject(
         map.extend(rcpt.metadata);
         let queue = kumo_queue_name(&domain, &map);
         if let Err(why) = spool::keys::check_queue_name(&queue) {
-            errors.push(format!(
+            plan.errors.push(format!(
                 "{}: invalid queue name {queue:?}: {why}",
                 rcpt.email
             ));
-            failed.push(rcpt.email);
+            plan.failed_recipients.push(rcpt.email);
             continue;
         }
         map.insert("sender".into(), Value::String(req.envelope_sender.clone()));
         map.insert("recipient".into(), Value::String(rcpt.email));
-        messages.push(NewMessage {
+        plan.messages.push(NewMessage {
             queue,
             meta: meta::meta_from_map(map),
             payload: content.clone().into_bytes(),
         });
     }
-    let accepted = messages.len();
+    Ok(plan)
+}
+
+/// KumoMTA-shaped injection: one message per recipient, all spooled in one enqueue.
+/// Recipients that cannot be queued are reported in `failed_recipients`; the others are
+/// accepted.
+async fn inject(
+    State(Ingest { spool, telemetry }): State<Ingest>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let plan = plan_inject(&body?)?;
+    let accepted = plan.messages.len();
     if accepted > 0 {
-        spool.enqueue(messages).await?;
+        let queues: Vec<String> = plan.messages.iter().map(|m| m.queue.clone()).collect();
+        let ids = spool.enqueue(plan.messages).await?;
+        for (queue, id) in queues.iter().zip(ids) {
+            telemetry.accepted(queue, &[id]);
+        }
     }
     Ok(Json(json!({
         "success_count": accepted,
-        "fail_count": failed.len(),
-        "failed_recipients": failed,
-        "errors": errors,
+        "fail_count": plan.failed_recipients.len(),
+        "failed_recipients": plan.failed_recipients,
+        "errors": plan.errors,
     })))
 }
 

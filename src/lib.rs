@@ -7,15 +7,23 @@
 //! - [`shutdown`]: SIGTERM/SIGINT stop HTTP first, then leasing; in-flight sends get a
 //!   deadline; the spool is synced; a restart resumes where this run stopped.
 //!
+//! Around them, for operators: [`admin`] (`/api/admin/...`, what `spoolctl --url` talks
+//! to), [`metrics`] (`/metrics`), and the [`delivery_log`]; ingest and dispatch report
+//! outcomes to both through [`telemetry`].
+//!
 //! [`start`] runs all of it in the current tokio runtime and returns once it is serving,
 //! so tests and the demo embed the daemon without a subprocess.
 
+pub mod admin;
 pub mod config;
+pub mod delivery_log;
 pub mod demo;
 pub mod dispatch;
 pub mod ingest;
 pub mod meta;
+pub mod metrics;
 pub mod shutdown;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 
@@ -64,9 +72,43 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, "HTTP API listening");
+    if config.admin_api {
+        admin::check_exposure(addr, config.admin_token.as_deref())?;
+    }
+    let mut telemetry = telemetry::Telemetry::default();
+    let log_writer = match &config.delivery_log {
+        Some(path) => {
+            let (log, writer) = delivery_log::DeliveryLog::open(
+                path,
+                config.delivery_log_max_bytes,
+                telemetry.metrics.log_dropped.clone(),
+            )
+            .with_context(|| format!("cannot open the delivery log {}", path.display()))?;
+            telemetry.log = log;
+            tracing::info!(path = %path.display(), "writing the delivery log");
+            Some(writer)
+        }
+        None => None,
+    };
+    tracing::info!(%addr, admin_api = config.admin_api, admin_token = config.admin_token.is_some(), "HTTP API listening");
 
-    let app = ingest::router(spool.clone(), config.max_body_bytes);
+    let suspensions = dispatch::Suspensions::default();
+    let ingest = ingest::Ingest {
+        spool: spool.clone(),
+        telemetry: telemetry.clone(),
+    };
+    let mut app = ingest::router(ingest, config.max_body_bytes).merge(metrics::router(
+        spool.clone(),
+        telemetry.metrics.clone(),
+        suspensions.clone(),
+    ));
+    if config.admin_api {
+        let state = admin::Admin {
+            spool: spool.clone(),
+            suspensions: suspensions.clone(),
+        };
+        app = app.merge(admin::router(state, config.admin_token.clone()));
+    }
     let http_stop = shutdown.clone();
     let http = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -78,6 +120,8 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
         policy: config.policy.clone(),
         shutdown: shutdown.clone(),
         drain_timeout: config.drain_timeout,
+        suspensions,
+        telemetry,
     };
     let dispatch = tokio::spawn(dispatcher.run());
     let task_spool = spool.clone();
@@ -86,6 +130,11 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
         dispatch.await.context("dispatcher task failed")?;
         served.context("HTTP server failed")?;
         task_spool.sync().await.context("final spool sync failed")?;
+        if let Some(writer) = log_writer {
+            tokio::task::spawn_blocking(move || writer.finish())
+                .await
+                .context("delivery log writer failed")?;
+        }
         tracing::info!("stopped; spool synced");
         Ok(())
     });

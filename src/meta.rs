@@ -5,7 +5,7 @@
 //! JSON, so this is the one place that translates, in both directions, losslessly for
 //! everything JSON can express.
 
-use serde_json::{Map, Number, Value};
+use serde_json::{Map, Value};
 use spool::{Meta, MetaValue};
 
 /// JSON value → spool value. Integers that fit `i64` stay integers; larger ones and
@@ -23,20 +23,10 @@ pub fn from_json(value: Value) -> MetaValue {
     }
 }
 
-/// Spool value → JSON value. A `Json` text that no longer parses (it was written by this
-/// module, so only a bug or a hand-edited spool gets here) is handed over as a string
-/// rather than dropped.
+/// Spool value → JSON value (the spool's own rule, shared with `spoolctl` and the admin
+/// API through [`spool::view`]).
 pub fn to_json(value: &MetaValue) -> Value {
-    match value {
-        MetaValue::Null => Value::Null,
-        MetaValue::Bool(b) => Value::Bool(*b),
-        MetaValue::Int(i) => Value::Number((*i).into()),
-        MetaValue::Float(f) => Number::from_f64(*f).map_or(Value::Null, Value::Number),
-        MetaValue::Str(s) => Value::String(s.clone()),
-        MetaValue::Json(text) => {
-            serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.clone()))
-        }
-    }
+    spool::view::meta_value_json(value)
 }
 
 /// A JSON object's members as spool metadata.
@@ -46,7 +36,7 @@ pub fn meta_from_map(map: Map<String, Value>) -> Meta {
 
 /// Spool metadata as a JSON object, for the policy's `MessageView`.
 pub fn meta_to_map(meta: &Meta) -> Map<String, Value> {
-    meta.iter().map(|(k, v)| (k.clone(), to_json(v))).collect()
+    spool::view::meta_json(meta)
 }
 
 /// A metadata value as a plain string, when it is one (for `sender` / `recipient`).

@@ -9,7 +9,9 @@
 //! | `Permanent` + `Requeue`          | as `Transient`                                 |
 //! | `Permanent` + `DeadLetter`       | `dead_letter`                                  |
 //!
-//! A message is deleted only on `Delivered`; everything else keeps it on disk.
+//! A message is deleted only on `Delivered`; everything else keeps it on disk. Each
+//! outcome is also reported to [`QueueTelemetry`] (counters, delivery log) right here, where
+//! it is decided.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +21,7 @@ use spool::{Message, Spool};
 
 use super::backoff::retry_delay;
 use crate::meta;
+use crate::telemetry::QueueTelemetry;
 
 /// Slack on top of the policy's own `send_timeout`, which `Connection::send` applies: this
 /// outer guard only catches a policy that fails to.
@@ -41,6 +44,7 @@ pub fn message_view(msg: &Message) -> MessageView {
 /// message with the spool.
 pub async fn deliver(
     spool: Spool,
+    telemetry: QueueTelemetry,
     conn: Arc<Connection>,
     cfg: Arc<QueueConfig>,
     msgs: Vec<Message>,
@@ -51,6 +55,7 @@ pub async fn deliver(
         code: 421,
         response: format!("send timed out after {}", humantime::format_duration(guard)),
     };
+    let started = std::time::Instant::now();
     let mut outcomes = if views.len() == 1 {
         let view = views.into_iter().next().expect("one view");
         vec![tokio::time::timeout(guard, conn.send(view))
@@ -64,6 +69,7 @@ pub async fn deliver(
     };
     // The send is over: give the connection's in-flight slot back before the durable waits.
     drop(conn);
+    telemetry.sent(started.elapsed(), msgs.len() as u64);
     if outcomes.len() != msgs.len() {
         tracing::error!(queue = %msgs[0].queue, got = outcomes.len(), sent = msgs.len(),
             "policy returned the wrong number of outcomes; retrying the unmatched messages");
@@ -75,28 +81,40 @@ pub async fn deliver(
     let settles = msgs
         .iter()
         .zip(outcomes)
-        .map(|(msg, outcome)| settle(&spool, &cfg, msg, outcome));
+        .map(|(msg, outcome)| settle(&spool, &telemetry, &cfg, msg, outcome));
     futures::future::join_all(settles).await;
 }
 
 /// Applies one outcome to the spool (see the module table).
-pub async fn settle(spool: &Spool, cfg: &QueueConfig, msg: &Message, outcome: SendOutcome) {
+pub async fn settle(
+    spool: &Spool,
+    telemetry: &QueueTelemetry,
+    cfg: &QueueConfig,
+    msg: &Message,
+    outcome: SendOutcome,
+) {
     let (queue, id) = (&msg.queue, msg.id);
     match outcome {
         SendOutcome::Delivered { response } => {
             tracing::debug!(%queue, %id, %response, "delivered");
+            telemetry.delivered(msg, &response);
             if let Err(e) = spool.ack(msg) {
                 tracing::error!(%queue, %id, error = %e, "delivered, but the spool could not delete it (it will be sent again)");
             }
         }
         SendOutcome::Transient { code, response } => {
-            retry_or_expire(spool, cfg, msg, &with_code(code, response)).await
+            let error = with_code(code, response);
+            telemetry.transient(msg, code, &error);
+            retry_or_expire(spool, telemetry, cfg, msg, &error).await
         }
         SendOutcome::Permanent { code, response } => {
             let error = with_code(code, response);
+            telemetry.permanent(msg, code, &error);
             match cfg.on_permanent_failure {
-                PermanentFailure::Requeue => retry_or_expire(spool, cfg, msg, &error).await,
-                PermanentFailure::DeadLetter => dead_letter(spool, msg, &error).await,
+                PermanentFailure::Requeue => {
+                    retry_or_expire(spool, telemetry, cfg, msg, &error).await
+                }
+                PermanentFailure::DeadLetter => dead_letter(spool, telemetry, msg, &error).await,
             }
         }
     }
@@ -112,7 +130,13 @@ fn with_code(code: u16, response: String) -> String {
 }
 
 /// Schedules the next attempt, unless it would come after the message's `max_age`.
-async fn retry_or_expire(spool: &Spool, cfg: &QueueConfig, msg: &Message, error: &str) {
+async fn retry_or_expire(
+    spool: &Spool,
+    telemetry: &QueueTelemetry,
+    cfg: &QueueConfig,
+    msg: &Message,
+    error: &str,
+) {
     let delay = retry_delay(
         cfg.retry_interval,
         cfg.max_retry_interval,
@@ -130,7 +154,7 @@ async fn retry_or_expire(spool: &Spool, cfg: &QueueConfig, msg: &Message, error:
             humantime::format_duration(cfg.max_age),
             msg.attempts + 1
         );
-        return dead_letter(spool, msg, &reason).await;
+        return dead_letter(spool, telemetry, msg, &reason).await;
     }
     tracing::info!(queue = %msg.queue, id = %msg.id, attempts = msg.attempts + 1,
         retry_in = %humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)),
@@ -141,10 +165,11 @@ async fn retry_or_expire(spool: &Spool, cfg: &QueueConfig, msg: &Message, error:
     }
 }
 
-pub async fn dead_letter(spool: &Spool, msg: &Message, reason: &str) {
+pub async fn dead_letter(spool: &Spool, telemetry: &QueueTelemetry, msg: &Message, reason: &str) {
     tracing::warn!(queue = %msg.queue, id = %msg.id, attempts = msg.attempts, %reason, "dead-lettering message");
-    if let Err(e) = spool.dead_letter(msg, reason).await {
-        tracing::error!(queue = %msg.queue, id = %msg.id, error = %e,
-            "could not dead-letter; the message stays queued");
+    match spool.dead_letter(msg, reason).await {
+        Ok(()) => telemetry.dead_lettered(msg, reason),
+        Err(e) => tracing::error!(queue = %msg.queue, id = %msg.id, error = %e,
+            "could not dead-letter; the message stays queued"),
     }
 }

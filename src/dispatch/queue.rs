@@ -17,7 +17,9 @@ use tokio::task::{Id, JoinSet};
 use super::backoff::{ConnectBackoff, TokenBucket};
 use super::connection::{self, Pool};
 use super::deliver;
+use super::Suspensions;
 use crate::shutdown::Shutdown;
+use crate::telemetry::QueueTelemetry;
 
 /// How often a queue's config is asked again of the policy.
 const CONFIG_TTL: Duration = Duration::from_secs(60);
@@ -43,6 +45,8 @@ pub struct QueueWorker {
     bucket: Option<TokenBucket>,
     backoff: ConnectBackoff,
     blocked_until: Option<Instant>,
+    suspensions: Suspensions,
+    telemetry: QueueTelemetry,
 }
 
 /// What one fill pass found: sleep at most until `wake`.
@@ -57,6 +61,8 @@ impl QueueWorker {
         policy: Policy,
         shutdown: Shutdown,
         drain_timeout: Duration,
+        suspensions: Suspensions,
+        telemetry: QueueTelemetry,
     ) -> Self {
         QueueWorker {
             pool: Pool::new(&queue),
@@ -71,16 +77,20 @@ impl QueueWorker {
             bucket: None,
             backoff: ConnectBackoff::default(),
             blocked_until: None,
+            suspensions,
+            telemetry,
         }
     }
 
     /// Runs until shutdown, or until the queue is empty with no connection left open.
     pub async fn run(mut self) {
         let mut changes = self.spool.watch_changes();
+        let mut suspensions = self.suspensions.watch();
         let mut spool_alive = true;
         while !self.shutdown.is_triggered() {
             self.pool.close_idle(false);
             let nap = self.fill().await;
+            self.telemetry.set_connections(self.pool.len());
             if self.sends.is_empty()
                 && self.pool.is_empty()
                 && self.spool.next_due(&self.queue).is_none()
@@ -91,11 +101,13 @@ impl QueueWorker {
             tokio::select! {
                 Some(done) = self.sends.join_next_with_id(), if !self.sends.is_empty() => self.finished(done),
                 changed = changes.changed(), if spool_alive => spool_alive = changed.is_ok(),
+                _ = suspensions.changed() => {}
                 _ = tokio::time::sleep_until(nap.wake.into()) => {}
                 _ = self.shutdown.wait() => {}
             }
         }
         self.drain().await;
+        self.telemetry.set_connections(0);
     }
 
     /// Fills the connections with due messages; returns when there is nothing more to do.
@@ -104,6 +116,10 @@ impl QueueWorker {
         let later = |d: Duration| Nap {
             wake: now + d.min(MAX_NAP),
         };
+        if self.suspensions.is_suspended(&self.queue) {
+            // Nothing is leased; running sends finish. A resume wakes the worker.
+            return later(MAX_NAP);
+        }
         if let Some(until) = self.blocked_until {
             if until > now {
                 return Nap { wake: until };
@@ -163,8 +179,11 @@ impl QueueWorker {
                     msg.attempts,
                     msg.last_error.as_deref().unwrap_or("none")
                 );
+                let telemetry = self.telemetry.clone();
                 self.spawn(
-                    move |spool| async move { deliver::dead_letter(&spool, &msg, &reason).await },
+                    move |spool| async move {
+                        deliver::dead_letter(&spool, &telemetry, &msg, &reason).await
+                    },
                     Vec::new(),
                 );
             }
@@ -172,8 +191,11 @@ impl QueueWorker {
             while live.peek().is_some() {
                 let batch: Vec<Message> = live.by_ref().take(per_send).collect();
                 let ids = batch.iter().map(|m| (m.queue.clone(), m.id)).collect();
-                let (conn, cfg) = (conn.clone(), cfg.clone());
-                self.spawn(move |spool| deliver::deliver(spool, conn, cfg, batch), ids);
+                let (conn, cfg, telemetry) = (conn.clone(), cfg.clone(), self.telemetry.clone());
+                self.spawn(
+                    move |spool| deliver::deliver(spool, telemetry, conn, cfg, batch),
+                    ids,
+                );
             }
         }
     }

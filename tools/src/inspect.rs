@@ -1,18 +1,28 @@
-//! Read-only views: summary, ls, show.
+//! Read-only views: summary, ls, show. Each is a fetch (offline here, online in
+//! [`crate::remote`]) and a shared `print_*`, so both modes print the same thing.
 
 use std::process::ExitCode;
 
 use anyhow::Context;
-use serde_json::json;
-use spool::{Message, MetaValue, Spool};
+use spool::view::MessageView;
+use spool::{Message, Spool, SpoolStats};
 
 use crate::output::{age, relative, table, Output};
 
 pub fn summary(out: &Output, spool: &Spool) -> anyhow::Result<ExitCode> {
     let now = spool::now_ms();
-    let stats = spool.stats(now);
+    print_summary(out, &spool.stats(now), now, &[])
+}
+
+/// `suspended` is only known online (a running daemon's state); offline it is empty.
+pub fn print_summary(
+    out: &Output,
+    stats: &SpoolStats,
+    now: u64,
+    suspended: &[String],
+) -> anyhow::Result<ExitCode> {
     if out.json {
-        out.json(&serde_json::to_value(&stats)?);
+        out.json(&serde_json::to_value(stats)?);
         return Ok(ExitCode::SUCCESS);
     }
     let rows: Vec<Vec<String>> = stats
@@ -21,8 +31,13 @@ pub fn summary(out: &Output, spool: &Spool) -> anyhow::Result<ExitCode> {
         .map(|(name, q)| {
             let attempts: Vec<String> =
                 q.attempts.iter().map(|(a, n)| format!("{a}:{n}")).collect();
+            let name = if suspended.contains(name) {
+                format!("{name} (suspended)")
+            } else {
+                name.clone()
+            };
             vec![
-                name.clone(),
+                name,
                 q.count.to_string(),
                 q.bytes.to_string(),
                 q.oldest_created_ms
@@ -47,6 +62,9 @@ pub fn summary(out: &Output, spool: &Spool) -> anyhow::Result<ExitCode> {
         "\ndead-letter: {}   quarantine: {}",
         stats.dead_letter, stats.quarantine
     );
+    if !suspended.is_empty() {
+        println!("suspended: {}", suspended.join(", "));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -60,25 +78,27 @@ pub fn ls(
 ) -> anyhow::Result<ExitCode> {
     let now = spool::now_ms();
     // Filters apply before the limit: read the queue, keep what matches.
-    let selected: Vec<Message> = spool
+    let selected: Vec<MessageView> = spool
         .list(queue, usize::MAX)?
         .into_iter()
         .filter(|m| (!due || m.due_ms <= now) && (!failed || m.attempts > 0))
         .take(limit)
+        .map(|m| MessageView::of(&m, false))
         .collect();
+    print_ls(out, &selected, now)
+}
+
+pub fn print_ls(out: &Output, selected: &[MessageView], now: u64) -> anyhow::Result<ExitCode> {
     if out.json {
-        out.json(&json!(selected
-            .iter()
-            .map(|m| describe(m, false))
-            .collect::<Vec<_>>()));
+        out.json(&serde_json::to_value(selected)?);
         return Ok(ExitCode::SUCCESS);
     }
     let rows: Vec<Vec<String>> = selected
         .iter()
         .map(|m| {
             vec![
-                m.id.to_string(),
-                m.payload.len().to_string(),
+                m.id.clone(),
+                m.bytes.to_string(),
                 age(now.saturating_sub(m.created_ms)),
                 m.attempts.to_string(),
                 relative(m.due_ms, now),
@@ -95,7 +115,7 @@ pub fn ls(
 
 pub fn show(out: &Output, spool: &Spool, id: u64, data: bool) -> anyhow::Result<ExitCode> {
     let id = spool::MessageId(id);
-    let msg = match spool.get(id)? {
+    let msg: Message = match spool.get(id)? {
         Some(m) => m,
         None => spool
             .dead_letters()?
@@ -103,49 +123,23 @@ pub fn show(out: &Output, spool: &Spool, id: u64, data: bool) -> anyhow::Result<
             .find(|m| m.id == id)
             .with_context(|| format!("message {id} is neither queued nor dead-lettered"))?,
     };
+    print_show(out, &MessageView::of(&msg, data), data)
+}
+
+/// `view` carries `data_b64` when `data` was asked for.
+pub fn print_show(out: &Output, view: &MessageView, data: bool) -> anyhow::Result<ExitCode> {
     if out.json {
-        out.json(&describe(&msg, data));
+        out.json(&serde_json::to_value(view)?);
     } else if data {
         use std::io::Write;
+        let payload = view
+            .payload()
+            .context("the message came without its payload")?
+            .context("the payload is not valid base64")?;
         // Binary-safe: the payload exactly as spooled, nothing else.
-        std::io::stdout().write_all(&msg.payload)?;
+        std::io::stdout().write_all(&payload)?;
     } else {
-        println!("{}", serde_json::to_string_pretty(&describe(&msg, false))?);
+        println!("{}", serde_json::to_string_pretty(view)?);
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// A message as JSON; the payload in base64 when asked for.
-pub fn describe(m: &Message, data: bool) -> serde_json::Value {
-    let meta: serde_json::Map<String, serde_json::Value> = m
-        .meta
-        .iter()
-        .map(|(k, v)| (k.clone(), meta_json(v)))
-        .collect();
-    let mut v = json!({
-        "id": m.id.to_string(),
-        "queue": m.queue,
-        "created_ms": m.created_ms,
-        "attempts": m.attempts,
-        "due_ms": m.due_ms,
-        "last_error": m.last_error,
-        "bytes": m.payload.len(),
-        "meta": meta,
-    });
-    if data {
-        use base64::Engine;
-        v["data_b64"] = json!(base64::engine::general_purpose::STANDARD.encode(&m.payload));
-    }
-    v
-}
-
-pub fn meta_json(v: &MetaValue) -> serde_json::Value {
-    match v {
-        MetaValue::Null => serde_json::Value::Null,
-        MetaValue::Bool(b) => json!(b),
-        MetaValue::Int(i) => json!(i),
-        MetaValue::Float(f) => json!(f),
-        MetaValue::Str(s) => json!(s),
-        MetaValue::Json(text) => serde_json::from_str(text).unwrap_or_else(|_| json!(text)),
-    }
 }

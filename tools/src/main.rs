@@ -1,10 +1,13 @@
-//! `spoolctl`: inspect and repair a spoolrelay spool directory offline.
+//! `spoolctl`: inspect and repair a spoolrelay spool, offline or through a running daemon.
 //!
-//! Every command opens the spool the way the daemon does (taking its lock), so it refuses
-//! to touch a spool a running daemon holds. `verify` opens it without repairing.
+//! Offline, every command opens the spool the way the daemon does (taking its lock), so it
+//! refuses to touch a spool a running daemon holds. `verify` opens it without repairing.
+//! With `--url`, the commands that make sense on a live spool go through the daemon's
+//! admin API instead ([`remote`]), and print the same output.
 
 mod inspect;
 mod output;
+mod remote;
 mod repair;
 mod transfer;
 
@@ -33,6 +36,19 @@ struct Cli {
     /// Machine-readable output.
     #[arg(long, global = true)]
     json: bool,
+    /// Talk to a running daemon's admin API (e.g. http://127.0.0.1:8000) instead of
+    /// opening the spool directory.
+    #[arg(long, global = true, value_name = "URL", env = "SPOOLRELAY_URL")]
+    url: Option<String>,
+    /// Bearer token for the admin API (the daemon's --admin-token).
+    #[arg(
+        long,
+        global = true,
+        value_name = "TOKEN",
+        env = "SPOOLRELAY_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -90,6 +106,10 @@ enum Command {
     Export { file: PathBuf },
     /// Add messages from an export file, keeping their ids; idempotent.
     Import { file: PathBuf },
+    /// Stop delivering a queue (needs --url): ingest keeps accepting, nothing is sent.
+    Suspend { queue: String },
+    /// Deliver a suspended queue again (needs --url).
+    Resume { queue: String },
 }
 
 #[derive(Subcommand)]
@@ -116,6 +136,23 @@ enum QuarantineCommand {
 }
 
 impl Command {
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Summary => "summary",
+            Command::Ls { .. } => "ls",
+            Command::Show { .. } => "show",
+            Command::Verify { .. } => "verify",
+            Command::DeadLetter(_) => "dead-letter",
+            Command::Quarantine(_) => "quarantine",
+            Command::Requeue { .. } => "requeue",
+            Command::Purge { .. } => "purge",
+            Command::Export { .. } => "export",
+            Command::Import { .. } => "import",
+            Command::Suspend { .. } => "suspend",
+            Command::Resume { .. } => "resume",
+        }
+    }
+
     fn changes_spool(&self) -> bool {
         matches!(
             self,
@@ -147,7 +184,48 @@ fn open(cli: &Cli, repair: bool) -> anyhow::Result<(Spool, spool::RecoveryReport
         .with_context(|| format!("opening spool {}", cli.spool.display()))
 }
 
+/// The commands a running daemon serves; the rest need the spool directory itself.
+fn run_online(cli: Cli, url: &str) -> anyhow::Result<ExitCode> {
+    let out = output::Output { json: cli.json };
+    let remote = remote::Remote::new(url, cli.token.clone())?;
+    match cli.command {
+        Command::Summary => remote.summary(&out),
+        Command::Ls {
+            queue,
+            limit,
+            due,
+            failed,
+        } => remote.ls(&out, &queue, limit, due, failed),
+        Command::Show { id, data } => remote.show(&out, id, data),
+        Command::DeadLetter(DeadLetterCommand::Ls { queue }) => {
+            remote.dead_letter_ls(&out, queue.as_deref())
+        }
+        Command::DeadLetter(DeadLetterCommand::Requeue { queue, id }) => {
+            remote.dead_letter_requeue(&out, queue.as_deref(), id)
+        }
+        Command::Requeue { queue, to } => remote.requeue(&out, &queue, to.as_deref()),
+        Command::Suspend { queue } => remote.suspension(&out, &queue, "suspend"),
+        Command::Resume { queue } => remote.suspension(&out, &queue, "resume"),
+        other => anyhow::bail!(
+            "`{}` works on the spool directory only: stop the daemon and run it without --url",
+            other.name()
+        ),
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Some(url) = cli.url.clone() {
+        return run_online(cli, &url);
+    }
+    if matches!(
+        cli.command,
+        Command::Suspend { .. } | Command::Resume { .. }
+    ) {
+        anyhow::bail!(
+            "`{}` changes a running daemon: pass --url http://HOST:PORT (its listen address)",
+            cli.command.name()
+        );
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -209,5 +287,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Export { file } => transfer::export(&out, &spool, &file),
         Command::Import { file } => transfer::import(&out, &rt, &spool, &file),
+        Command::Suspend { .. } | Command::Resume { .. } => unreachable!("refused above"),
     }
 }

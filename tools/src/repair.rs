@@ -7,7 +7,8 @@ use anyhow::Context;
 use serde_json::json;
 use spool::{RecoveryReport, Spool};
 
-use crate::inspect::describe;
+use spool::view::MessageView;
+
 use crate::output::{table, Output};
 
 /// Reports what the (non-repairing, unless asked) open found. Exit 0 only when clean.
@@ -60,22 +61,24 @@ pub fn dead_letter_ls(
     spool: &Spool,
     queue: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
-    let dead: Vec<_> = spool
+    let dead: Vec<MessageView> = spool
         .dead_letters()?
-        .into_iter()
+        .iter()
         .filter(|m| queue.is_none_or(|q| m.queue == q))
+        .map(|m| MessageView::of(m, false))
         .collect();
+    print_dead_letters(out, &dead)
+}
+
+pub fn print_dead_letters(out: &Output, dead: &[MessageView]) -> anyhow::Result<ExitCode> {
     if out.json {
-        out.json(&json!(dead
-            .iter()
-            .map(|m| describe(m, false))
-            .collect::<Vec<_>>()));
+        out.json(&serde_json::to_value(dead)?);
     } else {
         let rows: Vec<Vec<String>> = dead
             .iter()
             .map(|m| {
                 vec![
-                    m.id.to_string(),
+                    m.id.clone(),
                     m.queue.clone(),
                     m.attempts.to_string(),
                     m.last_error.clone().unwrap_or_default(),

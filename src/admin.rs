@@ -1,0 +1,332 @@
+//! The admin API (`/api/admin/...`): what `spoolctl` does offline, against a running daemon.
+//!
+//! Reads answer with the same JSON `spoolctl --json` prints (the types are shared through
+//! [`spool::view`] and [`spool::SpoolStats`]); writes go through the same `Spool` operator
+//! calls, so they are durable when they answer and never touch a message in flight.
+//! Suspending a queue is the one thing only a running daemon can do: its worker stops
+//! leasing until resumed (memory only: a restart resumes every queue).
+//!
+//! Protection: the daemon listens on loopback by default; with `--admin-token` every admin
+//! request needs `Authorization: Bearer <token>`. `start` refuses a non-loopback listener
+//! without a token (see [`check_exposure`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use spool::view::MessageView;
+use spool::{Message, MessageId, Spool, SpoolError, SpoolStats};
+
+use crate::dispatch::Suspensions;
+use crate::ingest::ApiError;
+
+#[derive(Clone)]
+pub struct Admin {
+    pub spool: Spool,
+    pub suspensions: Suspensions,
+}
+
+/// The admin routes, behind the bearer token when there is one.
+pub fn router(state: Admin, token: Option<String>) -> Router {
+    let token: Option<Arc<str>> = token.map(Into::into);
+    Router::new()
+        .route("/api/admin/queues", get(queues))
+        .route("/api/admin/queues/{queue}/messages", get(list))
+        .route("/api/admin/queues/{queue}/suspend", post(suspend))
+        .route("/api/admin/queues/{queue}/resume", post(resume))
+        .route("/api/admin/queues/{queue}/requeue", post(requeue))
+        .route("/api/admin/suspended", get(suspended))
+        .route("/api/admin/messages/{id}", get(show))
+        .route("/api/admin/dead-letter", get(dead_letters))
+        .route("/api/admin/dead-letter/requeue", post(requeue_dead_letters))
+        .route_layer(middleware::from_fn_with_state(token, require_token))
+        .with_state(state)
+}
+
+/// Refuses to serve the admin API on a non-loopback address without a token.
+pub fn check_exposure(addr: SocketAddr, token: Option<&str>) -> anyhow::Result<()> {
+    if token.is_none() && !addr.ip().is_loopback() {
+        anyhow::bail!(
+            "admin API would be exposed without a token: {addr} is not a loopback address; \
+             set --admin-token (or SPOOLRELAY_ADMIN_TOKEN), listen on 127.0.0.1, \
+             or turn the admin API off with --no-admin-api"
+        );
+    }
+    Ok(())
+}
+
+async fn require_token(
+    State(token): State<Option<Arc<str>>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if let Some(token) = token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|given| same(given.as_bytes(), token.as_bytes())) {
+            let body = Json(json!({"error": "admin API: missing or wrong bearer token"}));
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                body,
+            )
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Compares without stopping at the first difference, so timing does not leak the token.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn spool_error(e: SpoolError) -> ApiError {
+    match e {
+        SpoolError::InvalidQueueName { .. } => ApiError(StatusCode::BAD_REQUEST, e.to_string()),
+        SpoolError::NotFound { .. } => ApiError(StatusCode::NOT_FOUND, e.to_string()),
+        _ => {
+            tracing::error!(error = %e, "admin request failed");
+            ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+    }
+}
+
+fn check_queue(queue: &str) -> Result<(), ApiError> {
+    spool::keys::check_queue_name(queue).map_err(|why| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("invalid queue name {queue:?}: {why}"),
+        )
+    })
+}
+
+/// sled reads may touch the disk: off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> spool::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(spool_error)
+}
+
+/// An optional JSON body: empty means all defaults.
+fn body<T: for<'de> Deserialize<'de> + Default>(bytes: &Bytes) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
+}
+
+async fn queues(State(admin): State<Admin>) -> Json<SpoolStats> {
+    Json(admin.spool.stats(spool::now_ms()))
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    #[serde(default = "default_limit")]
+    limit: usize,
+    #[serde(default)]
+    due: bool,
+    #[serde(default)]
+    failed: bool,
+}
+
+fn default_limit() -> usize {
+    50
+}
+
+/// Messages of a queue in id order (leased ones included), filtered before the limit.
+async fn list(
+    State(admin): State<Admin>,
+    Path(queue): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<MessageView>>, ApiError> {
+    check_queue(&queue)?;
+    let now = spool::now_ms();
+    let filtered = q.due || q.failed;
+    let msgs = blocking(move || {
+        admin
+            .spool
+            .list(&queue, if filtered { usize::MAX } else { q.limit })
+    })
+    .await?;
+    Ok(Json(
+        msgs.iter()
+            .filter(|m| (!q.due || m.due_ms <= now) && (!q.failed || m.attempts > 0))
+            .take(q.limit)
+            .map(|m| MessageView::of(m, false))
+            .collect(),
+    ))
+}
+
+#[derive(Deserialize)]
+struct ShowQuery {
+    #[serde(default)]
+    data: bool,
+}
+
+/// One message, queued or dead-lettered; 404 when neither.
+async fn show(
+    State(admin): State<Admin>,
+    Path(id): Path<String>,
+    Query(q): Query<ShowQuery>,
+) -> Result<Json<MessageView>, ApiError> {
+    let id: MessageId = id.parse().map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("message id {id:?} is not a decimal number"),
+        )
+    })?;
+    let found: Option<Message> = blocking(move || match admin.spool.get(id)? {
+        Some(m) => Ok(Some(m)),
+        None => Ok(admin.spool.dead_letters()?.into_iter().find(|m| m.id == id)),
+    })
+    .await?;
+    let msg = found.ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("message {id} is neither queued nor dead-lettered"),
+        )
+    })?;
+    Ok(Json(MessageView::of(&msg, q.data)))
+}
+
+#[derive(Deserialize)]
+struct DeadLetterQuery {
+    queue: Option<String>,
+}
+
+async fn dead_letters(
+    State(admin): State<Admin>,
+    Query(q): Query<DeadLetterQuery>,
+) -> Result<Json<Vec<MessageView>>, ApiError> {
+    let dead = blocking(move || admin.spool.dead_letters()).await?;
+    Ok(Json(
+        dead.iter()
+            .filter(|m| q.queue.as_ref().is_none_or(|queue| &m.queue == queue))
+            .map(|m| MessageView::of(m, false))
+            .collect(),
+    ))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DeadLetterRequeue {
+    queue: Option<String>,
+    /// Decimal string or number.
+    id: Option<Value>,
+}
+
+async fn requeue_dead_letters(
+    State(admin): State<Admin>,
+    bytes: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let req: DeadLetterRequeue = body(&bytes)?;
+    let id = match &req.id {
+        None => None,
+        Some(Value::Number(n)) => n.as_u64().map(MessageId),
+        Some(Value::String(s)) => s.parse().ok(),
+        Some(_) => None,
+    };
+    if req.id.is_some() && id.is_none() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "\"id\" must be a message id (decimal string or number)".into(),
+        ));
+    }
+    let n = admin
+        .spool
+        .requeue_dead_letters(req.queue.as_deref(), id)
+        .await
+        .map_err(spool_error)?;
+    tracing::info!(queue = ?req.queue, ?id, count = n, "admin: dead letters requeued");
+    Ok(Json(json!({ "count": n })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Requeue {
+    to: Option<String>,
+}
+
+/// Makes the waiting messages of a queue due now, or moves them to `to`. Messages in
+/// flight are not touched (the spool leases the ones it rewrites first).
+async fn requeue(
+    State(admin): State<Admin>,
+    Path(queue): Path<String>,
+    bytes: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    check_queue(&queue)?;
+    let req: Requeue = body(&bytes)?;
+    let n = match &req.to {
+        Some(to) => admin.spool.rebind(&queue, to).await,
+        None => admin.spool.expedite(&queue).await,
+    }
+    .map_err(spool_error)?;
+    tracing::info!(%queue, to = ?req.to, count = n, "admin: queue requeued");
+    Ok(Json(json!({ "count": n })))
+}
+
+async fn suspend(
+    State(admin): State<Admin>,
+    Path(queue): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    check_queue(&queue)?;
+    let changed = admin.suspensions.suspend(&queue);
+    tracing::warn!(%queue, "admin: queue suspended (no deliveries until resumed)");
+    Ok(Json(
+        json!({ "queue": queue, "suspended": true, "changed": changed }),
+    ))
+}
+
+async fn resume(
+    State(admin): State<Admin>,
+    Path(queue): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    check_queue(&queue)?;
+    let changed = admin.suspensions.resume(&queue);
+    tracing::info!(%queue, "admin: queue resumed");
+    Ok(Json(
+        json!({ "queue": queue, "suspended": false, "changed": changed }),
+    ))
+}
+
+async fn suspended(State(admin): State<Admin>) -> Json<Value> {
+    Json(json!({ "suspended": admin.suspensions.list() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_may_go_without_a_token() {
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(check_exposure(addr("127.0.0.1:8000"), None).is_ok());
+        assert!(check_exposure(addr("[::1]:8000"), None).is_ok());
+        let err = check_exposure(addr("0.0.0.0:8000"), None).unwrap_err();
+        assert!(err.to_string().contains("without a token"), "{err}");
+        assert!(check_exposure(addr("0.0.0.0:8000"), Some("t")).is_ok());
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(same(b"secret", b"secret"));
+        assert!(!same(b"secret", b"secreT"));
+        assert!(!same(b"secret", b"secret2"));
+    }
+}

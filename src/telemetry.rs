@@ -1,0 +1,134 @@
+//! Where outcomes fan out: each decision (accepted, delivered, failed, dead-lettered) is
+//! reported here once and becomes a counter bump and, if enabled, a delivery-log record.
+//! Callers stay one line; neither sink can block them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use spool::{Message, MessageId};
+
+use crate::delivery_log::{DeliveryLog, LogRecord, RecordType};
+use crate::metrics::{Metrics, QueueCounters};
+
+/// The daemon-wide sinks. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Telemetry {
+    pub metrics: Arc<Metrics>,
+    pub log: DeliveryLog,
+}
+
+impl Telemetry {
+    /// Ingest accepted (fsynced) `ids` into `queue`.
+    pub fn accepted(&self, queue: &str, ids: &[MessageId]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.metrics
+            .queue(queue)
+            .accepted
+            .fetch_add(ids.len() as u64, Relaxed);
+        for id in ids {
+            self.log
+                .log(|| LogRecord::new(RecordType::Reception, queue, *id, 0, None, ""));
+        }
+    }
+
+    /// The handle a queue worker keeps: its counters are looked up once.
+    pub fn for_queue(&self, queue: &str) -> QueueTelemetry {
+        QueueTelemetry {
+            counters: self.metrics.queue(queue),
+            metrics: self.metrics.clone(),
+            log: self.log.clone(),
+        }
+    }
+}
+
+/// One queue's sinks, for its worker and sends.
+#[derive(Clone)]
+pub struct QueueTelemetry {
+    counters: Arc<QueueCounters>,
+    metrics: Arc<Metrics>,
+    log: DeliveryLog,
+}
+
+impl QueueTelemetry {
+    fn record(
+        &self,
+        counter: impl FnOnce(&QueueCounters) -> &std::sync::atomic::AtomicU64,
+        kind: RecordType,
+        msg: &Message,
+        code: Option<u16>,
+        response: &str,
+    ) {
+        counter(&self.counters).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.log
+            .log(|| LogRecord::new(kind, &msg.queue, msg.id, msg.attempts + 1, code, response));
+    }
+
+    pub fn delivered(&self, msg: &Message, response: &str) {
+        let code = leading_code(response);
+        self.record(|c| &c.delivered, RecordType::Delivery, msg, code, response);
+    }
+
+    pub fn transient(&self, msg: &Message, code: u16, response: &str) {
+        self.record(
+            |c| &c.transient_failures,
+            RecordType::TransientFailure,
+            msg,
+            Some(code),
+            response,
+        );
+    }
+
+    pub fn permanent(&self, msg: &Message, code: u16, response: &str) {
+        self.record(
+            |c| &c.permanent_failures,
+            RecordType::PermanentFailure,
+            msg,
+            Some(code),
+            response,
+        );
+    }
+
+    /// The message is in the dead-letter area now (`reason` as stored in `last_error`).
+    pub fn dead_lettered(&self, msg: &Message, reason: &str) {
+        self.record(
+            |c| &c.dead_lettered,
+            RecordType::DeadLetter,
+            msg,
+            leading_code(reason),
+            reason,
+        );
+    }
+
+    /// One send of `n` messages took `d`.
+    pub fn sent(&self, d: Duration, n: u64) {
+        self.metrics.send_latency.observe(d, n);
+    }
+
+    pub fn set_connections(&self, n: usize) {
+        self.counters
+            .connections
+            .store(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// "250 ok" → 250: the SMTP-style code a response text starts with, if any.
+fn leading_code(text: &str) -> Option<u16> {
+    let digits = text.get(..3)?;
+    let rest = &text[3..];
+    (digits.bytes().all(|b| b.is_ascii_digit()) && !rest.starts_with(|c: char| c.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn leading_code_needs_exactly_three_digits() {
+        use super::leading_code;
+        assert_eq!(leading_code("250 ok"), Some(250));
+        assert_eq!(leading_code("550"), Some(550));
+        assert_eq!(leading_code("2500 x"), None);
+        assert_eq!(leading_code("ok"), None);
+        assert_eq!(leading_code("expired (max_age 1s)"), None);
+    }
+}
