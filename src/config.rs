@@ -85,6 +85,8 @@ pub struct Config {
     pub admin_api: bool,
     pub delivery_log: Option<PathBuf>,
     pub delivery_log_max_bytes: u64,
+    /// Log hooks the policy declared in `init` (`kumo.configure_log_hook`).
+    pub log_hooks: Vec<String>,
 }
 
 impl Config {
@@ -101,6 +103,7 @@ impl Config {
             admin_api: true,
             delivery_log: None,
             delivery_log_max_bytes: crate::delivery_log::DEFAULT_MAX_BYTES,
+            log_hooks: Vec::new(),
         }
     }
 
@@ -134,6 +137,7 @@ impl Config {
             admin_api: !args.no_admin_api,
             delivery_log: args.delivery_log,
             delivery_log_max_bytes: args.delivery_log_max_bytes,
+            log_hooks: init.log_hooks,
         })
     }
 }

@@ -20,6 +20,7 @@ pub mod delivery_log;
 pub mod demo;
 pub mod dispatch;
 pub mod ingest;
+pub mod log_hook;
 pub mod meta;
 pub mod metrics;
 pub mod shutdown;
@@ -59,6 +60,9 @@ impl Daemon {
     }
 }
 
+/// How long shutdown waits for the log hook task to spool its last records.
+const HOOK_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Opens the spool, binds the listener and starts serving and dispatching. Returns once
 /// requests are accepted; the daemon stops when `shutdown` is triggered.
 pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon> {
@@ -89,6 +93,19 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
             Some(writer)
         }
         None => None,
+    };
+    let hook_task = if config.log_hooks.is_empty() {
+        None
+    } else {
+        let (sink, task) = log_hook::start(
+            config.policy.clone(),
+            spool.clone(),
+            config.log_hooks.clone(),
+            telemetry.metrics.log_dropped.clone(),
+        );
+        telemetry.hooks = Some(sink);
+        tracing::info!(hooks = ?config.log_hooks, "log hooks enabled");
+        Some(task)
     };
     tracing::info!(%addr, admin_api = config.admin_api, admin_token = config.admin_token.is_some(), "HTTP API listening");
 
@@ -129,6 +146,15 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
         let served = http.await.context("HTTP task failed")?;
         dispatch.await.context("dispatcher task failed")?;
         served.context("HTTP server failed")?;
+        if let Some(mut task) = hook_task {
+            // Every producer is gone, so the hook task ends once it spooled what it has.
+            if tokio::time::timeout(HOOK_DRAIN, &mut task).await.is_err() {
+                task.abort();
+                tracing::warn!(
+                    "log hook task did not finish in {HOOK_DRAIN:?}; its last records are lost"
+                );
+            }
+        }
         task_spool.sync().await.context("final spool sync failed")?;
         if let Some(writer) = log_writer {
             tokio::task::spawn_blocking(move || writer.finish())

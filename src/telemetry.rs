@@ -8,6 +8,7 @@ use std::time::Duration;
 use spool::{Message, MessageId};
 
 use crate::delivery_log::{DeliveryLog, LogRecord, RecordType};
+use crate::log_hook::{self, LogHookSink};
 use crate::metrics::{Metrics, QueueCounters};
 
 /// The daemon-wide sinks. Cheap to clone.
@@ -15,6 +16,8 @@ use crate::metrics::{Metrics, QueueCounters};
 pub struct Telemetry {
     pub metrics: Arc<Metrics>,
     pub log: DeliveryLog,
+    /// Set when the policy configured log hooks.
+    pub hooks: Option<LogHookSink>,
 }
 
 impl Telemetry {
@@ -26,8 +29,8 @@ impl Telemetry {
             .accepted
             .fetch_add(ids.len() as u64, Relaxed);
         for id in ids {
-            self.log
-                .log(|| LogRecord::new(RecordType::Reception, queue, *id, 0, None, ""));
+            let make = || LogRecord::new(RecordType::Reception, queue, *id, 0, None, "");
+            publish(&self.log, self.hooks.as_ref(), make);
         }
     }
 
@@ -37,6 +40,7 @@ impl Telemetry {
             counters: self.metrics.queue(queue),
             metrics: self.metrics.clone(),
             log: self.log.clone(),
+            hooks: self.hooks.clone(),
         }
     }
 }
@@ -47,6 +51,22 @@ pub struct QueueTelemetry {
     counters: Arc<QueueCounters>,
     metrics: Arc<Metrics>,
     log: DeliveryLog,
+    hooks: Option<LogHookSink>,
+}
+
+/// Hands one record to the delivery log and the log hooks, building it only if one of
+/// them is on.
+fn publish(log: &DeliveryLog, hooks: Option<&LogHookSink>, make: impl FnOnce() -> LogRecord) {
+    match hooks {
+        None => log.log(make),
+        Some(hooks) => {
+            let record = make();
+            if log.is_enabled() {
+                log.log(|| record.clone());
+            }
+            hooks.offer(record);
+        }
+    }
 }
 
 impl QueueTelemetry {
@@ -59,8 +79,13 @@ impl QueueTelemetry {
         response: &str,
     ) {
         counter(&self.counters).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.log
-            .log(|| LogRecord::new(kind, &msg.queue, msg.id, msg.attempts + 1, code, response));
+        // Records about log-hook messages are never offered to the hooks: no loops.
+        let hooks = self
+            .hooks
+            .as_ref()
+            .filter(|_| !msg.meta.contains_key(log_hook::META_KEY));
+        let make = || LogRecord::new(kind, &msg.queue, msg.id, msg.attempts + 1, code, response);
+        publish(&self.log, hooks, make);
     }
 
     pub fn delivered(&self, msg: &Message, response: &str) {
