@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use spool::{Message, MessageId};
 
+use policy::outcome::leading_code;
+
 use crate::delivery_log::{DeliveryLog, LogRecord, RecordType};
 use crate::log_hook::{self, LogHookSink};
 use crate::metrics::{Metrics, QueueCounters};
@@ -133,27 +135,5 @@ impl QueueTelemetry {
         self.counters
             .connections
             .store(n as u64, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-/// "250 ok" → 250: the SMTP-style code a response text starts with, if any.
-fn leading_code(text: &str) -> Option<u16> {
-    let digits = text.get(..3)?;
-    let rest = &text[3..];
-    (digits.bytes().all(|b| b.is_ascii_digit()) && !rest.starts_with(|c: char| c.is_ascii_digit()))
-        .then(|| digits.parse().ok())
-        .flatten()
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn leading_code_needs_exactly_three_digits() {
-        use super::leading_code;
-        assert_eq!(leading_code("250 ok"), Some(250));
-        assert_eq!(leading_code("550"), Some(550));
-        assert_eq!(leading_code("2500 x"), None);
-        assert_eq!(leading_code("ok"), None);
-        assert_eq!(leading_code("expired (max_age 1s)"), None);
     }
 }
