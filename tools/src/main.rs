@@ -180,8 +180,15 @@ fn open(cli: &Cli, repair: bool) -> anyhow::Result<(Spool, spool::RecoveryReport
         repair,
         ..SpoolOptions::default()
     };
-    Spool::open(&cli.spool, options)
-        .with_context(|| format!("opening spool {}", cli.spool.display()))
+    // Opening reads and checks every record (the recovery scan): show that it is working
+    // on a large spool. indicatif draws nothing when stderr is not a terminal.
+    let spinner = indicatif::ProgressBar::new_spinner()
+        .with_message(format!("reading and checking {}", cli.spool.display()));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let opened = Spool::open(&cli.spool, options)
+        .with_context(|| format!("opening spool {}", cli.spool.display()));
+    spinner.finish_and_clear();
+    opened
 }
 
 /// The commands a running daemon serves; the rest need the spool directory itself.
