@@ -21,11 +21,21 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 # RabbitMQ: the image blocks auto-start under dpkg, so we start it ourselves on loopback.
-if ! rabbitmqctl -q status >/dev/null 2>&1; then
+# `rabbitmq-server -detached` returns before the node has registered with epmd, and
+# `await_startup` fails at once (exit 69) on a node it cannot reach yet: poll `ping` first.
+if ! rabbitmqctl -q ping >/dev/null 2>&1; then
   log "starting rabbitmq-server on 127.0.0.1:5672"
   RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 rabbitmq-server -detached
+  for _ in $(seq 1 120); do
+    rabbitmqctl -q ping >/dev/null 2>&1 && break
+    sleep 1
+  done
 fi
-timeout 120 rabbitmqctl -q await_startup
+if ! timeout 120 rabbitmqctl -q await_startup; then
+  log "rabbitmq-server did not start; its log:"
+  tail -n 50 /var/log/rabbitmq/*.log >&2 || true
+  exit 1
+fi
 export SPOOLRELAY_TEST_AMQP_URL="${SPOOLRELAY_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 
 log "cargo fmt --check"

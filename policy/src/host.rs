@@ -241,13 +241,24 @@ fn handlers(lua: &Lua, event: &str) -> mlua::Result<Vec<Function>> {
     }
 }
 
+/// Coroutines kept for reuse per state: about what a connection has in flight (256).
+const COROUTINE_POOL: usize = 256;
+
 /// A fresh state with `kumo.*` installed and the policy chunk run in it.
+///
+/// Tuned for a connection's hot path, where every `send` is a short-lived coroutine that
+/// leaves garbage behind (the message userdata, the record table, strings): coroutines are
+/// recycled from a pool instead of created per call, and the generational collector
+/// reclaims young garbage without re-marking the whole heap each cycle (see
+/// docs/performance.md; together about a third of the Lua time per message).
 pub(crate) fn new_state(chunk: &str, source: &str) -> Result<Lua, PolicyError> {
-    let lua = Lua::new();
     let lua_err = |error| PolicyError::Lua {
         chunk: chunk.to_string(),
         error: Box::new(error),
     };
+    let options = mlua::LuaOptions::default().thread_pool_size(COROUTINE_POOL);
+    let lua = Lua::new_with(mlua::StdLib::ALL_SAFE, options).map_err(lua_err)?;
+    lua.gc_set_mode(mlua::state::GcMode::Generational(Default::default()));
     lua.set_app_data(HostState {
         loading: true,
         handlers: HashMap::new(),

@@ -7,7 +7,15 @@
 //! in-flight count. A new connection is opened only when every open one is full, up to the
 //! queue's `connection_limit`: one connection is usually enough, and each costs a broker
 //! session.
+//!
+//! A connection on which a send failed transiently (an error, a timeout, a 4xx) while
+//! nothing was delivered since that send began is *retired* (see [`PooledConnection::judge`]): it takes no new sends and is closed once
+//! its in-flight sends end, and the next fill opens a fresh one (with connect backoff if the
+//! broker is still away). Without this, a connection whose broker went away (RabbitMQ
+//! restarted, a socket that hangs) stayed in the pool while traffic kept it from going
+//! idle, and every send on it failed until the daemon restarted.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +26,12 @@ use policy::Connection;
 /// busy while bounding what a stuck broker holds in memory.
 pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 256;
 
+/// A connection this full counts as busy when deciding whether to open another. Under a
+/// backlog the worker tops a connection up as each send finishes, so it is never seen
+/// completely full; three quarters full means it is saturated (its Lua state, which runs
+/// one coroutine at a time, or its broker round trips are the limit).
+pub const BUSY_IN_FLIGHT: usize = MAX_IN_FLIGHT_PER_CONNECTION * 3 / 4;
+
 /// Connections with nothing in flight for this long are closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -26,14 +40,54 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// would fill each new connection at once and open all `connection_limit` of them.
 pub const GROWTH_INTERVAL: Duration = Duration::from_secs(1);
 
+/// A policy connection plus what the pool needs to know about its health.
+pub struct PooledConnection {
+    conn: Connection,
+    /// Sends delivered on this connection so far.
+    delivered: AtomicU64,
+    retired: AtomicBool,
+}
+
+impl std::ops::Deref for PooledConnection {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+impl PooledConnection {
+    /// A mark to take before a send, for [`judge`](Self::judge).
+    pub fn mark(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
+    }
+
+    /// Records how a send that began at `mark` went: a transient failure while no send on this
+    /// connection was delivered since `mark` retires the connection (it is probably broken:
+    /// the broker went away, or the socket hangs). One good send in between keeps it (a
+    /// message-specific rejection says nothing about the connection).
+    pub fn judge(&self, mark: u64, delivered: bool, failed: bool) {
+        if delivered {
+            self.delivered.fetch_add(1, Ordering::Relaxed);
+        } else if failed && self.delivered.load(Ordering::Relaxed) == mark {
+            self.retired.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
+}
+
 struct Slot {
-    conn: Arc<Connection>,
+    conn: Arc<PooledConnection>,
     last_used: Instant,
 }
 
 pub struct Pool {
     queue: String,
     slots: Vec<Slot>,
+    /// Retired connections with sends still in flight, closed once those end.
+    retiring: Vec<Arc<PooledConnection>>,
     last_opened: Option<Instant>,
 }
 
@@ -42,6 +96,7 @@ impl Pool {
         Pool {
             queue: queue.to_owned(),
             slots: Vec::new(),
+            retiring: Vec::new(),
             last_opened: None,
         }
     }
@@ -64,13 +119,47 @@ impl Pool {
         self.slots.is_empty()
     }
 
-    fn in_flight(conn: &Arc<Connection>) -> usize {
+    fn in_flight(conn: &Arc<PooledConnection>) -> usize {
         Arc::strong_count(conn) - 1
+    }
+
+    /// Moves retired connections out of the pool: they take no new sends, and no longer
+    /// count against `connection_limit`, so a replacement can be opened at once.
+    pub fn retire_broken(&mut self) {
+        let (broken, kept): (Vec<Slot>, Vec<Slot>) =
+            self.slots.drain(..).partition(|s| s.conn.is_retired());
+        self.slots = kept;
+        for slot in broken {
+            tracing::warn!(queue = %self.queue, in_flight = Self::in_flight(&slot.conn),
+                "retiring a connection: a send failed and none succeeded since; a new one will be opened");
+            self.retiring.push(slot.conn);
+        }
+        self.close_retired();
+    }
+
+    fn close_retired(&mut self) {
+        for conn in std::mem::take(&mut self.retiring) {
+            match Arc::try_unwrap(conn) {
+                Ok(pooled) => close_in_background(pooled.conn),
+                Err(conn) => self.retiring.push(conn),
+            }
+        }
+    }
+
+    /// Whether every open connection is busy (see [`BUSY_IN_FLIGHT`]): another one would
+    /// add throughput.
+    pub fn all_busy(&self) -> bool {
+        !self.slots.is_empty()
+            && self
+                .slots
+                .iter()
+                .all(|slot| Self::in_flight(&slot.conn) >= BUSY_IN_FLIGHT)
     }
 
     /// The first connection with room, and how many more sends it takes. Filling in order
     /// keeps later connections idle, so they time out when load drops.
-    pub fn with_room(&mut self) -> Option<(Arc<Connection>, usize)> {
+    pub fn with_room(&mut self) -> Option<(Arc<PooledConnection>, usize)> {
+        self.retire_broken();
         let now = Instant::now();
         self.slots.iter_mut().find_map(|slot| {
             let room = MAX_IN_FLIGHT_PER_CONNECTION.saturating_sub(Self::in_flight(&slot.conn));
@@ -84,7 +173,11 @@ impl Pool {
     pub fn add(&mut self, conn: Connection) {
         self.last_opened = Some(Instant::now());
         self.slots.push(Slot {
-            conn: Arc::new(conn),
+            conn: Arc::new(PooledConnection {
+                conn,
+                delivered: AtomicU64::new(0),
+                retired: AtomicBool::new(false),
+            }),
             last_used: Instant::now(),
         });
     }
@@ -101,16 +194,9 @@ impl Pool {
                 continue;
             }
             match Arc::try_unwrap(slot.conn) {
-                Ok(conn) => {
+                Ok(pooled) => {
                     tracing::info!(queue = %self.queue, "closing idle connection");
-                    tokio::spawn(async move {
-                        if tokio::time::timeout(Duration::from_secs(10), conn.close())
-                            .await
-                            .is_err()
-                        {
-                            tracing::warn!("connection close took over 10 s; abandoned");
-                        }
-                    });
+                    close_in_background(pooled.conn);
                 }
                 Err(conn) => kept.push(Slot {
                     conn,
@@ -119,6 +205,7 @@ impl Pool {
             }
         }
         self.slots = kept;
+        self.close_retired();
     }
 
     /// Closes every connection and waits (bounded) for the closes: used at shutdown, after
@@ -127,8 +214,10 @@ impl Pool {
         let closes = self
             .slots
             .drain(..)
-            .filter_map(|s| Arc::try_unwrap(s.conn).ok());
-        let all = futures::future::join_all(closes.map(|c| c.close()));
+            .map(|s| s.conn)
+            .chain(self.retiring.drain(..))
+            .filter_map(|c| Arc::try_unwrap(c).ok());
+        let all = futures::future::join_all(closes.map(|c| c.conn.close()));
         if tokio::time::timeout(Duration::from_secs(10), all)
             .await
             .is_err()
@@ -136,4 +225,16 @@ impl Pool {
             tracing::warn!(queue = %self.queue, "closing connections took over 10 s; abandoned");
         }
     }
+}
+
+/// Closes `conn` without making anyone wait for it (bounded: a broker may hang).
+fn close_in_background(conn: Connection) {
+    tokio::spawn(async move {
+        if tokio::time::timeout(Duration::from_secs(10), conn.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("connection close took over 10 s; abandoned");
+        }
+    });
 }

@@ -16,10 +16,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use policy::{Connection, MessageView, PermanentFailure, QueueConfig, SendOutcome};
+use policy::{MessageView, PermanentFailure, QueueConfig, SendOutcome};
 use spool::{Message, Spool};
 
 use super::backoff::retry_delay;
+use super::connection::PooledConnection;
 use crate::meta;
 use crate::telemetry::QueueTelemetry;
 
@@ -45,7 +46,7 @@ pub fn message_view(msg: &Message) -> MessageView {
 pub async fn deliver(
     spool: Spool,
     telemetry: QueueTelemetry,
-    conn: Arc<Connection>,
+    conn: Arc<PooledConnection>,
     cfg: Arc<QueueConfig>,
     msgs: Vec<Message>,
 ) {
@@ -56,6 +57,7 @@ pub async fn deliver(
         response: format!("send timed out after {}", humantime::format_duration(guard)),
     };
     let started = std::time::Instant::now();
+    let mark = conn.mark();
     let mut outcomes = if views.len() == 1 {
         let view = views.into_iter().next().expect("one view");
         vec![tokio::time::timeout(guard, conn.send(view))
@@ -67,6 +69,15 @@ pub async fn deliver(
             .await
             .unwrap_or_else(|_| (0..n).map(|_| timed_out()).collect())
     };
+    // Only transient failures (raised errors, timeouts, 4xx) say anything about the
+    // connection; a 5xx is the policy's verdict on the message, given over a working one.
+    conn.judge(
+        mark,
+        outcomes.iter().any(SendOutcome::is_delivered),
+        outcomes
+            .iter()
+            .any(|o| matches!(o, SendOutcome::Transient { .. })),
+    );
     // The send is over: give the connection's in-flight slot back before the durable waits.
     drop(conn);
     telemetry.sent(started.elapsed(), msgs.len() as u64);

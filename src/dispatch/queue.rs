@@ -105,6 +105,11 @@ impl QueueWorker {
                 _ = tokio::time::sleep_until(nap.wake.into()) => {}
                 _ = self.shutdown.wait() => {}
             }
+            // Reap every send that finished meanwhile, so one fill pass serves them all
+            // (reaping one per pass made this loop the bottleneck under a backlog).
+            while let Some(done) = self.sends.try_join_next_with_id() {
+                self.finished(done);
+            }
         }
         self.drain().await;
         self.telemetry.set_connections(0);
@@ -138,6 +143,17 @@ impl QueueWorker {
                 Some(due) if due <= now_ms => {}
                 Some(due) => return later(Duration::from_millis(due - now_ms)),
                 None => return later(MAX_NAP),
+            }
+            // Saturated connections get company (at most one more per GROWTH_INTERVAL):
+            // waiting until they are completely full would never happen, because each
+            // finished send is replaced at once.
+            if self.pool.all_busy() && self.pool.may_grow(cfg.connection_limit) {
+                if !self.connect().await {
+                    return Nap {
+                        wake: self.blocked_until.unwrap_or(now + MAX_NAP),
+                    };
+                }
+                continue;
             }
             let (conn, room) = match self.pool.with_room() {
                 Some(found) => found,
