@@ -20,6 +20,7 @@ use tokio::sync::{oneshot, watch};
 use crate::durability::DiskSync;
 use crate::index::{Index, Slot};
 use crate::keys;
+use crate::ledger::{CommitMark, Ledger};
 
 /// How far ahead of the highest used id the persisted high-water mark is set. Ids skipped
 /// after a crash are harmless; only reuse would be wrong.
@@ -109,11 +110,19 @@ impl Job {
     }
 }
 
+/// The meta writes that ride along with a group: the commit mark always, the id
+/// high-water mark when it moved.
+struct MetaWrites {
+    mark: CommitMark,
+    hwm: Option<u64>,
+}
+
 /// The common case (enqueue, retry) touches only the messages tree: one sled batch is
-/// atomic there and much cheaper than a transaction. The id high-water mark rides along
-/// outside the batch; recovery takes the max of it and the ids it scans, so it need not be
-/// atomic with the messages.
-fn write_messages_batch(state: &WriterState, group: &[Job], hwm: Option<u64>) -> sled::Result<()> {
+/// atomic there and much cheaper than a transaction. The meta writes follow the batch in
+/// sled's log, so a log cut short before them also lost the group (which is what the
+/// ledger check at open relies on); recovery takes the max of the id high-water mark and
+/// the ids it scans, so that need not be atomic with the messages.
+fn write_messages_batch(state: &WriterState, group: &[Job], meta: &MetaWrites) -> sled::Result<()> {
     let mut batch = sled::Batch::default();
     for op in group.iter().flat_map(|job| &job.ops) {
         match op {
@@ -122,14 +131,16 @@ fn write_messages_batch(state: &WriterState, group: &[Job], hwm: Option<u64>) ->
         }
     }
     state.trees[TreeId::Messages as usize].apply_batch(batch)?;
-    if let Some(hwm) = hwm {
-        state.trees[TreeId::Meta as usize].insert(keys::ID_HWM, &hwm.to_be_bytes())?;
+    let meta_tree = &state.trees[TreeId::Meta as usize];
+    if let Some(hwm) = meta.hwm {
+        meta_tree.insert(keys::ID_HWM, &hwm.to_be_bytes())?;
     }
+    meta_tree.insert(keys::COMMIT_MARK, &meta.mark.to_bytes())?;
     Ok(())
 }
 
 /// Moves between trees (dead-letter, quarantine) must be all or nothing across trees.
-fn write_transaction(state: &WriterState, group: &[Job], hwm: Option<u64>) -> sled::Result<()> {
+fn write_transaction(state: &WriterState, group: &[Job], meta: &MetaWrites) -> sled::Result<()> {
     let written = state.trees.as_slice().transaction(|views| {
         for op in group.iter().flat_map(|job| &job.ops) {
             match op {
@@ -141,9 +152,10 @@ fn write_transaction(state: &WriterState, group: &[Job], hwm: Option<u64>) -> sl
                 }
             }
         }
-        if let Some(hwm) = hwm {
+        if let Some(hwm) = meta.hwm {
             views[TreeId::Meta as usize].insert(keys::ID_HWM, &hwm.to_be_bytes())?;
         }
+        views[TreeId::Meta as usize].insert(keys::COMMIT_MARK, &meta.mark.to_bytes())?;
         Ok::<(), ConflictableTransactionError<()>>(())
     });
     match written {
@@ -175,6 +187,11 @@ pub struct WriterState {
     pub index: Arc<Mutex<Index>>,
     pub changed: watch::Sender<u64>,
     pub id_hwm: u64,
+    /// The last durable commit, as written to sled's meta tree and the ledger.
+    pub mark: CommitMark,
+    /// `None` while an accepted loss is only being inspected (`spoolctl verify` without
+    /// `--repair`): the ledger keeps its evidence until the loss is recorded.
+    pub ledger: Option<Ledger>,
     pub stats: Arc<CommitStats>,
 }
 
@@ -213,6 +230,15 @@ impl Drop for Committer {
 }
 
 fn run(mut state: WriterState, rx: mpsc::Receiver<Job>) {
+    serve(&mut state, rx);
+    if let Some(ledger) = &state.ledger {
+        if let Err(e) = ledger.sync() {
+            tracing::warn!(error = %e, path = %ledger.path().display(), "could not sync the spool ledger");
+        }
+    }
+}
+
+fn serve(state: &mut WriterState, rx: mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
         let mut bytes = first.bytes();
         let mut group = vec![first];
@@ -225,12 +251,12 @@ fn run(mut state: WriterState, rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        let result = commit_group(&mut state, &group);
+        let result = commit_group(state, &group);
         if let Err(e) = &result {
             tracing::error!(error = %e, jobs = group.len(), "spool group commit failed");
-            undo_group(&state, &group);
+            undo_group(state, &group);
         } else {
-            apply_effects(&state, &mut group);
+            apply_effects(state, &mut group);
         }
         for job in &mut group {
             if let Some(reply) = job.reply.take() {
@@ -252,18 +278,27 @@ pub fn commit_now(state: &mut WriterState, job: Job) -> Reply {
 
 fn commit_group(state: &mut WriterState, group: &[Job]) -> Reply {
     let hwm = group.iter().map(Job::highest_new_id).max().unwrap_or(0);
+    let writes = group.iter().any(|job| !job.ops.is_empty());
     // The high-water mark is reserved ahead in steps, so most groups write only messages.
-    let new_hwm = (hwm > state.id_hwm).then_some(hwm + ID_RESERVATION);
-    let single_tree = group
-        .iter()
-        .flat_map(|job| &job.ops)
-        .all(|op| op.tree() == TreeId::Messages);
-    if single_tree {
-        write_messages_batch(state, group, new_hwm)
-    } else {
-        write_transaction(state, group, new_hwm)
+    let meta = MetaWrites {
+        mark: CommitMark {
+            seq: state.mark.seq + u64::from(writes),
+            highest_id: state.mark.highest_id.max(hwm),
+        },
+        hwm: (hwm > state.id_hwm).then_some(hwm + ID_RESERVATION),
+    };
+    if writes {
+        let single_tree = group
+            .iter()
+            .flat_map(|job| &job.ops)
+            .all(|op| op.tree() == TreeId::Messages);
+        if single_tree {
+            write_messages_batch(state, group, &meta)
+        } else {
+            write_transaction(state, group, &meta)
+        }
+        .map_err(|e| format!("sled write failed: {e}"))?;
     }
-    .map_err(|e| format!("sled write failed: {e}"))?;
     let started = Instant::now();
     state
         .db
@@ -274,8 +309,17 @@ fn commit_group(state: &mut WriterState, group: &[Job]) -> Reply {
         .sync()
         .map_err(|e| format!("fsync failed: {e}"))?;
     record_stats(&state.stats, group.len(), started);
-    if let Some(hwm) = new_hwm {
+    if let Some(hwm) = meta.hwm {
         state.id_hwm = hwm;
+    }
+    if writes {
+        state.mark = meta.mark;
+        if let Some(ledger) = &state.ledger {
+            if let Err(e) = ledger.write(meta.mark) {
+                // The commit itself is durable; only the check at the next open is weaker.
+                tracing::warn!(error = %e, path = %ledger.path().display(), "could not update the spool ledger");
+            }
+        }
     }
     Ok(())
 }

@@ -22,6 +22,12 @@ pub enum SpoolError {
     },
     #[error("the sled database in {path} is damaged beyond what it can recover ({detail}): move the spool directory aside, start with an empty spool, and salvage with `spoolctl --spool <old dir> verify` / `export` once it opens, or restore from a `spoolctl export` backup")]
     Unrecoverable { path: PathBuf, detail: String },
+    /// sled's log lost group commits the ledger saw made durable (see `ledger.rs`).
+    #[error("spool {path}: {lost}. The disk or filesystem damaged sled's files under data/. See what is left with `spoolctl --spool {path} verify`; record the loss in quarantine and start again with `spoolctl --spool {path} verify --repair`, or restore from a `spoolctl export` backup")]
+    LostWrites {
+        path: PathBuf,
+        lost: crate::ledger::LostWrites,
+    },
     /// The batch could not be made durable; nothing in it may be acknowledged.
     #[error("spool could not make the batch durable: {0} (is the disk full or failing?)")]
     NotDurable(String),

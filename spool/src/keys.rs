@@ -5,6 +5,7 @@
 //! dead_letter: <id: u64 big-endian>                          -> record v1 (Message)
 //! quarantine:  <seq: u64 big-endian>                         -> record v1 (QuarantineEntry)
 //! meta:        "id_hwm"                                      -> u64 big-endian
+//!              "commit_mark"                                 -> u64 seq, u64 highest id (BE)
 //! ```
 //!
 //! Big-endian ids sort numerically, so a prefix scan of one queue walks it in id (FIFO)
@@ -14,6 +15,8 @@ use crate::record::MessageId;
 
 pub const SEPARATOR: u8 = 0;
 pub const ID_HWM: &[u8] = b"id_hwm";
+/// The last group commit's mark (see `ledger.rs`).
+pub const COMMIT_MARK: &[u8] = b"commit_mark";
 /// Longest queue name accepted. Names are KumoMTA-style `campaign:tenant@domain!routing`.
 pub const MAX_QUEUE_NAME: usize = 255;
 

@@ -18,11 +18,13 @@
 //! ```text
 //! <spool dir>/
 //!   spool.lock          flock + holder pid: one process per spool
+//!   ledger              the last commit's mark, outside sled ([`ledger`])
 //!   data/               one sled database
 //!     messages          <queue> 0x00 <id u64 BE>  -> record v1 (Message)
 //!     dead_letter       <id u64 BE>               -> record v1 (Message, last_error = reason)
 //!     quarantine        <seq u64 BE>              -> record v1 (QuarantineEntry)
 //!     meta              "id_hwm"                  -> highest id ever committed
+//!                       "commit_mark"             -> commit seq + highest id ([`ledger`])
 //! ```
 //! One data tree holds every queue, because sled bloats when used with many trees (sled
 //! #1333, #1484); queue-prefixed keys keep each queue contiguous and FIFO by id.
@@ -47,6 +49,10 @@
 //! sizes, never payloads: a million messages cost tens of MB), quarantines what does not
 //! decode, and resolves a message found both queued and dead-lettered in favour of the
 //! dead-letter copy. The ids continue above the highest id ever committed.
+//!
+//! sled itself can lose data without saying so: its recovery treats a damaged frame as
+//! the end of the log. The [`ledger`] catches that (sled's last commit mark behind the one
+//! recorded outside it) and the open refuses until an operator accepts the loss.
 
 mod admin;
 mod commit;
@@ -54,6 +60,7 @@ pub mod durability;
 pub mod error;
 pub mod index;
 pub mod keys;
+pub mod ledger;
 mod lock;
 pub mod record;
 pub mod recovery;
@@ -63,6 +70,7 @@ pub mod view;
 pub use durability::SyncFaults;
 pub use error::{Result, SpoolError};
 pub use index::QueueStats;
+pub use ledger::LostWrites;
 pub use record::{Message, MessageId, Meta, MetaValue};
 pub use recovery::{DamagedRecord, RecoveryReport};
 pub use spool::{NewMessage, Spool, SpoolOptions, SpoolStats};

@@ -31,6 +31,8 @@ pub struct RecoveryReport {
     /// Every record that failed its checks, whether or not it was moved (see
     /// `SpoolOptions::repair`).
     pub damaged: Vec<DamagedRecord>,
+    /// Group commits sled lost (found by the ledger check), when the open accepted them.
+    pub lost_writes: Option<crate::ledger::LostWrites>,
 }
 
 /// A record that failed its checksum, decoding, or key check.

@@ -13,6 +13,7 @@ use crate::durability::{sync_dir, DiskSync, SyncFaults};
 use crate::error::{Result, SpoolError};
 use crate::index::{Index, QueueStats};
 use crate::keys;
+use crate::ledger::{self, CommitMark, Ledger};
 use crate::lock::DirLock;
 use crate::record::{self, Message, MessageId, Meta};
 use crate::recovery::{self, RecoveryReport};
@@ -29,6 +30,11 @@ pub struct SpoolOptions {
     /// Move damaged records to quarantine on open (the daemon's choice). `false` leaves
     /// them where they are, unindexed, and only lists them in the report: `spoolctl verify`.
     pub repair: bool,
+    /// What to do when sled lost group commits it had made durable (see `ledger.rs`):
+    /// `false` (the daemon's choice) refuses to open with [`SpoolError::LostWrites`];
+    /// `true` opens and reports the loss, and with `repair` also records it in quarantine
+    /// so the spool can be used again (`spoolctl verify [--repair]`).
+    pub accept_lost_writes: bool,
 }
 
 impl Default for SpoolOptions {
@@ -37,6 +43,7 @@ impl Default for SpoolOptions {
             cache_capacity: 32 << 20,
             faults: SyncFaults::default(),
             repair: true,
+            accept_lost_writes: false,
         }
     }
 }
@@ -124,6 +131,12 @@ impl Spool {
             scan.report.quarantine_total -= scan.report.quarantined_now;
             scan.report.quarantined_now = 0;
         }
+        let sled_mark = trees[TreeId::Meta as usize]
+            .get(keys::COMMIT_MARK)
+            .map_err(storage)?
+            .and_then(|raw| CommitMark::from_bytes(&raw))
+            .unwrap_or_default();
+        let checked = check_ledger(dir, sled_mark, &options, &mut scan)?;
         let index = Arc::new(Mutex::new(scan.index));
         let (changed_tx, changed) = watch::channel(0);
         let commit_stats = Arc::new(CommitStats::default());
@@ -135,15 +148,19 @@ impl Spool {
             index: index.clone(),
             changed: changed_tx,
             id_hwm: scan.report.highest_id,
+            mark: checked.mark,
+            ledger: checked.ledger,
             stats: commit_stats.clone(),
         };
         // Repairs (quarantine moves) are made durable before anyone can lease.
+        let mut ops = if options.repair {
+            scan.repairs
+        } else {
+            Vec::new()
+        };
+        ops.extend(checked.record_loss);
         let repairs = Job {
-            ops: if options.repair {
-                scan.repairs
-            } else {
-                Vec::new()
-            },
+            ops,
             ..Job::with_capacity(0)
         };
         commit::commit_now(&mut writer, repairs).map_err(SpoolError::NotDurable)?;
@@ -475,6 +492,87 @@ impl Spool {
             source,
         }
     }
+}
+
+/// The commit mark the writer starts from, the ledger it keeps, and the quarantine
+/// writes that record an accepted loss.
+struct LedgerCheck {
+    mark: CommitMark,
+    ledger: Option<Ledger>,
+    record_loss: Vec<Op>,
+}
+
+/// Compares sled's last commit mark with the ledger's (see `ledger.rs`): refuses on a
+/// loss unless the options accept it, and keeps new ids above every acknowledged one.
+fn check_ledger(
+    dir: &Path,
+    sled_mark: CommitMark,
+    options: &SpoolOptions,
+    scan: &mut recovery::Scan,
+) -> Result<LedgerCheck> {
+    let io_err = |source| SpoolError::Io {
+        path: dir.join(ledger::FILE_NAME),
+        source,
+    };
+    let (ledger, found) = Ledger::open(dir).map_err(io_err)?;
+    let ledger_mark = match found {
+        ledger::Found::Mark(mark) => mark,
+        ledger::Found::Missing => {
+            if sled_mark.seq > 0 {
+                tracing::warn!(dir = %dir.display(), "spool ledger was missing; lost-write detection restarts from here");
+            }
+            ledger.write(sled_mark).map_err(io_err)?;
+            ledger.sync().map_err(io_err)?;
+            sled_mark
+        }
+        ledger::Found::Damaged(raw) => {
+            tracing::warn!(dir = %dir.display(), bytes = raw.len(), "spool ledger is damaged; it is rewritten and lost-write detection restarts from here");
+            ledger.write(sled_mark).map_err(io_err)?;
+            ledger.sync().map_err(io_err)?;
+            sled_mark
+        }
+    };
+    // Ids the ledger saw acknowledged must never be handed out again.
+    scan.report.highest_id = scan.report.highest_id.max(ledger_mark.highest_id);
+    let mut check = LedgerCheck {
+        mark: sled_mark.max(ledger_mark),
+        ledger: Some(ledger),
+        record_loss: Vec::new(),
+    };
+    let Some(lost) = ledger::compare(sled_mark, ledger_mark) else {
+        return Ok(check);
+    };
+    if !options.accept_lost_writes {
+        return Err(SpoolError::LostWrites {
+            path: dir.to_path_buf(),
+            lost,
+        });
+    }
+    tracing::error!(dir = %dir.display(), %lost, "spool lost acknowledged writes");
+    if options.repair {
+        let entry = QuarantineEntry {
+            tree: "ledger".into(),
+            key: b"lost_writes".to_vec(),
+            raw: std::fs::read(dir.join(ledger::FILE_NAME)).unwrap_or_default(),
+            reason: lost.to_string(),
+            at_ms: now_ms(),
+        };
+        let seq = scan.next_quarantine_seq;
+        scan.next_quarantine_seq += 1;
+        check.record_loss.push(Op::Put(
+            TreeId::Quarantine,
+            keys::id_key(seq).to_vec(),
+            record::encode(&entry),
+        ));
+        scan.report.quarantined_now += 1;
+        scan.report.quarantine_total += 1;
+    } else {
+        // Inspection only: keep the ledger's evidence for the repairing open.
+        check.mark = sled_mark;
+        check.ledger = None;
+    }
+    scan.report.lost_writes = Some(lost);
+    Ok(check)
 }
 
 /// sled 0.34 asserts its way through recovery: a damaged database file can make it panic

@@ -175,9 +175,18 @@ fn main() -> ExitCode {
     }
 }
 
-fn open(cli: &Cli, repair: bool) -> anyhow::Result<(Spool, spool::RecoveryReport)> {
+/// Opens the spool offline. `repair` quarantines damaged records (and records a loss the
+/// ledger found); without it a lost-writes spool still opens for reading, so an operator
+/// can look and export before deciding, but commands that change it refuse until
+/// `verify --repair` recorded the loss.
+fn open(
+    cli: &Cli,
+    repair: bool,
+    accept_lost_writes: bool,
+) -> anyhow::Result<(Spool, spool::RecoveryReport)> {
     let options = SpoolOptions {
         repair,
+        accept_lost_writes,
         ..SpoolOptions::default()
     };
     // Opening reads and checks every record (the recovery scan): show that it is working
@@ -188,6 +197,14 @@ fn open(cli: &Cli, repair: bool) -> anyhow::Result<(Spool, spool::RecoveryReport
     let opened = Spool::open(&cli.spool, options)
         .with_context(|| format!("opening spool {}", cli.spool.display()));
     spinner.finish_and_clear();
+    if let Ok((_, report)) = &opened {
+        if let (Some(lost), false) = (&report.lost_writes, repair) {
+            eprintln!(
+                "spoolctl: WARNING: {lost}; run `spoolctl --spool {} verify --repair` to record it",
+                cli.spool.display()
+            );
+        }
+    }
     opened
 }
 
@@ -238,12 +255,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .build()?;
     let out = output::Output { json: cli.json };
     if let Command::Verify { repair } = &cli.command {
-        let (_, report) = open(&cli, *repair)?;
+        let (_, report) = open(&cli, *repair, true)?;
         return Ok(repair::verify(&out, &report, *repair));
     }
     // Read-only commands leave damaged records where they are; only commands that change
     // the spool also quarantine what they find, as the daemon would.
-    let (spool, _) = open(&cli, cli.command.changes_spool())?;
+    let changes = cli.command.changes_spool();
+    let (spool, _) = open(&cli, changes, !changes)?;
     match cli.command {
         Command::Summary => inspect::summary(&out, &spool),
         Command::Ls {

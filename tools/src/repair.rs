@@ -21,6 +21,7 @@ pub fn verify(out: &Output, report: &RecoveryReport, repaired: bool) -> ExitCode
                 "tree": d.tree, "key": String::from_utf8_lossy(&d.key), "reason": d.reason,
             })).collect::<Vec<_>>(),
             "queued_and_dead_lettered": report.duplicates_resolved,
+            "lost_writes": report.lost_writes,
             "repaired": repaired,
         }));
     } else {
@@ -33,13 +34,20 @@ pub fn verify(out: &Output, report: &RecoveryReport, repaired: bool) -> ExitCode
                 d.reason
             );
         }
+        if let Some(lost) = &report.lost_writes {
+            println!("LOST WRITES: {lost}");
+            if repaired {
+                println!("the loss is recorded in quarantine (`spoolctl quarantine ls`)");
+            }
+        }
         if report.duplicates_resolved > 0 {
             println!(
                 "{} messages are both queued and dead-lettered",
                 report.duplicates_resolved
             );
         }
-        match (report.damaged.is_empty(), repaired) {
+        let damaged = !report.damaged.is_empty() || report.lost_writes.is_some();
+        match (!damaged, repaired) {
             (true, _) => println!("spool is clean"),
             (false, true) => println!(
                 "moved {} damaged records to quarantine",
@@ -48,7 +56,9 @@ pub fn verify(out: &Output, report: &RecoveryReport, repaired: bool) -> ExitCode
             (false, false) => println!("run `spoolctl verify --repair` to move them to quarantine"),
         }
     }
-    let clean = report.damaged.is_empty() && report.duplicates_resolved == 0;
+    let clean = report.damaged.is_empty()
+        && report.duplicates_resolved == 0
+        && report.lost_writes.is_none();
     if clean || repaired {
         ExitCode::SUCCESS
     } else {

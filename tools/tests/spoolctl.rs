@@ -241,3 +241,73 @@ fn a_spool_held_by_a_daemon_is_refused_with_a_pointer_to_url() {
         "{err}"
     );
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// sled losing commits (an older `data/` put back while the ledger remembers more): read
+/// commands still work and warn, changes and `verify` refuse / fail until `verify --repair`
+/// recorded the loss.
+#[test]
+fn lost_writes_are_reported_until_verify_repair_records_them() {
+    let dir = populated();
+    let old = tempfile::tempdir().unwrap();
+    copy_dir(&dir.path().join("data"), old.path());
+    {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let spool = open_retrying(dir.path());
+        let msg = NewMessage {
+            queue: "a".into(),
+            meta: Meta::new(),
+            payload: b"lost".to_vec(),
+        };
+        rt.block_on(spool.enqueue(vec![msg])).unwrap();
+    }
+    std::fs::remove_dir_all(dir.path().join("data")).unwrap();
+    copy_dir(old.path(), &dir.path().join("data"));
+
+    let verify = spoolctl(dir.path(), &["verify"]);
+    let stdout = String::from_utf8_lossy(&verify.stdout);
+    assert!(
+        !verify.status.success(),
+        "verify passed a lossy spool: {stdout}"
+    );
+    assert!(
+        stdout.contains("LOST WRITES: sled lost 1 group commit"),
+        "{stdout}"
+    );
+
+    let summary = spoolctl(dir.path(), &["summary"]);
+    assert!(summary.status.success());
+    assert!(String::from_utf8_lossy(&summary.stderr).contains("WARNING: sled lost"));
+
+    let purge = spoolctl(dir.path(), &["purge", "--queue", "b", "--yes"]);
+    assert!(
+        !purge.status.success(),
+        "a change went through on a lossy spool"
+    );
+    assert!(String::from_utf8_lossy(&purge.stderr).contains("verify --repair"));
+
+    let repaired = spoolctl(dir.path(), &["verify", "--repair"]);
+    assert!(repaired.status.success());
+    let quarantine = json(dir.path(), &["quarantine", "ls"]);
+    let text = quarantine.to_string();
+    assert!(
+        text.contains("ledger") && text.contains("lost 1 group commit"),
+        "{text}"
+    );
+    assert!(spoolctl(dir.path(), &["verify"]).status.success());
+}
