@@ -54,19 +54,7 @@ impl Drop for RabbitBack {
 
 /// Connects to RabbitMQ, declares the durable queue `name` and purges it.
 async fn fresh_queue(name: &str) -> (Connection, Channel) {
-    let url = amqp_url();
-    let conn = Connection::connect(&url, ConnectionProperties::default())
-        .await
-        .unwrap_or_else(|e| panic!("RabbitMQ unreachable at {url} (run tests/run.sh): {e}"));
-    let channel = conn.create_channel().await.expect("channel");
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    channel
-        .queue_declare(name.into(), durable, FieldTable::default())
-        .await
-        .expect("declare");
+    let (conn, channel) = declared_queue(name).await;
     channel
         .queue_purge(name.into(), QueuePurgeOptions::default())
         .await
@@ -220,7 +208,7 @@ async fn rabbitmq_outage_loses_nothing_and_does_not_spin() {
     let outage = outage_started.elapsed();
 
     // 3. New traffic after the broker returned must flow without an operator.
-    let (conn, channel) = fresh_queue_keep("logging").await;
+    let (conn, channel) = declared_queue("logging").await;
     let mut after: HashSet<Vec<u8>> = HashSet::new();
     for i in 0..100 {
         let p = format!("outage after {i}").into_bytes();
@@ -308,12 +296,12 @@ async fn rabbitmq_outage_loses_nothing_and_does_not_spin() {
     let _ = conn.close(200, "bye".into()).await;
 }
 
-/// Like [`fresh_queue`] without the purge (the queue holds what was delivered so far).
-async fn fresh_queue_keep(name: &str) -> (Connection, Channel) {
+/// Connects to RabbitMQ and declares the durable queue `name`, keeping what it holds.
+async fn declared_queue(name: &str) -> (Connection, Channel) {
     let url = amqp_url();
     let conn = Connection::connect(&url, ConnectionProperties::default())
         .await
-        .expect("RabbitMQ back");
+        .unwrap_or_else(|e| panic!("RabbitMQ unreachable at {url} (run tests/run.sh): {e}"));
     let channel = conn.create_channel().await.expect("channel");
     let durable = QueueDeclareOptions {
         durable: true,

@@ -24,20 +24,6 @@ use spoolrelay::{Config, Shutdown};
 
 const MESSAGES: usize = 600;
 
-const HOLD: &str = r#"
-kumo.on('get_queue_config', function()
-  return kumo.make_queue_config {
-    protocol = { custom_lua = { constructor = 'make.hold' } },
-    retry_interval = '1h',
-  }
-end)
-kumo.on('make.hold', function()
-  local sender = {}
-  function sender:send(message) kumo.reject(451, 'held for the corruption test') end
-  return sender
-end)
-"#;
-
 fn payload(i: usize) -> Vec<u8> {
     // Varied sizes, some above sled's inline limit is not needed: records of 60..1100 bytes.
     let mut p = format!("corruption {i:05} ").into_bytes();
@@ -46,19 +32,6 @@ fn payload(i: usize) -> Vec<u8> {
         40 + (i * 37) % 1000,
     ));
     p
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
 }
 
 /// What one scenario did to the files.
@@ -157,7 +130,11 @@ async fn run_scenarios() -> Vec<Outcome> {
 
     let work = tempfile::tempdir().unwrap();
     let pristine = work.path().join("pristine");
-    let daemon = common::start(HOLD, &pristine).await;
+    let daemon = common::start(
+        &common::hold_policy("held for the corruption test"),
+        &pristine,
+    )
+    .await;
     let http = reqwest::Client::new();
     let originals: Vec<Vec<u8>> = (0..MESSAGES).map(payload).collect();
     for chunk in originals.chunks(50) {
@@ -223,7 +200,7 @@ async fn run_scenarios() -> Vec<Outcome> {
     let mut outcomes = Vec::new();
     for (n, damage) in scenarios.iter().enumerate() {
         let dir = work.path().join(format!("scenario{n}"));
-        copy_dir(&pristine, &dir);
+        common::dirs::copy_dir(&pristine, &dir);
         let touched = damage.apply(&dir);
         let panics_before = panics.load(Ordering::SeqCst);
         let kafka = common::MockKafka::start(&format!("relay.corrupt.{n}"), 2).unwrap();
@@ -287,7 +264,7 @@ async fn run_scenarios() -> Vec<Outcome> {
                 outcome.error.get_or_insert(text);
             }
             Ok(daemon) => {
-                // Whatever it could read waits an hour (HOLD's retry_interval): make it due.
+                // Whatever it could read waits an hour (the hold policy's retry_interval): make it due.
                 let queued = common::queued(&daemon);
                 if queued > 0 {
                     daemon.spool.expedite("held").await.unwrap();

@@ -6,26 +6,14 @@
 //! test says so and fails without them rather than pass having asserted nothing). The
 //! policy never delivers, so the spool only grows.
 
+mod common;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use spoolrelay::{Config, Shutdown};
-
-const HOLD: &str = r#"
-kumo.on('get_queue_config', function()
-  return kumo.make_queue_config {
-    protocol = { custom_lua = { constructor = 'make.hold' } },
-    retry_interval = '1h',
-  }
-end)
-kumo.on('make.hold', function()
-  local sender = {}
-  function sender:send(message) kumo.reject(451, 'held for the disk-full test') end
-  return sender
-end)
-"#;
 
 /// A tmpfs mounted at `dir`; unmounted (lazily, so it never blocks) when dropped.
 struct Tmpfs {
@@ -77,7 +65,11 @@ fn payload(i: usize) -> Vec<u8> {
 }
 
 async fn start(dir: &Path) -> anyhow::Result<spoolrelay::Daemon> {
-    let policy = policy::Policy::from_source("hold.lua", HOLD).unwrap();
+    let policy = policy::Policy::from_source(
+        "hold.lua",
+        &common::hold_policy("held for the disk-full test"),
+    )
+    .unwrap();
     let mut config = Config::new(policy, dir.to_path_buf());
     config.listen = "127.0.0.1:0".into();
     config.drain_timeout = Duration::from_secs(5);

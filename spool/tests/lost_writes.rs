@@ -7,21 +7,9 @@ mod common;
 
 use std::path::Path;
 
+use common::dirs::copy_dir;
 use common::{lease_all, msg, open};
 use spool::{Spool, SpoolError, SpoolOptions};
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
 
 fn options(repair: bool, accept_lost_writes: bool) -> SpoolOptions {
     SpoolOptions {

@@ -9,6 +9,29 @@ use spoolrelay::{Config, Daemon, Shutdown};
 
 pub use spoolrelay::demo::{consume, MockKafka};
 
+#[path = "../../spool/tests/common/dirs.rs"]
+pub mod dirs;
+
+/// A policy whose sender never delivers: every send is a 451 with `reason`, retried an
+/// hour later, so whatever is spooled stays there.
+pub fn hold_policy(reason: &str) -> String {
+    format!(
+        r#"
+kumo.on('get_queue_config', function()
+  return kumo.make_queue_config {{
+    protocol = {{ custom_lua = {{ constructor = 'make.hold' }} }},
+    retry_interval = '1h',
+  }}
+end)
+kumo.on('make.hold', function()
+  local sender = {{}}
+  function sender:send(message) kumo.reject(451, '{reason}') end
+  return sender
+end)
+"#
+    )
+}
+
 /// Starts a daemon on a random port with `lua` as its policy and `dir` as its spool.
 pub async fn start(lua: &str, dir: &Path) -> Daemon {
     start_with(lua, dir, |_| {}).await

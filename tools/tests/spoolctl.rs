@@ -1,5 +1,8 @@
 //! Every spoolctl command against a real spool on disk.
 
+#[path = "../../spool/tests/common/dirs.rs"]
+mod dirs;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -242,19 +245,6 @@ fn a_spool_held_by_a_daemon_is_refused_with_a_pointer_to_url() {
     );
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 /// sled losing commits (an older `data/` put back while the ledger remembers more): read
 /// commands still work and warn, changes and `verify` refuse / fail until `verify --repair`
 /// recorded the loss.
@@ -262,7 +252,7 @@ fn copy_dir(from: &Path, to: &Path) {
 fn lost_writes_are_reported_until_verify_repair_records_them() {
     let dir = populated();
     let old = tempfile::tempdir().unwrap();
-    copy_dir(&dir.path().join("data"), old.path());
+    dirs::copy_dir(&dir.path().join("data"), old.path());
     {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -277,7 +267,7 @@ fn lost_writes_are_reported_until_verify_repair_records_them() {
         rt.block_on(spool.enqueue(vec![msg])).unwrap();
     }
     std::fs::remove_dir_all(dir.path().join("data")).unwrap();
-    copy_dir(old.path(), &dir.path().join("data"));
+    dirs::copy_dir(old.path(), &dir.path().join("data"));
 
     let verify = spoolctl(dir.path(), &["verify"]);
     let stdout = String::from_utf8_lossy(&verify.stdout);

@@ -2,6 +2,8 @@
 
 use std::path::Path;
 
+pub mod dirs;
+
 use spool::{Message, Meta, MetaValue, NewMessage, Spool, SpoolOptions};
 
 pub fn open(dir: &Path) -> Spool {
