@@ -40,6 +40,30 @@ pub fn router(state: Ingest, max_body_bytes: usize) -> Router {
         .with_state(state)
 }
 
+/// The answer for a path no route serves (also a queue name with a raw `/` in it).
+pub async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no endpoint at {}: ingest is POST /api/v1/queues/{{queue}}/messages, \
+             /api/v1/queues/{{queue}}/batch or /api/inject/v1 (a queue name containing '/' \
+             must be percent-encoded as %2F); see docs/http-api.md",
+            uri.path()
+        ),
+    )
+}
+
+/// The answer for a known path asked with the wrong method.
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "{method} is not allowed on {}; see docs/http-api.md",
+            uri.path()
+        ),
+    )
+}
+
 /// An error answer: status plus a human-readable message, sent as JSON.
 #[derive(Debug)]
 pub struct ApiError(pub StatusCode, pub String);

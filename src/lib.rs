@@ -126,6 +126,10 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
         };
         app = app.merge(admin::router(state, config.admin_token.clone()));
     }
+    // Wrong paths and methods get the same JSON error shape as every other refusal.
+    let app = app
+        .fallback(ingest::not_found)
+        .method_not_allowed_fallback(ingest::method_not_allowed);
     let http_stop = shutdown.clone();
     let http = tokio::spawn(async move {
         axum::serve(listener, app)

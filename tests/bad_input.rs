@@ -114,6 +114,24 @@ async fn invalid_queue_name_is_a_400() {
         assert!(error.contains("invalid queue name"), "{error}");
         healthy(&daemon).await;
     }
+    // A raw '/' makes no route match; a wrong method on a known path: both JSON errors.
+    let resp = http
+        .post(common::url(&daemon, "/api/v1/queues/a/b/messages"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    let (status, error) = error_of(resp).await;
+    assert_eq!(status, 404);
+    assert!(error.contains("%2F"), "{error}");
+    let resp = http
+        .get(common::url(&daemon, "/api/v1/queues/a/messages"))
+        .send()
+        .await
+        .unwrap();
+    let (status, error) = error_of(resp).await;
+    assert_eq!(status, 405);
+    assert!(error.contains("GET is not allowed"), "{error}");
     // An injection whose metadata names a bad queue fails that recipient only.
     let req = serde_json::json!({"envelope_sender": "a@b", "content": "hi", "recipients": [
         {"email": "ok@example.com"}, {"email": "no-at-sign"}, {"email": "x@example.com", "metadata": {"queue": long}}]});

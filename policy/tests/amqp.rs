@@ -247,3 +247,46 @@ async fn confirms_off_reports_not_requested() {
         vec![b"hello".to_vec()]
     );
 }
+
+/// A real broker Nack: a queue capped at one message with `x-overflow = reject-publish`
+/// makes RabbitMQ nack the second publish. Seed 002's rule then rejects it (not delivered).
+#[tokio::test]
+async fn a_broker_nack_is_not_delivered() {
+    let queue = "spoolrelay.policy.full";
+    let (_c, channel) = fresh_queue("spoolrelay.policy.bootstrap").await;
+    // Arguments are part of a queue's identity: start from a fresh one.
+    let _ = channel
+        .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
+        .await;
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(1));
+    args.insert(
+        "x-overflow".into(),
+        lapin::types::AMQPValue::LongString("reject-publish".into()),
+    );
+    channel
+        .queue_declare(queue.into(), QueueDeclareOptions::default(), args)
+        .await
+        .expect("declare the capped queue");
+    let conn = steerable_policy(&amqp_url(), true)
+        .connect("amqp")
+        .await
+        .unwrap();
+    let first = conn.send(steer(queue, false, false)).await;
+    assert!(first.is_delivered(), "the first fits: {first:?}");
+    match conn.send(steer(queue, false, false)).await {
+        SendOutcome::Permanent {
+            code: 500,
+            response,
+        } => {
+            assert!(response.contains(r#""status":"Nack""#), "{response}")
+        }
+        other => panic!("expected the broker's Nack as a rejection, got {other:?}"),
+    }
+    conn.close().await;
+    assert_eq!(
+        drain(&channel, queue, 2).await.len(),
+        1,
+        "only the acked one is queued"
+    );
+}

@@ -2,9 +2,10 @@
 //!
 //! Callers hand it a [`Job`] (a list of tree writes plus the index changes they imply) and
 //! wait on a oneshot. The thread takes whatever jobs queued up while its previous sync
-//! ran, applies them as one sled transaction, flushes, fsyncs (see `durability.rs`), and
-//! only then updates the in-memory index and answers every caller. Concurrent producers
-//! therefore share one fsync, and the index never shows a write a crash could undo.
+//! ran, applies them atomically (one sled batch, or a transaction across trees), flushes,
+//! fsyncs (see `durability.rs`), and only then updates the in-memory index and answers
+//! every caller. Concurrent producers therefore share one fsync, and the index never shows
+//! a write a crash could undo.
 //! The index is updated here rather than by the caller because a caller may stop waiting
 //! (an HTTP client hangs up) after its messages became durable: they must still be sent.
 

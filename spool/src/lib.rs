@@ -31,8 +31,8 @@
 //!
 //! ## Writing: group commit
 //! All durable writes go through one commit thread ([`commit`]). It takes every job that
-//! queued up while its previous fsync ran, applies them in one sled transaction, flushes,
-//! fsyncs, updates the index, then answers all callers at once. Many concurrent HTTP
+//! queued up while its previous fsync ran, applies them atomically (a sled batch or
+//! transaction), flushes, fsyncs, updates the index, then answers all callers at once. Many concurrent HTTP
 //! requests therefore share one fsync: throughput grows with concurrency while latency
 //! stays about one fsync.
 //!

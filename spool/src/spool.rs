@@ -114,8 +114,12 @@ impl Spool {
             .path(&sled_dir)
             .cache_capacity(options.cache_capacity);
         let db = survive_panic(&sled_dir, || config.open())?.map_err(storage)?;
+        // The entries sled (db, conf, blobs/) and we (data/, ledger) may just have created
+        // must survive power loss too: fsync both directories on every open (cheap), and the
+        // parent when the spool directory itself is new.
+        sync_dir(&sled_dir).map_err(io_err)?;
+        sync_dir(dir).map_err(io_err)?;
         if created {
-            sync_dir(dir).map_err(io_err)?;
             if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
                 sync_dir(parent).map_err(io_err)?;
             }
@@ -270,13 +274,39 @@ impl Spool {
     /// Delivered: deletes the message. The delete is made durable by the next group commit
     /// or sled's background flush; a crash before that redelivers it (at-least-once).
     pub fn ack(&self, msg: &Message) -> Result<()> {
-        self.check_leased(msg)?;
-        let key = keys::message_key(&msg.queue, msg.id);
+        self.ack_many(&[msg])
+    }
+
+    /// [`ack`](Self::ack) for several delivered messages at once: one sled batch, so a
+    /// dispatcher settling a `send_batch` pays for one tree update instead of one per
+    /// message. Messages not leased are skipped (and reported in the error); the rest are
+    /// still deleted.
+    pub fn ack_many(&self, msgs: &[&Message]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        let mut acked = Vec::with_capacity(msgs.len());
+        let mut not_leased = None;
+        {
+            let index = self.index();
+            for msg in msgs {
+                if index.is_leased(&msg.queue, msg.id.0) {
+                    batch.remove(keys::message_key(&msg.queue, msg.id).as_slice());
+                    acked.push(*msg);
+                } else {
+                    not_leased.get_or_insert((msg.queue.clone(), msg.id));
+                }
+            }
+        }
         self.inner.trees[TreeId::Messages as usize]
-            .remove(key)
+            .apply_batch(batch)
             .map_err(|e| self.storage(e))?;
-        self.index().remove(&msg.queue, msg.id.0);
-        Ok(())
+        let mut index = self.index();
+        for msg in acked {
+            index.remove(&msg.queue, msg.id.0);
+        }
+        match not_leased {
+            Some((queue, id)) => Err(SpoolError::NotLeased { queue, id }),
+            None => Ok(()),
+        }
     }
 
     /// Not delivered: counts the attempt and reschedules the message for `next_due_ms`,
@@ -523,6 +553,7 @@ fn check_ledger(
             }
             ledger.write(sled_mark).map_err(io_err)?;
             ledger.sync().map_err(io_err)?;
+            sync_dir(dir).map_err(io_err)?;
             sled_mark
         }
         ledger::Found::Damaged(raw) => {

@@ -26,11 +26,16 @@ use policy::Connection;
 /// busy while bounding what a stuck broker holds in memory.
 pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 256;
 
-/// A connection this full counts as busy when deciding whether to open another. Under a
-/// backlog the worker tops a connection up as each send finishes, so it is never seen
-/// completely full; three quarters full means it is saturated (its Lua state, which runs
-/// one coroutine at a time, or its broker round trips are the limit).
-pub const BUSY_IN_FLIGHT: usize = MAX_IN_FLIGHT_PER_CONNECTION * 3 / 4;
+/// Messages in flight per connection, whatever the batch size. Without this bound a
+/// `batch_size = 100` queue had 256 x 100 messages in the air per connection, and a
+/// million-message backlog drained at 1.3 GB RSS (docs/performance.md, P4); it is also
+/// what a crash can deliver twice.
+pub const MAX_MESSAGES_IN_FLIGHT_PER_CONNECTION: usize = 1024;
+
+/// How many sends of `per_send` messages one connection carries at once.
+pub fn send_slots(per_send: usize) -> usize {
+    (MAX_MESSAGES_IN_FLIGHT_PER_CONNECTION / per_send.max(1)).clamp(1, MAX_IN_FLIGHT_PER_CONNECTION)
+}
 
 /// Connections with nothing in flight for this long are closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -88,6 +93,8 @@ pub struct Pool {
     slots: Vec<Slot>,
     /// Retired connections with sends still in flight, closed once those end.
     retiring: Vec<Arc<PooledConnection>>,
+    /// Sends one connection carries at once ([`send_slots`] of the queue's batch size).
+    slots_per_connection: usize,
     last_opened: Option<Instant>,
 }
 
@@ -97,8 +104,14 @@ impl Pool {
             queue: queue.to_owned(),
             slots: Vec::new(),
             retiring: Vec::new(),
+            slots_per_connection: MAX_IN_FLIGHT_PER_CONNECTION,
             last_opened: None,
         }
+    }
+
+    /// Sizes each connection's sends for the queue's current `batch_size`.
+    pub fn set_send_size(&mut self, per_send: usize) {
+        self.slots_per_connection = send_slots(per_send);
     }
 
     /// Whether one more connection may be opened now (under `limit`, and not too soon
@@ -146,14 +159,17 @@ impl Pool {
         }
     }
 
-    /// Whether every open connection is busy (see [`BUSY_IN_FLIGHT`]): another one would
-    /// add throughput.
+    /// Whether every open connection is busy: another one would add throughput. Under a
+    /// backlog the worker tops a connection up as each send finishes, so it is never seen
+    /// completely full; three quarters full means it is saturated (its Lua state, which
+    /// runs one coroutine at a time, or its broker round trips are the limit).
     pub fn all_busy(&self) -> bool {
+        let busy = (self.slots_per_connection * 3 / 4).max(1);
         !self.slots.is_empty()
             && self
                 .slots
                 .iter()
-                .all(|slot| Self::in_flight(&slot.conn) >= BUSY_IN_FLIGHT)
+                .all(|slot| Self::in_flight(&slot.conn) >= busy)
     }
 
     /// The first connection with room, and how many more sends it takes. Filling in order
@@ -162,7 +178,9 @@ impl Pool {
         self.retire_broken();
         let now = Instant::now();
         self.slots.iter_mut().find_map(|slot| {
-            let room = MAX_IN_FLIGHT_PER_CONNECTION.saturating_sub(Self::in_flight(&slot.conn));
+            let room = self
+                .slots_per_connection
+                .saturating_sub(Self::in_flight(&slot.conn));
             (room > 0).then(|| {
                 slot.last_used = now;
                 (slot.conn.clone(), room)

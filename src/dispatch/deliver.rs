@@ -89,11 +89,25 @@ pub async fn deliver(
         code: 451,
         response: "policy returned no outcome for this message".into(),
     });
-    let settles = msgs
-        .iter()
-        .zip(outcomes)
-        .map(|(msg, outcome)| settle(&spool, &telemetry, &cfg, msg, outcome));
-    futures::future::join_all(settles).await;
+    // Delivered messages are deleted together (one sled batch); the others are settled
+    // one by one, each with its own durable retry or dead-letter write.
+    let mut delivered = Vec::with_capacity(msgs.len());
+    let mut failed = Vec::new();
+    for (msg, outcome) in msgs.iter().zip(outcomes) {
+        match outcome {
+            SendOutcome::Delivered { response } => {
+                tracing::debug!(queue = %msg.queue, id = %msg.id, %response, "delivered");
+                telemetry.delivered(msg, &response);
+                delivered.push(msg);
+            }
+            other => failed.push(settle(&spool, &telemetry, &cfg, msg, other)),
+        }
+    }
+    if let Err(e) = spool.ack_many(&delivered) {
+        tracing::error!(queue = %msgs[0].queue, error = %e,
+            "delivered, but the spool could not delete them (they will be sent again)");
+    }
+    futures::future::join_all(failed).await;
 }
 
 /// Applies one outcome to the spool (see the module table).

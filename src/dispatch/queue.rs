@@ -137,6 +137,7 @@ impl QueueWorker {
             };
         };
         let per_send = cfg.batch_size.max(1);
+        self.pool.set_send_size(per_send);
         loop {
             let now_ms = spool::now_ms();
             match self.spool.next_due(&self.queue) {
