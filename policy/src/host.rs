@@ -249,8 +249,8 @@ const COROUTINE_POOL: usize = 256;
 /// Tuned for a connection's hot path, where every `send` is a short-lived coroutine that
 /// leaves garbage behind (the message userdata, the record table, strings): coroutines are
 /// recycled from a pool instead of created per call, and the generational collector
-/// reclaims young garbage without re-marking the whole heap each cycle (see
-/// docs/performance.md; together about a third of the Lua time per message).
+/// reclaims young garbage without re-marking the whole heap each cycle (the P2 profile
+/// in docs/performance.md shows Lua's share of the send path).
 pub(crate) fn new_state(chunk: &str, source: &str) -> Result<Lua, PolicyError> {
     let lua_err = |error| PolicyError::Lua {
         chunk: chunk.to_string(),

@@ -45,6 +45,7 @@ fn example(name: &str) -> PathBuf {
 const TOPIC: &str = "spoolrelay.test";
 const PARTITIONS: i32 = 4;
 const N: usize = 1000;
+const BATCH: usize = 50;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn example_kafka_policy_delivers_1000_concurrent_sends_to_the_mock_cluster() {
@@ -87,14 +88,21 @@ async fn example_kafka_policy_delivers_1000_concurrent_sends_to_the_mock_cluster
             other => panic!("not delivered: {other:?}"),
         }
     }
-    let elapsed = start.elapsed();
-    eprintln!("{N} concurrent sends took {elapsed:?}");
-    // One await at a time with linger.ms=5 costs >= 5 ms per message (>= 5 s here);
-    // pipelined sends share batches.
-    assert!(
-        elapsed < Duration::from_millis(2500),
-        "sends did not pipeline: {elapsed:?}"
-    );
+    // Not asserted (speed is the benchmark's business, docs/performance.md): one await
+    // at a time with linger.ms=5 would take >= 5 s here, pipelined well under one.
+    eprintln!("{N} concurrent sends took {:?}", start.elapsed());
+
+    // The example's send_batch (the dispatcher uses it: batch_size = 100): one result
+    // per message.
+    let batch: Vec<_> = (N + 1..N + 1 + BATCH)
+        .map(|i| common::message(i, common::binary_payload(i)))
+        .collect();
+    for (i, out) in conn.send_batch(batch).await.into_iter().enumerate() {
+        match out {
+            SendOutcome::Delivered { response } => assert_eq!(response, format!("250 {TOPIC}")),
+            other => panic!("batch message {i} not delivered: {other:?}"),
+        }
+    }
 
     let conn = Arc::try_unwrap(conn).expect("all tasks done");
     conn.close().await;
@@ -114,20 +122,20 @@ async fn example_kafka_policy_delivers_1000_concurrent_sends_to_the_mock_cluster
     consumer.assign(&tpl).unwrap();
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while got.len() < N + 1 && Instant::now() < deadline {
+    let total = N + 1 + BATCH;
+    while got.len() < total && Instant::now() < deadline {
         if let Some(m) = consumer.poll(Duration::from_millis(100)) {
             got.push(m.unwrap().payload().unwrap_or_default().to_vec());
         }
     }
     assert_eq!(
         got.len(),
-        N + 1,
-        "consumed {} of {} records",
-        got.len(),
-        N + 1
+        total,
+        "consumed {} of {total} records",
+        got.len()
     );
     let got: BTreeSet<Vec<u8>> = got.into_iter().collect();
-    let sent: BTreeSet<Vec<u8>> = (0..=N).map(common::binary_payload).collect();
+    let sent: BTreeSet<Vec<u8>> = (0..total).map(common::binary_payload).collect();
     assert_eq!(got, sent);
 }
 

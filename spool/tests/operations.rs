@@ -64,6 +64,35 @@ async fn ack_deletes_and_the_delete_survives_reopen_after_sync() {
 }
 
 #[tokio::test]
+async fn ack_many_deletes_the_leased_and_reports_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let spool = open(dir.path());
+        let batch = (0..10)
+            .map(|i| msg("q", format!("m{i}").as_bytes()))
+            .collect();
+        spool.enqueue(batch).await.unwrap();
+        let leased = lease_all(&spool, "q");
+        spool.ack(&leased[9]).unwrap();
+        // Five leased plus one already settled: the five go, the error names the other.
+        let mut some: Vec<&spool::Message> = leased[..5].iter().collect();
+        some.push(&leased[9]);
+        match spool.ack_many(&some) {
+            Err(spool::SpoolError::NotLeased { id, .. }) => assert_eq!(id, leased[9].id),
+            other => panic!("expected NotLeased, got {other:?}"),
+        }
+        spool.sync().await.unwrap();
+    }
+    let spool = open(dir.path());
+    let left: Vec<Vec<u8>> = lease_all(&spool, "q")
+        .into_iter()
+        .map(|m| m.payload)
+        .collect();
+    let want: Vec<Vec<u8>> = (5..9).map(|i| format!("m{i}").into_bytes()).collect();
+    assert_eq!(left, want);
+}
+
+#[tokio::test]
 async fn retry_persists_attempts_due_time_and_error() {
     let dir = tempfile::tempdir().unwrap();
     let due = spool::now_ms() + 60_000;
