@@ -11,15 +11,26 @@ use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use serde_json::json;
 
-const SEED: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../shared/seeds/002_eeb8a230251de371.txt"
-);
+const SEED_NAME: &str = "002_eeb8a230251de371.txt";
+
+/// Seed 002 from `shared/seeds` beside the repository, else its copy in
+/// `policy/tests/seeds` (byte-identical; see policy/tests/common).
+fn seed_path() -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let shared = root.join("../shared/seeds").join(SEED_NAME);
+    if shared.is_file() {
+        shared
+    } else {
+        root.join("policy/tests/seeds").join(SEED_NAME)
+    }
+}
 
 /// The seed's two Lua blocks, verbatim: `get_queue_config` through its `end)`, and the
 /// `make.amqp` handler from its leading comment through the `end)` before the closing prose.
 fn seed_policy() -> String {
-    let text = std::fs::read_to_string(SEED).unwrap_or_else(|e| panic!("cannot read {SEED}: {e}"));
+    let path = seed_path();
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     let lines: Vec<&str> = text.lines().collect();
     let find = |from: usize, pred: &dyn Fn(&str) -> bool| {
         (from..lines.len())
