@@ -180,18 +180,20 @@ impl Spool {
         Ok(selected.len() as u64)
     }
 
-    /// Adds messages exported from a spool, keeping their ids, durably. Ids already present
-    /// (queued or dead-lettered) are skipped, so importing the same file twice is harmless.
-    /// Returns (imported, skipped).
-    pub async fn import(&self, messages: Vec<Message>) -> Result<(u64, u64)> {
+    /// Adds messages exported from a spool, keeping their ids, durably: `queued` into their
+    /// queues, `dead` into the dead-letter area. Ids already present (queued or
+    /// dead-lettered) are skipped, so importing the same file twice is harmless. Returns
+    /// (imported, skipped).
+    pub async fn import(&self, queued: Vec<Message>, dead: Vec<Message>) -> Result<(u64, u64)> {
         let mut present: HashSet<u64> = self.dead_letters()?.iter().map(|m| m.id.0).collect();
         self.for_each_message(|m| {
             present.insert(m.id.0);
             Ok(())
         })?;
         let (mut imported, mut skipped) = (0, 0);
-        let mut job = Job::with_capacity(messages.len());
-        for msg in messages {
+        let mut job = Job::with_capacity(queued.len() + dead.len());
+        let all = queued.into_iter().map(|m| (m, false));
+        for (msg, is_dead) in all.chain(dead.into_iter().map(|m| (m, true))) {
             keys::check_queue_name(&msg.queue).map_err(|why| SpoolError::InvalidQueueName {
                 name: msg.queue.clone(),
                 why,
@@ -203,12 +205,20 @@ impl Spool {
             self.inner
                 .next_id
                 .fetch_max(msg.id.0 + 1, Ordering::Relaxed);
-            job.ops.push(Op::Put(
-                TreeId::Messages,
-                keys::message_key(&msg.queue, msg.id),
-                record::encode(&msg),
-            ));
-            job.effects.push(schedule(&msg));
+            if is_dead {
+                job.ops.push(Op::Put(
+                    TreeId::DeadLetter,
+                    keys::id_key(msg.id.0).to_vec(),
+                    record::encode(&msg),
+                ));
+            } else {
+                job.ops.push(Op::Put(
+                    TreeId::Messages,
+                    keys::message_key(&msg.queue, msg.id),
+                    record::encode(&msg),
+                ));
+                job.effects.push(schedule(&msg));
+            }
             imported += 1;
         }
         wait(self.submit(job)?.await)?;

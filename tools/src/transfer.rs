@@ -1,6 +1,8 @@
 //! Export and import: NDJSON, one message a line, payload in base64, every field kept, so
-//! a spool can be backed up or moved to another host. Import keeps ids and skips ids it
-//! already has, so it can be re-run after an interruption.
+//! a spool can be backed up or moved to another host. Queued messages come first, then
+//! dead letters (`"dead_letter": true`), which import puts back in the dead-letter area.
+//! Import keeps ids and skips ids it already has, so it can be re-run after an
+//! interruption. (Quarantined records are not messages: `quarantine export` saves them.)
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
@@ -27,15 +29,14 @@ struct Line {
     last_error: Option<String>,
     meta: spool::Meta,
     data_b64: String,
+    /// A dead letter (its reason is `last_error`); absent for queued messages.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    dead_letter: bool,
 }
 
-pub fn export(out: &Output, spool: &Spool, path: &Path) -> anyhow::Result<ExitCode> {
-    let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut w = BufWriter::new(file);
-    let bar = indicatif::ProgressBar::new_spinner().with_message("exporting");
-    let mut n = 0u64;
-    spool.for_each_message(|m| {
-        let line = Line {
+impl Line {
+    fn of(m: Message, dead_letter: bool) -> Line {
+        Line {
             id: m.id.0,
             queue: m.queue,
             created_ms: m.created_ms,
@@ -44,7 +45,19 @@ pub fn export(out: &Output, spool: &Spool, path: &Path) -> anyhow::Result<ExitCo
             last_error: m.last_error,
             meta: m.meta,
             data_b64: B64.encode(&m.payload),
-        };
+            dead_letter,
+        }
+    }
+}
+
+pub fn export(out: &Output, spool: &Spool, path: &Path) -> anyhow::Result<ExitCode> {
+    let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut w = BufWriter::new(file);
+    let stats = spool.stats(spool::now_ms());
+    let total = stats.queues.values().map(|q| q.count).sum::<u64>() + stats.dead_letter;
+    let bar = indicatif::ProgressBar::new(total).with_message("exporting");
+    let mut n = 0u64;
+    let mut write = |line: Line| -> spool::Result<()> {
         serde_json::to_writer(&mut w, &line)
             .map_err(std::io::Error::from)
             .map_err(io)?;
@@ -52,7 +65,11 @@ pub fn export(out: &Output, spool: &Spool, path: &Path) -> anyhow::Result<ExitCo
         n += 1;
         bar.inc(1);
         Ok(())
-    })?;
+    };
+    spool.for_each_message(|m| write(Line::of(m, false)))?;
+    for m in spool.dead_letters()? {
+        write(Line::of(m, true))?;
+    }
     w.into_inner()?.sync_all()?;
     bar.finish_and_clear();
     out.done("exported", n)
@@ -72,7 +89,7 @@ pub fn import(
     path: &Path,
 ) -> anyhow::Result<ExitCode> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut messages = Vec::new();
+    let (mut queued, mut dead) = (Vec::new(), Vec::new());
     for (n, line) in BufReader::new(file).lines().enumerate() {
         let line = line?;
         if line.trim().is_empty() {
@@ -83,7 +100,12 @@ pub fn import(
         let payload = B64
             .decode(&l.data_b64)
             .with_context(|| format!("{}:{}: bad data_b64", path.display(), n + 1))?;
-        messages.push(Message {
+        let into = if l.dead_letter {
+            &mut dead
+        } else {
+            &mut queued
+        };
+        into.push(Message {
             id: MessageId(l.id),
             queue: l.queue,
             created_ms: l.created_ms,
@@ -94,7 +116,7 @@ pub fn import(
             payload,
         });
     }
-    let (imported, skipped) = rt.block_on(spool.import(messages))?;
+    let (imported, skipped) = rt.block_on(spool.import(queued, dead))?;
     if out.json {
         out.json(&serde_json::json!({"imported": imported, "skipped_existing": skipped}));
     } else {

@@ -204,21 +204,29 @@ fn dead_letter_requeue_rebind_and_purge() {
 fn export_then_import_elsewhere_is_exact_and_idempotent() {
     let dir = populated();
     let file = dir.path().join("backup.ndjson");
+    // 4 queued + 1 dead letter.
     assert_eq!(
         json(dir.path(), &["export", file.to_str().unwrap()])["count"],
-        4
+        5
     );
     let other = tempfile::tempdir().unwrap();
     let first = json(other.path(), &["import", file.to_str().unwrap()]);
     assert_eq!(
         (first["imported"].clone(), first["skipped_existing"].clone()),
-        (4.into(), 0.into())
+        (5.into(), 0.into())
     );
     let again = json(other.path(), &["import", file.to_str().unwrap()]);
     assert_eq!(
         (again["imported"].clone(), again["skipped_existing"].clone()),
-        (0.into(), 4.into())
+        (0.into(), 5.into())
     );
+    let dead = |d: &Path| json(d, &["dead-letter", "ls"]);
+    assert_eq!(
+        dead(dir.path()),
+        dead(other.path()),
+        "dead letters move too"
+    );
+    assert_eq!(dead(other.path()).as_array().map(Vec::len), Some(1));
     let ls = |d: &Path| json(d, &["ls", "a"]);
     assert_eq!(
         ls(dir.path()),
