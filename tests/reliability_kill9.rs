@@ -14,7 +14,7 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -52,16 +52,9 @@ impl Relay {
             .append(true)
             .open(log)
             .expect("open daemon log");
-        let child = Command::new(env!("CARGO_BIN_EXE_spoolrelay"))
-            .arg("--policy")
-            .arg(policy)
-            .arg("--spool")
-            .arg(spool)
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
+        let child = common::relay_command(policy, spool, port)
             .env("SPOOLRELAY_KAFKA_BROKERS", &kafka.brokers)
             .env("SPOOLRELAY_KAFKA_TOPIC", &kafka.topic)
-            .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -10,14 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 fn spawn(policy: &Path, spool: &Path, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_spoolrelay"))
-        .arg("--policy")
-        .arg(policy)
-        .arg("--spool")
-        .arg(spool)
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .env("RUST_LOG", "warn")
+    common::relay_command(policy, spool, port)
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn spoolrelay")

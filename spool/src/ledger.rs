@@ -146,6 +146,14 @@ impl Ledger {
         self.file.write_all_at(&encode(mark), 0)
     }
 
+    /// Replaces whatever the file held (missing, damaged, any length) with `mark`,
+    /// durably: used at open, when the ledger cannot be trusted.
+    pub fn reset(&self, mark: CommitMark) -> io::Result<()> {
+        self.file.set_len(LEN as u64)?;
+        self.write(mark)?;
+        self.sync()
+    }
+
     /// Makes the last write durable (at close, and once at open).
     pub fn sync(&self) -> io::Result<()> {
         self.file.sync_data()

@@ -291,8 +291,12 @@ impl Spool {
     /// message. Messages not leased are skipped (and reported in the error); the rest are
     /// still deleted.
     pub fn ack_many(&self, msgs: &[&Message]) -> Result<()> {
-        if let [msg] = msgs {
-            return self.ack(msg);
+        match msgs {
+            // An empty sled batch still costs a log record: a send that failed entirely
+            // acks nothing and must not write.
+            [] => return Ok(()),
+            [msg] => return self.ack(msg),
+            _ => {}
         }
         let mut batch = sled::Batch::default();
         let mut acked = Vec::with_capacity(msgs.len());
@@ -557,22 +561,23 @@ fn check_ledger(
         source,
     };
     let (ledger, found) = Ledger::open(dir).map_err(io_err)?;
+    // A ledger that cannot be trusted is replaced by sled's mark: detection restarts there.
+    let restart = |ledger: &Ledger| -> Result<CommitMark> {
+        ledger.reset(sled_mark).map_err(io_err)?;
+        sync_dir(dir).map_err(io_err)?;
+        Ok(sled_mark)
+    };
     let ledger_mark = match found {
         ledger::Found::Mark(mark) => mark,
+        ledger::Found::Damaged(raw) => {
+            tracing::warn!(dir = %dir.display(), bytes = raw.len(), "spool ledger is damaged; rewritten");
+            restart(&ledger)?
+        }
         ledger::Found::Missing => {
             if sled_mark.seq > 0 {
-                tracing::warn!(dir = %dir.display(), "spool ledger was missing; lost-write detection restarts from here");
+                tracing::warn!(dir = %dir.display(), "spool ledger was missing; rewritten");
             }
-            ledger.write(sled_mark).map_err(io_err)?;
-            ledger.sync().map_err(io_err)?;
-            sync_dir(dir).map_err(io_err)?;
-            sled_mark
-        }
-        ledger::Found::Damaged(raw) => {
-            tracing::warn!(dir = %dir.display(), bytes = raw.len(), "spool ledger is damaged; it is rewritten and lost-write detection restarts from here");
-            ledger.write(sled_mark).map_err(io_err)?;
-            ledger.sync().map_err(io_err)?;
-            sled_mark
+            restart(&ledger)?
         }
     };
     // Ids the ledger saw acknowledged must never be handed out again.

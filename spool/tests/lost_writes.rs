@@ -129,9 +129,15 @@ async fn a_missing_or_damaged_ledger_is_rebuilt_not_fatal() {
         let spool = open(dir.path());
         spool.enqueue(vec![msg("q", b"kept")]).await.unwrap();
     }
-    std::fs::write(dir.path().join("ledger"), b"garbage").unwrap();
+    // Longer than a ledger: the rewrite must not leave a tail that reads as damage again.
+    std::fs::write(dir.path().join("ledger"), vec![b'x'; 100]).unwrap();
     let (spool, report) = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
     assert_eq!(report.queues["q"].0, 1);
+    assert_eq!(
+        std::fs::metadata(dir.path().join("ledger")).unwrap().len(),
+        28,
+        "the damaged ledger is replaced whole"
+    );
     spool.enqueue(vec![msg("q", b"more")]).await.unwrap();
     drop(spool);
     std::fs::remove_file(dir.path().join("ledger")).unwrap();

@@ -32,6 +32,24 @@ end)
     )
 }
 
+/// The `spoolrelay` binary with `--policy`, `--spool` and `--listen 127.0.0.1:port`, logging
+/// warnings: for the tests that need a real process to stop or kill.
+pub fn relay_command(
+    policy: impl AsRef<std::ffi::OsStr>,
+    spool: &Path,
+    port: u16,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_spoolrelay"));
+    cmd.arg("--policy")
+        .arg(policy)
+        .arg("--spool")
+        .arg(spool)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "warn");
+    cmd
+}
+
 /// Starts a daemon on a random port with `lua` as its policy and `dir` as its spool.
 pub async fn start(lua: &str, dir: &Path) -> Daemon {
     start_with(lua, dir, |_| {}).await
