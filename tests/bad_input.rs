@@ -154,7 +154,7 @@ async fn invalid_queue_name_is_a_400() {
 }
 
 #[tokio::test]
-async fn spool_that_cannot_fsync_answers_503_not_2xx() {
+async fn spool_that_cannot_fsync_answers_503_until_restarted() {
     let dir = tempfile::tempdir().unwrap();
     let faults = spool::SyncFaults::default();
     let injected = faults.clone();
@@ -171,6 +171,7 @@ async fn spool_that_cannot_fsync_answers_503_not_2xx() {
     assert_eq!(status, 503);
     assert!(error.contains("durable"), "{error}");
     healthy(&daemon).await;
+    // fsyncgate: a healed disk is not trusted again before a restart.
     faults.heal();
     let resp = http
         .post(common::url(&daemon, "/api/v1/queues/q/messages"))
@@ -178,8 +179,14 @@ async fn spool_that_cannot_fsync_answers_503_not_2xx() {
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), 200);
-    daemon.stop().await.unwrap();
+    let (status, error) = error_of(resp).await;
+    assert_eq!(status, 503);
+    assert!(error.contains("restart"), "{error}");
+    assert!(daemon.spool.poisoned().is_some());
+    healthy(&daemon).await;
+    // The final sync is refused too: stopping says so instead of claiming a clean sync.
+    let stopped = daemon.stop().await;
+    assert!(stopped.is_err(), "{stopped:?}");
 }
 
 #[test]

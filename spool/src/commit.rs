@@ -61,7 +61,52 @@ pub enum Effect {
     Forget { queue: String, id: u64 },
 }
 
-pub type Reply = Result<(), String>;
+/// Why a job was not made durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// This group's write, flush or fsync failed (the cause, with the path where known).
+    NotDurable(String),
+    /// An earlier group failed: the spool is poisoned (see [`Poison`]).
+    Poisoned { since_ms: u64, cause: String },
+}
+
+pub type Reply = Result<(), Refusal>;
+
+/// Set by the first durability error and never cleared while the spool is open.
+///
+/// After a failed flush or fsync the kernel may have dropped the dirty pages and cleared
+/// the error, so a later fsync can report success for data that is gone ("fsyncgate",
+/// PostgreSQL 2018); and sled 0.34 can be left wedged (a blob write that fails leaks a
+/// log-buffer reservation, and every later `flush` waits for it for ever). Neither can be
+/// repaired in-process: from the first error on, every write is refused, and only a new
+/// open (a daemon restart) reads the disk again.
+#[derive(Debug, Default)]
+pub struct Poison {
+    state: Mutex<Option<(u64, String)>>,
+}
+
+impl Poison {
+    /// Records the first durability error; later ones keep the first cause.
+    pub fn set(&self, cause: &str) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.is_none() {
+            *state = Some((crate::now_ms(), cause.to_owned()));
+        }
+    }
+
+    pub fn get(&self) -> Option<(u64, String)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.get().is_some()
+    }
+
+    pub fn refusal(&self) -> Option<Refusal> {
+        self.get()
+            .map(|(since_ms, cause)| Refusal::Poisoned { since_ms, cause })
+    }
+}
 
 pub struct Job {
     pub ops: Vec<Op>,
@@ -176,6 +221,11 @@ pub struct CommitStats {
     pub sync_micros: std::sync::atomic::AtomicU64,
 }
 
+/// How long `stop` waits for the commit thread to finish its queued jobs. A healthy one
+/// takes milliseconds; one stuck in a sled flush that can never finish (see [`Poison`])
+/// is left behind so that shutdown still completes.
+const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct Committer {
     tx: Option<mpsc::Sender<Job>>,
     thread: Option<JoinHandle<()>>,
@@ -194,6 +244,7 @@ pub struct WriterState {
     /// `--repair`): the ledger keeps its evidence until the loss is recorded.
     pub ledger: Option<Ledger>,
     pub stats: Arc<CommitStats>,
+    pub poison: Arc<Poison>,
 }
 
 impl Committer {
@@ -215,12 +266,25 @@ impl Committer {
         }
     }
 
-    /// Finishes queued jobs and stops the thread.
+    /// Finishes queued jobs and stops the thread, waiting at most [`STOP_TIMEOUT`].
     pub fn stop(&mut self) {
         self.tx.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while !thread.is_finished() {
+            if Instant::now() >= deadline {
+                tracing::error!(
+                    waited = ?STOP_TIMEOUT,
+                    "the spool's commit thread is stuck (in a sled flush after a disk error?); \
+                     leaving it behind: everything acknowledged was fsynced before its answer"
+                );
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
+        let _ = thread.join();
     }
 }
 
@@ -252,12 +316,20 @@ fn serve(state: &mut WriterState, rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        let result = commit_group(state, &group);
-        if let Err(e) = &result {
-            tracing::error!(error = %e, jobs = group.len(), "spool group commit failed");
-            undo_group(state, &group);
-        } else {
-            apply_effects(state, &mut group);
+        // A poisoned spool touches sled no more: a flush could wait for ever, and a
+        // success could be a lie (see `Poison`).
+        let result = match state.poison.refusal() {
+            Some(refusal) => Err(refusal),
+            None => commit_group(state, &group).map_err(Refusal::NotDurable),
+        };
+        match &result {
+            Err(Refusal::NotDurable(e)) => {
+                tracing::error!(error = %e, jobs = group.len(), "spool group commit failed; the spool refuses writes until it is reopened (restart the daemon)");
+                state.poison.set(e);
+                undo_group(state, &group);
+            }
+            Err(Refusal::Poisoned { .. }) => {}
+            Ok(()) => apply_effects(state, &mut group),
         }
         for job in &mut group {
             if let Some(reply) = job.reply.take() {
@@ -270,14 +342,14 @@ fn serve(state: &mut WriterState, rx: mpsc::Receiver<Job>) {
 /// Commits one job on the calling thread, before the commit thread starts (open-time
 /// repairs: `open` may be called from inside an async runtime, where it must not block on
 /// a channel).
-pub fn commit_now(state: &mut WriterState, job: Job) -> Reply {
+pub fn commit_now(state: &mut WriterState, job: Job) -> Result<(), String> {
     if job.ops.is_empty() {
         return Ok(());
     }
     commit_group(state, std::slice::from_ref(&job))
 }
 
-fn commit_group(state: &mut WriterState, group: &[Job]) -> Reply {
+fn commit_group(state: &mut WriterState, group: &[Job]) -> Result<(), String> {
     let hwm = group.iter().map(Job::highest_new_id).max().unwrap_or(0);
     let writes = group.iter().any(|job| !job.ops.is_empty());
     // The high-water mark is reserved ahead in steps, so most groups write only messages.

@@ -31,6 +31,11 @@ pub enum SpoolError {
     /// The batch could not be made durable; nothing in it may be acknowledged.
     #[error("spool could not make the batch durable: {0} (is the disk full or failing?)")]
     NotDurable(String),
+    /// A durability error happened earlier: the kernel may have dropped pages that a later
+    /// fsync would report as written (fsyncgate), and sled itself may be wedged. Only a
+    /// fresh open reads the disk again, so every write is refused until then.
+    #[error("the spool refuses writes since {since_ms} ms after the epoch, when making a batch durable failed ({cause}): data written after that could be reported durable without being so; free or fix the disk, then restart the daemon to reread the spool from disk")]
+    Poisoned { since_ms: u64, cause: String },
     #[error("invalid queue name {name:?}: {why}")]
     InvalidQueueName { name: String, why: &'static str },
     #[error("message {id} is not leased from queue {queue:?}")]

@@ -1,5 +1,6 @@
 //! The [`Spool`] handle: open, enqueue, lease, settle, inspect.
 
+use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -7,7 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{oneshot, watch};
 
 use crate::commit::{
-    self, CommitStats, Committer, Effect, Job, Op, Reply, TreeId, Trees, WriterState,
+    self, CommitStats, Committer, Effect, Job, Op, Poison, Refusal, Reply, TreeId, Trees,
+    WriterState,
 };
 use crate::durability::{sync_dir, DiskSync, SyncFaults};
 use crate::error::{Result, SpoolError};
@@ -74,10 +76,12 @@ pub struct Spool {
 pub(crate) struct Inner {
     pub(crate) dir: PathBuf,
     // Field order is drop order: the committer must stop before sled closes, and the
-    // lock must outlive both.
+    // lock must outlive both. sled is closed by `Drop` (see `close_sled`), not by the
+    // field drops.
     pub(crate) committer: Committer,
-    pub(crate) db: sled::Db,
-    pub(crate) trees: Trees,
+    pub(crate) db: ManuallyDrop<sled::Db>,
+    pub(crate) trees: ManuallyDrop<Trees>,
+    pub(crate) poison: Arc<Poison>,
     pub(crate) index: Arc<Mutex<Index>>,
     pub(crate) next_id: AtomicU64,
     pub(crate) quarantine_seq: AtomicU64,
@@ -86,12 +90,61 @@ pub(crate) struct Inner {
     _lock: DirLock,
 }
 
+/// How long closing sled may take: a healthy close flushes what acks left (seconds at
+/// most); a poisoned spool has nothing sled must still write, and its sled may be wedged.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+const POISONED_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Drop for Inner {
     fn drop(&mut self) {
         self.committer.stop();
-        if let Err(e) = self.db.flush() {
-            tracing::warn!(error = %e, dir = %self.dir.display(), "final spool flush failed");
+        // SAFETY: `drop` runs once and neither field is used after this point.
+        let (db, trees) = unsafe {
+            (
+                ManuallyDrop::take(&mut self.db),
+                ManuallyDrop::take(&mut self.trees),
+            )
+        };
+        close_sled(&self.dir, db, trees, self.poison.is_set());
+    }
+}
+
+/// Flushes and drops sled on a thread of its own, waiting a bounded time. sled 0.34 flushes
+/// when its last handle drops and, after a failed blob write, that flush waits for ever
+/// (a leaked log-buffer reservation): a daemon that waited would never exit. Everything
+/// acknowledged was fsynced before its answer, so leaving a stuck close behind loses only
+/// unsynced acks (redeliveries, never losses).
+fn close_sled(dir: &Path, db: sled::Db, trees: Trees, poisoned: bool) {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let closer = std::thread::Builder::new()
+        .name("spool-close".into())
+        .spawn(move || {
+            let flushed = if poisoned { Ok(0) } else { db.flush() };
+            drop(trees);
+            drop(db);
+            let _ = done_tx.send(flushed);
+        });
+    if let Err(e) = closer {
+        tracing::error!(error = %e, dir = %dir.display(), "cannot start a thread to close the spool; leaving sled unflushed");
+        return;
+    }
+    let timeout = if poisoned {
+        POISONED_CLOSE_TIMEOUT
+    } else {
+        CLOSE_TIMEOUT
+    };
+    match done_rx.recv_timeout(timeout) {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, dir = %dir.display(), "final spool flush failed")
         }
+        Err(_) => tracing::error!(
+            dir = %dir.display(),
+            waited = ?timeout,
+            poisoned,
+            "sled did not close in time (wedged after a disk error?); leaving it behind: \
+             every acknowledged message was fsynced, unsynced acks are redelivered after the restart"
+        ),
     }
 }
 
@@ -146,6 +199,7 @@ impl Spool {
         let index = Arc::new(Mutex::new(scan.index));
         let (changed_tx, changed) = watch::channel(0);
         let commit_stats = Arc::new(CommitStats::default());
+        let poison = Arc::new(Poison::default());
         let sync = DiskSync::new(&sled_dir, options.faults).map_err(io_err)?;
         let mut writer = WriterState {
             db: db.clone(),
@@ -157,6 +211,7 @@ impl Spool {
             mark: checked.mark,
             ledger: checked.ledger,
             stats: commit_stats.clone(),
+            poison: poison.clone(),
         };
         // Repairs (quarantine moves) are made durable before anyone can lease.
         let mut ops = if options.repair {
@@ -175,8 +230,9 @@ impl Spool {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 committer,
-                db,
-                trees,
+                db: ManuallyDrop::new(db),
+                trees: ManuallyDrop::new(trees),
+                poison,
                 index,
                 next_id: AtomicU64::new(scan.report.highest_id + 1),
                 quarantine_seq: AtomicU64::new(scan.next_quarantine_seq),
@@ -249,14 +305,28 @@ impl Spool {
     /// settled with [`ack`](Self::ack), [`retry`](Self::retry),
     /// [`dead_letter`](Self::dead_letter) or [`release`](Self::release); leases live in
     /// memory only, so a restart releases them all.
+    ///
+    /// A poisoned spool leases nothing (its settlements could not be written). A read
+    /// error gives back every lease this call took, so nothing stays in flight.
     pub fn lease(&self, queue: &str, max: usize, now_ms: u64) -> Result<Vec<Message>> {
+        self.check_poison()?;
         let taken = self.index().take_due(queue, now_ms, max);
-        let mut leased = Vec::with_capacity(taken.len());
-        for (id, _, _) in taken {
+        let mut leased: Vec<Message> = Vec::with_capacity(taken.len());
+        for (n, &(id, _, _)) in taken.iter().enumerate() {
             let key = keys::message_key(queue, MessageId(id));
-            let raw = self.inner.trees[TreeId::Messages as usize]
-                .get(&key)
-                .map_err(|e| self.storage(e))?;
+            let raw = match self.inner.trees[TreeId::Messages as usize].get(&key) {
+                Ok(raw) => raw,
+                Err(e) => {
+                    let mut index = self.index();
+                    for &(id, _, _) in &taken[n..] {
+                        index.release(queue, id);
+                    }
+                    for msg in &leased {
+                        index.release(queue, msg.id.0);
+                    }
+                    return Err(self.storage(e));
+                }
+            };
             match raw.map(|raw| (recovery::check_message(&key, &raw), raw)) {
                 Some((Ok(msg), _)) => leased.push(msg),
                 Some((Err(reason), raw)) => self.quarantine_live(queue, id, &key, &raw, reason),
@@ -278,12 +348,23 @@ impl Spool {
     pub fn ack(&self, msg: &Message) -> Result<()> {
         // One plain remove: a one-entry sled batch costs an extra log record.
         self.check_leased(msg)?;
-        let key = keys::message_key(&msg.queue, msg.id);
-        self.inner.trees[TreeId::Messages as usize]
-            .remove(key)
-            .map_err(|e| self.storage(e))?;
-        self.index().remove(&msg.queue, msg.id.0);
-        Ok(())
+        let removed = self.check_poison().and_then(|()| {
+            let key = keys::message_key(&msg.queue, msg.id);
+            self.inner.trees[TreeId::Messages as usize]
+                .remove(key)
+                .map_err(|e| self.storage(e))
+        });
+        match removed {
+            Ok(_) => {
+                self.index().remove(&msg.queue, msg.id.0);
+                Ok(())
+            }
+            // Still on disk: due again rather than leased until a restart.
+            Err(e) => {
+                self.release(msg);
+                Err(e)
+            }
+        }
     }
 
     /// [`ack`](Self::ack) for several delivered messages at once: one sled batch, so a
@@ -312,9 +393,15 @@ impl Spool {
                 }
             }
         }
-        self.inner.trees[TreeId::Messages as usize]
-            .apply_batch(batch)
-            .map_err(|e| self.storage(e))?;
+        let applied = self.check_poison().and_then(|()| {
+            self.inner.trees[TreeId::Messages as usize]
+                .apply_batch(batch)
+                .map_err(|e| self.storage(e))
+        });
+        if let Err(e) = applied {
+            acked.into_iter().for_each(|m| self.release(m));
+            return Err(e);
+        }
         let mut index = self.index();
         for msg in acked {
             index.remove(&msg.queue, msg.id.0);
@@ -328,8 +415,12 @@ impl Spool {
     /// Not delivered: counts the attempt and reschedules the message for `next_due_ms`,
     /// durably, before returning.
     pub async fn retry(&self, msg: &Message, error: &str, next_due_ms: u64) -> Result<()> {
-        let rx = self.submit_retry(msg, error, next_due_ms)?;
-        self.release_on_error(msg, wait(rx.await))
+        self.check_leased(msg)?;
+        let done = match self.submit_retry(msg, error, next_due_ms) {
+            Ok(rx) => wait(rx.await),
+            Err(e) => Err(e),
+        };
+        self.release_on_error(msg, done)
     }
 
     fn submit_retry(
@@ -338,7 +429,6 @@ impl Spool {
         error: &str,
         due: u64,
     ) -> Result<oneshot::Receiver<Reply>> {
-        self.check_leased(msg)?;
         let mut updated = msg.clone();
         updated.attempts = msg.attempts.saturating_add(1);
         updated.due_ms = due;
@@ -373,7 +463,10 @@ impl Spool {
             queue: msg.queue.clone(),
             id: msg.id.0,
         });
-        let done = wait(self.submit(job)?.await);
+        let done = match self.submit(job) {
+            Ok(rx) => wait(rx.await),
+            Err(e) => Err(e),
+        };
         self.release_on_error(msg, done)
     }
 
@@ -508,6 +601,7 @@ impl Spool {
     }
 
     pub(crate) fn submit(&self, mut job: Job) -> Result<oneshot::Receiver<Reply>> {
+        self.check_poison()?;
         let (tx, rx) = oneshot::channel();
         job.reply = Some(tx);
         self.inner
@@ -515,6 +609,21 @@ impl Spool {
             .submit(job)
             .map_err(|_| SpoolError::WriterStopped)?;
         Ok(rx)
+    }
+
+    /// `Err(Poisoned)` once a durability error poisoned the spool (see [`Poison`]).
+    pub(crate) fn check_poison(&self) -> Result<()> {
+        match self.inner.poison.refusal() {
+            Some(refusal) => Err(refused(refusal)),
+            None => Ok(()),
+        }
+    }
+
+    /// Why the spool refuses writes, if it does: a durability error poisoned it, and only a
+    /// reopen (a daemon restart) reads the disk again. `/readyz` answers 503 while this is
+    /// `Some`.
+    pub fn poisoned(&self) -> Option<String> {
+        self.check_poison().err().map(|e| e.to_string())
     }
 
     fn check_leased(&self, msg: &Message) -> Result<()> {
@@ -681,7 +790,14 @@ pub(crate) fn schedule(msg: &Message) -> Effect {
 pub(crate) fn wait(reply: Result<Reply, oneshot::error::RecvError>) -> Result<()> {
     match reply {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(why)) => Err(SpoolError::NotDurable(why)),
+        Ok(Err(refusal)) => Err(refused(refusal)),
         Err(_) => Err(SpoolError::WriterStopped),
+    }
+}
+
+fn refused(refusal: Refusal) -> SpoolError {
+    match refusal {
+        Refusal::NotDurable(why) => SpoolError::NotDurable(why),
+        Refusal::Poisoned { since_ms, cause } => SpoolError::Poisoned { since_ms, cause },
     }
 }

@@ -202,8 +202,11 @@ async fn bad_queue_names_are_refused_whole_batch() {
     );
 }
 
+/// fsyncgate: after a failed fsync the kernel may have dropped the pages and a later
+/// fsync can report success for them, so the spool refuses every write (even once the
+/// disk is healthy again) until a reopen reads the disk again.
 #[tokio::test]
-async fn failed_fsync_acknowledges_nothing_and_leaves_nothing_behind() {
+async fn failed_fsync_poisons_the_spool_until_reopened() {
     let dir = tempfile::tempdir().unwrap();
     let faults = SyncFaults::default();
     let options = SpoolOptions {
@@ -212,22 +215,44 @@ async fn failed_fsync_acknowledges_nothing_and_leaves_nothing_behind() {
     };
     {
         let (spool, _) = Spool::open(dir.path(), options.clone()).unwrap();
+        spool.enqueue(vec![msg("q", b"before")]).await.unwrap();
+        assert_eq!(spool.poisoned(), None);
         faults.fail_with(std::io::ErrorKind::StorageFull);
         let err = spool.enqueue(vec![msg("q", b"lost?")]).await;
         assert!(matches!(err, Err(SpoolError::NotDurable(_))), "{err:?}");
-        assert!(
-            lease_all(&spool, "q").is_empty(),
-            "an unacknowledged message is not dispatched"
-        );
         faults.heal();
-        spool.enqueue(vec![msg("q", b"kept")]).await.unwrap();
+        let err = spool.enqueue(vec![msg("q", b"after")]).await;
+        assert!(
+            matches!(err, Err(SpoolError::Poisoned { .. })),
+            "a healed disk is not trusted before a reopen: {err:?}"
+        );
+        let why = spool.poisoned().expect("poisoned() reports it");
+        assert!(why.contains("restart"), "{why}");
+        assert!(why.contains("injected sync failure"), "{why}");
+        assert!(
+            matches!(
+                spool.lease("q", 10, LATER),
+                Err(SpoolError::Poisoned { .. })
+            ),
+            "a poisoned spool hands nothing out"
+        );
+        assert!(matches!(
+            spool.sync().await,
+            Err(SpoolError::Poisoned { .. })
+        ));
     }
     let (spool, _) = Spool::open(dir.path(), options).unwrap();
+    assert_eq!(spool.poisoned(), None, "a reopen reads the disk again");
     let payloads: Vec<Vec<u8>> = lease_all(&spool, "q")
         .into_iter()
         .map(|m| m.payload)
         .collect();
-    assert_eq!(payloads, vec![b"kept".to_vec()]);
+    assert_eq!(
+        payloads,
+        vec![b"before".to_vec()],
+        "what failed, and what came after, is not there"
+    );
+    spool.enqueue(vec![msg("q", b"kept")]).await.unwrap();
 }
 
 #[tokio::test]
