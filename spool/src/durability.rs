@@ -33,12 +33,15 @@ pub fn sync_dir(path: &Path) -> io::Result<()> {
     File::open(path)?.sync_all()
 }
 
+/// Files fsynced, with their sizes then; `None` until a test asks to record.
+type SyncLog = Arc<Mutex<Option<Vec<(PathBuf, u64)>>>>;
+
 /// Injected disk failures, shared between a test and the spool it opened; it also records
 /// which files were fsynced once [`record`](Self::record) was called.
 #[derive(Debug, Clone, Default)]
 pub struct SyncFaults {
     failing: Arc<Mutex<Option<io::ErrorKind>>>,
-    synced: Arc<Mutex<Option<Vec<(PathBuf, u64)>>>>,
+    synced: SyncLog,
     mtime_granularity: Arc<Mutex<Option<Duration>>>,
 }
 
