@@ -122,6 +122,18 @@ async fn blocking<T: Send + 'static>(
         .map_err(spool_error)
 }
 
+/// Runs a spool write where a client hanging up cannot cancel it: axum drops the handler's
+/// future when the connection closes, and a rewrite stopped half-way would leave its work
+/// half-done until an operator repeats it.
+async fn detached<T: Send + 'static>(
+    op: impl std::future::Future<Output = spool::Result<T>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(op)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(spool_error)
+}
+
 /// An optional JSON body: empty means all defaults.
 fn body<T: for<'de> Deserialize<'de> + Default>(bytes: &Bytes) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -248,11 +260,9 @@ async fn requeue_dead_letters(
             "\"id\" must be a message id (decimal string or number)".into(),
         ));
     }
-    let n = admin
-        .spool
-        .requeue_dead_letters(req.queue.as_deref(), id)
-        .await
-        .map_err(spool_error)?;
+    let queue = req.queue.clone();
+    let n = detached(async move { admin.spool.requeue_dead_letters(queue.as_deref(), id).await })
+        .await?;
     tracing::info!(queue = ?req.queue, ?id, count = n, "admin: dead letters requeued");
     Ok(Json(json!({ "count": n })))
 }
@@ -272,11 +282,14 @@ async fn requeue(
 ) -> Result<Json<Value>, ApiError> {
     check_queue(&queue)?;
     let req: Requeue = body(&bytes)?;
-    let n = match &req.to {
-        Some(to) => admin.spool.rebind(&queue, to).await,
-        None => admin.spool.expedite(&queue).await,
-    }
-    .map_err(spool_error)?;
+    let (from, to) = (queue.clone(), req.to.clone());
+    let n = detached(async move {
+        match &to {
+            Some(to) => admin.spool.rebind(&from, to).await,
+            None => admin.spool.expedite(&from).await,
+        }
+    })
+    .await?;
     tracing::info!(%queue, to = ?req.to, count = n, "admin: queue requeued");
     Ok(Json(json!({ "count": n })))
 }

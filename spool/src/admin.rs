@@ -105,46 +105,45 @@ impl Spool {
         .await
     }
 
-    /// Leases every waiting message of `queue` (so the dispatcher cannot take them
-    /// meanwhile), then commits `change(msg)` for each, chunk by chunk. The index changes
-    /// are applied only at the end: until then the rewritten messages stay leased, so a
-    /// message rescheduled into the same queue is not picked up a second time.
+    /// Rewrites every message of `queue` waiting when the call starts with `change(msg)`,
+    /// chunk by chunk. Each chunk is leased first (so the dispatcher cannot take it
+    /// meanwhile), then committed with its index changes, which the commit thread applies
+    /// once the chunk is durable, even if this future is dropped meanwhile. The ids are
+    /// taken from a snapshot, so a message rescheduled into the same queue is not picked
+    /// up a second time. On an error, the chunks already written stay applied and the
+    /// failed chunk's leases are given back untouched: no message stays in flight, none is
+    /// scheduled twice.
     async fn rewrite_waiting(
         &self,
         queue: &str,
         change: impl Fn(&Message) -> (Vec<Op>, Vec<Effect>),
     ) -> Result<u64> {
-        let mut done = Vec::new();
-        let mut effects = Vec::new();
-        loop {
-            let chunk = self.lease(queue, CHUNK, u64::MAX)?;
-            if chunk.is_empty() {
-                break;
+        self.check_poison()?;
+        let waiting = self.index().waiting(queue);
+        let mut done = 0u64;
+        for keys in waiting.chunks(CHUNK) {
+            let taken = self.index().take_keys(queue, keys);
+            if taken.is_empty() {
+                continue;
             }
+            let chunk = self.read_taken(queue, taken)?;
             let mut job = Job::with_capacity(chunk.len());
             for msg in &chunk {
-                let (ops, more) = change(msg);
+                let (ops, effects) = change(msg);
                 job.ops.extend(ops);
-                effects.extend(more);
+                job.effects.extend(effects);
             }
-            if let Err(e) = wait(self.submit(job)?.await) {
-                // Written chunks are durable; apply their index changes, give back the rest.
+            let committed = match self.submit(job) {
+                Ok(rx) => wait(rx.await),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = committed {
                 chunk.iter().for_each(|m| self.release(m));
-                self.apply_effects(effects).await?;
                 return Err(e);
             }
-            done.extend(chunk.into_iter().map(|m| m.id));
+            done += chunk.len() as u64;
         }
-        self.apply_effects(effects).await?;
-        Ok(done.len() as u64)
-    }
-
-    async fn apply_effects(&self, effects: Vec<Effect>) -> Result<()> {
-        let job = Job {
-            effects,
-            ..Job::with_capacity(0)
-        };
-        wait(self.submit(job)?.await)
+        Ok(done)
     }
 
     /// Puts dead-lettered messages back in their queue, due now, with their attempt count

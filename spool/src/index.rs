@@ -82,6 +82,29 @@ impl Index {
             .collect()
     }
 
+    /// The waiting (not leased) messages of `queue` as (due, id), earliest due first.
+    pub fn waiting(&self, queue: &str) -> Vec<(u64, u64)> {
+        self.queues
+            .get(queue)
+            .map(|q| q.scheduled.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Leases those of `keys` (due, id) that are still waiting at that due time; the
+    /// others were leased or rescheduled meanwhile and are left alone.
+    pub fn take_keys(&mut self, queue: &str, keys: &[(u64, u64)]) -> Vec<(u64, u64, Slot)> {
+        let Some(q) = self.queues.get_mut(queue) else {
+            return Vec::new();
+        };
+        keys.iter()
+            .filter_map(|&(due, id)| {
+                let slot = q.scheduled.remove(&(due, id))?;
+                q.leased.insert(id, (due, slot));
+                Some((id, due, slot))
+            })
+            .collect()
+    }
+
     pub fn is_leased(&self, queue: &str, id: u64) -> bool {
         self.queues
             .get(queue)

@@ -311,6 +311,16 @@ impl Spool {
     pub fn lease(&self, queue: &str, max: usize, now_ms: u64) -> Result<Vec<Message>> {
         self.check_poison()?;
         let taken = self.index().take_due(queue, now_ms, max);
+        self.read_taken(queue, taken)
+    }
+
+    /// Reads the records of ids just leased in the index. A read error gives back every
+    /// lease of `taken`.
+    pub(crate) fn read_taken(
+        &self,
+        queue: &str,
+        taken: Vec<(u64, u64, crate::index::Slot)>,
+    ) -> Result<Vec<Message>> {
         let mut leased: Vec<Message> = Vec::with_capacity(taken.len());
         for (n, &(id, _, _)) in taken.iter().enumerate() {
             let key = keys::message_key(queue, MessageId(id));
