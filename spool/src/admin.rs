@@ -181,7 +181,8 @@ impl Spool {
 
     /// Adds messages exported from a spool, keeping their ids, durably: `queued` into their
     /// queues, `dead` into the dead-letter area. Ids already present (queued or
-    /// dead-lettered) are skipped, so importing the same file twice is harmless. Returns
+    /// dead-lettered) are skipped, so importing the same file twice is harmless. An id above
+    /// [`MessageId::MAX`] refuses the whole import (nothing is written). Returns
     /// (imported, skipped).
     pub async fn import(&self, queued: Vec<Message>, dead: Vec<Message>) -> Result<(u64, u64)> {
         let mut present: HashSet<u64> = self.dead_letters()?.iter().map(|m| m.id.0).collect();
@@ -197,6 +198,12 @@ impl Spool {
                 name: msg.queue.clone(),
                 why,
             })?;
+            if msg.id > MessageId::MAX {
+                return Err(SpoolError::IdOutOfRange {
+                    id: msg.id.0,
+                    max: MessageId::MAX.0,
+                });
+            }
             if !present.insert(msg.id.0) {
                 skipped += 1;
                 continue;

@@ -358,7 +358,7 @@ fn commit_group(state: &mut WriterState, group: &[Job]) -> Result<(), String> {
             seq: state.mark.seq + u64::from(writes),
             highest_id: state.mark.highest_id.max(hwm),
         },
-        hwm: (hwm > state.id_hwm).then_some(hwm + ID_RESERVATION),
+        hwm: (hwm > state.id_hwm).then_some(hwm.saturating_add(ID_RESERVATION)),
     };
     if writes {
         let single_tree = group

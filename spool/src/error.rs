@@ -36,6 +36,10 @@ pub enum SpoolError {
     /// fresh open reads the disk again, so every write is refused until then.
     #[error("the spool refuses writes since {since_ms} ms after the epoch, when making a batch durable failed ({cause}): data written after that could be reported durable without being so; free or fix the disk, then restart the daemon to reread the spool from disk")]
     Poisoned { since_ms: u64, cause: String },
+    #[error("message id {id} is above the largest id a spool accepts ({max}): the export was not written by spoolctl, or was edited; renumber those messages before importing")]
+    IdOutOfRange { id: u64, max: u64 },
+    #[error("the spool has handed out every message id up to {max} (next would be {next}): export the spool, then import into a new one with smaller ids")]
+    IdsExhausted { next: u64, max: u64 },
     #[error("invalid queue name {name:?}: {why}")]
     InvalidQueueName { name: String, why: &'static str },
     #[error("message {id} is not leased from queue {queue:?}")]

@@ -27,6 +27,14 @@ const HEADER_LEN: usize = 1 + 4;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct MessageId(pub u64);
 
+impl MessageId {
+    /// The largest id a spool hands out or imports. Half the range: ids are assigned by
+    /// adding to the highest one seen, and the high-water marks reserve ahead of it, so
+    /// this bound keeps every such sum far from wrapping (a wrapped id would overwrite a
+    /// queued message).
+    pub const MAX: MessageId = MessageId(1 << 63);
+}
+
 impl std::fmt::Display for MessageId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}", self.0)

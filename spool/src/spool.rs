@@ -234,7 +234,7 @@ impl Spool {
                 trees: ManuallyDrop::new(trees),
                 poison,
                 index,
-                next_id: AtomicU64::new(scan.report.highest_id + 1),
+                next_id: AtomicU64::new(scan.report.highest_id.saturating_add(1)),
                 quarantine_seq: AtomicU64::new(scan.next_quarantine_seq),
                 changed,
                 commit_stats,
@@ -274,10 +274,18 @@ impl Spool {
             })?;
         }
         let now = now_ms();
+        let count = messages.len() as u64;
+        let limit = MessageId::MAX.0 + 1;
         let first = self
             .inner
             .next_id
-            .fetch_add(messages.len() as u64, Ordering::Relaxed);
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |next| {
+                next.checked_add(count).filter(|end| *end <= limit)
+            })
+            .map_err(|next| SpoolError::IdsExhausted {
+                next,
+                max: MessageId::MAX.0,
+            })?;
         let mut job = Job::with_capacity(messages.len());
         let mut ids = Vec::with_capacity(messages.len());
         for (n, m) in messages.into_iter().enumerate() {

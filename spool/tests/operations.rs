@@ -3,7 +3,7 @@
 mod common;
 
 use common::{lease_all, msg, open, LATER};
-use spool::{MessageId, Spool, SpoolError, SpoolOptions, SyncFaults};
+use spool::{Message, MessageId, Spool, SpoolError, SpoolOptions, SyncFaults};
 
 #[tokio::test]
 async fn enqueued_messages_come_back_fifo_and_byte_for_byte() {
@@ -327,4 +327,47 @@ async fn disk_use_stays_bounded_over_fill_and_drain_cycles() {
         last < first * 2 + (4 << 20),
         "spool grew from {first} to {last} bytes: {sizes:?}"
     );
+}
+
+/// An imported id near u64::MAX used to make the next enqueue wrap around and overwrite a
+/// queued message: imports are bounded, and the id counter refuses rather than wraps.
+#[tokio::test]
+async fn imported_ids_are_bounded_and_ids_never_wrap() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let mut queued = spool.enqueue(vec![msg("q", b"first")]).await.unwrap();
+    let exported = |id: u64, payload: &[u8]| Message {
+        id: MessageId(id),
+        queue: "q".into(),
+        created_ms: 1,
+        attempts: 0,
+        due_ms: 1,
+        last_error: None,
+        meta: Default::default(),
+        payload: payload.to_vec(),
+    };
+    let err = spool
+        .import(vec![exported(u64::MAX - 1, b"too high")], vec![])
+        .await;
+    assert!(
+        matches!(err, Err(SpoolError::IdOutOfRange { id, .. }) if id == u64::MAX - 1),
+        "{err:?}"
+    );
+    let leased = lease_all(&spool, "q");
+    assert_eq!(leased.len(), 1, "nothing of it was written");
+    spool.release(&leased[0]);
+    // The largest id accepted: the next enqueue has no id left and says so.
+    spool
+        .import(vec![exported(MessageId::MAX.0, b"last id")], vec![])
+        .await
+        .unwrap();
+    let err = spool.enqueue(vec![msg("q", b"would wrap")]).await;
+    assert!(
+        matches!(err, Err(SpoolError::IdsExhausted { .. })),
+        "{err:?}"
+    );
+    queued.push(MessageId::MAX);
+    let mut ids: Vec<MessageId> = lease_all(&spool, "q").iter().map(|m| m.id).collect();
+    ids.sort();
+    assert_eq!(ids, queued, "no queued message was overwritten");
 }
