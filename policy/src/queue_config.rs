@@ -276,13 +276,20 @@ fn duration(field: &str, v: &Value) -> mlua::Result<Duration> {
     parse_duration(v).map_err(|e| bad(field, e))
 }
 
-/// A humantime string (`'20m'`, `'1 minute'`, `'7d'`, `'200ms'`) or a number of seconds.
+/// The longest duration a policy may give. Durations become milliseconds added to the
+/// current time (due times, expiry); a bound far below `u64::MAX` ms keeps every such sum
+/// exact instead of wrapping or truncating.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86400);
+
+/// A humantime string (`'20m'`, `'1 minute'`, `'7d'`, `'200ms'`) or a number of seconds,
+/// at most [`MAX_DURATION`].
 pub(crate) fn parse_duration(v: &Value) -> Result<Duration, String> {
     let secs = match v {
         Value::String(s) => {
             let s = s.to_string_lossy();
-            return humantime::parse_duration(s.trim())
-                .map_err(|e| format!("invalid duration '{s}': {e}"));
+            let d = humantime::parse_duration(s.trim())
+                .map_err(|e| format!("invalid duration '{s}': {e}"))?;
+            return bounded(d, &s);
         }
         Value::Integer(i) => *i as f64,
         Value::Number(n) => *n,
@@ -293,8 +300,20 @@ pub(crate) fn parse_duration(v: &Value) -> Result<Duration, String> {
             ))
         }
     };
-    Duration::try_from_secs_f64(secs)
-        .map_err(|_| format!("invalid duration {secs}: must be a non-negative number of seconds"))
+    let d = Duration::try_from_secs_f64(secs).map_err(|_| {
+        format!("invalid duration {secs}: must be a non-negative number of seconds")
+    })?;
+    bounded(d, &secs.to_string())
+}
+
+fn bounded(d: Duration, given: &str) -> Result<Duration, String> {
+    if d > MAX_DURATION {
+        return Err(format!(
+            "duration {given} is longer than the maximum of 100 years ({} s)",
+            MAX_DURATION.as_secs()
+        ));
+    }
+    Ok(d)
 }
 
 /// The parts of a KumoMTA queue name: `campaign:tenant@domain!routing_domain`.

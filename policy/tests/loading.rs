@@ -165,6 +165,8 @@ local bad = {
   unknown = { retry_intervall = '1m' },
   duration = { retry_interval = 'soon' },
   negdur = { max_age = -5 },
+  hugeage = { max_age = 1e18 },
+  hugeretry = { retry_interval = '500000000000y' },
   rate = { max_message_rate = 'fast' },
   limit = { connection_limit = -1 },
   limittype = { connection_limit = 'many' },
@@ -198,6 +200,14 @@ async fn bad_fields_are_named() {
             "field 'retry_interval': invalid duration 'soon'",
         ),
         ("negdur", "field 'max_age'"),
+        (
+            "hugeage",
+            "field 'max_age': duration 1000000000000000000 is longer than the maximum",
+        ),
+        (
+            "hugeretry",
+            "field 'retry_interval': duration 500000000000y is longer than the maximum",
+        ),
         ("rate", "field 'max_message_rate': invalid rate 'fast'"),
         (
             "limit",
