@@ -11,7 +11,7 @@ use crate::commit::{Effect, Job, Op, TreeId};
 use crate::error::{Result, SpoolError};
 use crate::keys;
 use crate::record::{self, Message, MessageId};
-use crate::recovery;
+use crate::recovery::{self, DamagedRecord};
 use crate::spool::{schedule, wait, Spool};
 
 /// Writes are committed in chunks so a million-message purge does not build one giant job.
@@ -36,15 +36,50 @@ impl Spool {
         Ok(out)
     }
 
-    /// Every queued message of every queue, in key order (for export).
+    /// Every queued message of every queue, in key order. Records that fail their checks
+    /// are skipped: use [`for_each_record`](Self::for_each_record) to see them.
     pub fn for_each_message(&self, mut f: impl FnMut(Message) -> Result<()>) -> Result<()> {
+        self.for_each_record(|record| match record {
+            Ok(msg) => f(msg),
+            Err(_) => Ok(()),
+        })
+    }
+
+    /// Every record of the messages tree in key order: each a message, or what is wrong
+    /// with it (export lists those instead of dropping them silently).
+    pub fn for_each_record(
+        &self,
+        mut f: impl FnMut(std::result::Result<Message, DamagedRecord>) -> Result<()>,
+    ) -> Result<()> {
         for item in self.inner.trees[TreeId::Messages as usize].iter() {
             let (key, raw) = item.map_err(|e| self.storage(e))?;
-            if let Ok(msg) = recovery::check_message(&key, &raw) {
-                f(msg)?;
-            }
+            f(
+                recovery::check_message(&key, &raw).map_err(|reason| DamagedRecord {
+                    tree: "messages".into(),
+                    key: key.to_vec(),
+                    reason,
+                }),
+            )?;
         }
         Ok(())
+    }
+
+    /// Every dead letter, oldest id first, and every dead-letter record that does not
+    /// decode.
+    pub fn dead_letter_records(&self) -> Result<(Vec<Message>, Vec<DamagedRecord>)> {
+        let (mut good, mut bad) = (Vec::new(), Vec::new());
+        for item in self.inner.trees[TreeId::DeadLetter as usize].iter() {
+            let (key, raw) = item.map_err(|e| self.storage(e))?;
+            match record::decode::<Message>(&raw) {
+                Ok(msg) => good.push(msg),
+                Err(e) => bad.push(DamagedRecord {
+                    tree: "dead_letter".into(),
+                    key: key.to_vec(),
+                    reason: e.to_string(),
+                }),
+            }
+        }
+        Ok((good, bad))
     }
 
     /// Moves the waiting messages of `from` to `to` (KumoMTA's rebind). Returns how many.

@@ -102,8 +102,16 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
-    /// Write every queued message to an NDJSON file (payloads in base64).
-    Export { file: PathBuf },
+    /// Write every queued and dead-lettered message to an NDJSON file (payloads in
+    /// base64), fsynced. Damaged records are listed and make the exit code 1 unless
+    /// --skip-damaged.
+    Export {
+        file: PathBuf,
+        /// Export what can be read and exit 0 even if some records are damaged (they are
+        /// still listed; `spoolctl verify` shows them too).
+        #[arg(long)]
+        skip_damaged: bool,
+    },
     /// Add messages from an export file, keeping their ids; idempotent.
     Import { file: PathBuf },
     /// Stop delivering a queue (needs --url): ingest keeps accepting, nothing is sent.
@@ -310,7 +318,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             out.done("purged", n)
         }
-        Command::Export { file } => transfer::export(&out, &spool, &file),
+        Command::Export { file, skip_damaged } => {
+            transfer::export(&out, &spool, &file, skip_damaged)
+        }
         Command::Import { file } => transfer::import(&out, &rt, &spool, &file),
         Command::Suspend { .. } | Command::Resume { .. } => unreachable!("refused above"),
     }

@@ -128,18 +128,26 @@ pub fn quarantine_ls(out: &Output, spool: &Spool) -> anyhow::Result<ExitCode> {
 pub fn quarantine_export(out: &Output, spool: &Spool, dir: &Path) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let entries = spool.quarantined()?;
+    // Written and fsynced one by one, then the directory: all of it survives power loss.
+    let write_synced = |name: String, bytes: &[u8]| -> anyhow::Result<()> {
+        let path = dir.join(name);
+        let mut f =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        std::io::Write::write_all(&mut f, bytes)
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("writing {}", path.display()))
+    };
     for (n, e) in entries.iter().enumerate() {
-        std::fs::write(dir.join(format!("{n}.raw")), &e.raw)?;
+        write_synced(format!("{n}.raw"), &e.raw)?;
         let about =
             json!({"tree": e.tree, "key_hex": hex(&e.key), "reason": e.reason, "at_ms": e.at_ms});
-        std::fs::write(
-            dir.join(format!("{n}.json")),
-            serde_json::to_vec_pretty(&about)?,
-        )?;
+        write_synced(format!("{n}.json"), &serde_json::to_vec_pretty(&about)?)?;
     }
+    spool::durability::sync_dir(dir).with_context(|| format!("syncing {}", dir.display()))?;
+    crate::transfer::sync_parent(dir)?;
     out.done("exported quarantine records", entries.len() as u64)
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -50,7 +50,15 @@ impl Line {
     }
 }
 
-pub fn export(out: &Output, spool: &Spool, path: &Path) -> anyhow::Result<ExitCode> {
+/// Writes the export and fsyncs it and its directory. Damaged records are not exported:
+/// they are listed (tree, key, reason) on stderr, and the exit code is 1 unless
+/// `skip_damaged`.
+pub fn export(
+    out: &Output,
+    spool: &Spool,
+    path: &Path,
+    skip_damaged: bool,
+) -> anyhow::Result<ExitCode> {
     let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut w = BufWriter::new(file);
     let stats = spool.stats(spool::now_ms());
@@ -66,13 +74,54 @@ pub fn export(out: &Output, spool: &Spool, path: &Path) -> anyhow::Result<ExitCo
         bar.inc(1);
         Ok(())
     };
-    spool.for_each_message(|m| write(Line::of(m, false)))?;
-    for m in spool.dead_letters()? {
+    let mut damaged = Vec::new();
+    spool.for_each_record(|record| match record {
+        Ok(m) => write(Line::of(m, false)),
+        Err(bad) => {
+            damaged.push(bad);
+            Ok(())
+        }
+    })?;
+    let (dead, bad_dead) = spool.dead_letter_records()?;
+    damaged.extend(bad_dead);
+    for m in dead {
         write(Line::of(m, true))?;
     }
-    w.into_inner()?.sync_all()?;
+    w.into_inner()?
+        .sync_all()
+        .with_context(|| format!("syncing {}", path.display()))?;
+    sync_parent(path)?;
     bar.finish_and_clear();
-    out.done("exported", n)
+    for bad in &damaged {
+        eprintln!(
+            "DAMAGED, not exported: tree {} key {} ({})",
+            bad.tree,
+            crate::repair::hex(&bad.key),
+            bad.reason
+        );
+    }
+    if damaged.is_empty() || skip_damaged {
+        return out.done("exported", n);
+    }
+    if out.json {
+        out.json(&serde_json::json!({"count": n, "damaged": damaged.len()}));
+    }
+    eprintln!(
+        "spoolctl export: {} damaged record(s) were not exported (listed above), {n} exported to {}. \
+         Rerun with --skip-damaged to accept that, or run `spoolctl verify` and `quarantine export` to look at them",
+        damaged.len(),
+        path.display()
+    );
+    Ok(ExitCode::from(1))
+}
+
+/// Fsyncs the directory holding `path`, so a newly created file survives power loss.
+pub fn sync_parent(path: &Path) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    spool::durability::sync_dir(dir).with_context(|| format!("syncing directory {}", dir.display()))
 }
 
 fn io(e: std::io::Error) -> spool::SpoolError {
