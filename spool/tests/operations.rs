@@ -371,3 +371,37 @@ async fn imported_ids_are_bounded_and_ids_never_wrap() {
     ids.sort();
     assert_eq!(ids, queued, "no queued message was overwritten");
 }
+
+/// A settlement that fails gives its lease back: the message is waiting again (due at its
+/// old time), never left in flight until a restart. Here the spool is poisoned, so the
+/// ack, the retry's hand-off to the writer and the dead-letter's all fail.
+#[tokio::test]
+async fn failed_settlements_give_their_leases_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = SyncFaults::default();
+    let options = SpoolOptions {
+        faults: faults.clone(),
+        ..SpoolOptions::default()
+    };
+    let (spool, _) = Spool::open(dir.path(), options).unwrap();
+    spool
+        .enqueue(vec![msg("q", b"1"), msg("q", b"2"), msg("q", b"3")])
+        .await
+        .unwrap();
+    let leased = lease_all(&spool, "q");
+    assert_eq!(spool.stats(0).queues["q"].leased, 3);
+    faults.fail_with(std::io::ErrorKind::Other);
+    assert!(spool.enqueue(vec![msg("other", b"x")]).await.is_err());
+    assert!(spool.poisoned().is_some());
+    let acked = spool.ack(&leased[0]);
+    let retried = spool.retry(&leased[1], "451 later", LATER).await;
+    let dead = spool.dead_letter(&leased[2], "550 no").await;
+    for (what, result) in [("ack", acked), ("retry", retried), ("dead_letter", dead)] {
+        assert!(
+            matches!(result, Err(SpoolError::Poisoned { .. })),
+            "{what}: {result:?}"
+        );
+    }
+    let q = &spool.stats(0).queues["q"];
+    assert_eq!((q.count, q.leased), (3, 0), "every lease was given back");
+}
