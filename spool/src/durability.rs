@@ -8,7 +8,7 @@
 //! Finding new blobs: the directory is listed unless its mtime is unchanged *and* settled.
 //! mtimes are coarse (a kernel tick), so a blob created in the same tick as the previous
 //! listing leaves the mtime as it was: an mtime (of the directory or of any blob) younger
-//! than [`SETTLE`] when it was read is not trusted, and the next sync lists again. Blobs
+//! than `SETTLE` (2 s) when it was read is not trusted, and the next sync lists again. Blobs
 //! are remembered by name, size and mtime, so one synced while sled was still writing it
 //! (sled's cleaner writes blobs from its own thread) is synced again once it changed.
 //! Cost: one `stat` per sync when no blob is new or recent; otherwise a listing with one

@@ -13,6 +13,9 @@
 //! - A message leaves the messages tree only by `ack` (delivered), `dead_letter` (moved,
 //!   kept), or a quarantine move. `retry` persists attempts, due time and error first.
 //! - The in-memory index changes only after the disk change it mirrors is durable.
+//! - After any durability error the spool is *poisoned*: it writes nothing more until a
+//!   reopen reads the disk again (see "Poisoning" below).
+//! - Ids are at most [`MessageId::MAX`] (2^63); nothing wraps.
 //!
 //! ## On-disk layout
 //! ```text
@@ -36,6 +39,23 @@
 //! requests therefore share one fsync: throughput grows with concurrency while latency
 //! stays about one fsync.
 //!
+//! ## Blobs
+//! sled writes a log item over about 128 KiB (a large value, or a large node) to its own
+//! file in `data/blobs/` and never fsyncs it. Each sync lists that directory unless its
+//! mtime is unchanged and older than a couple of seconds (mtimes are coarse: a blob made
+//! in the same tick as the last listing leaves the mtime as it was), and fsyncs every blob
+//! not yet synced at its current size and mtime, then the directory ([`durability`]).
+//!
+//! ## Poisoning (fsyncgate)
+//! A failed write, flush or fsync poisons the spool. After a failed fsync Linux may have
+//! dropped the dirty pages and cleared the error, so a later fsync can succeed for data
+//! that is gone; and sled 0.34 can be left wedged (a blob write that fails leaks a log
+//! reservation, and every later flush waits for it for ever). Neither is repairable in
+//! process, so from then on every write and lease answers [`SpoolError::Poisoned`] ("restart
+//! the daemon to reread the disk"), [`Spool::poisoned`] says why (the daemon's `/readyz`
+//! answers 503), and closing the spool gives sled a bounded time to let go: whatever got a
+//! 2xx was fsynced before, so a wedged sled is left behind rather than waited for.
+//!
 //! ## Reading: leases
 //! The dispatcher calls `lease(queue, max, now)`; the index hands out due ids (earliest
 //! due first, then id: FIFO for first attempts) and the records are read from sled one by
@@ -43,6 +63,10 @@
 //! message is simply due again, and only what was in flight can be delivered twice.
 //! Deletes after delivery (`ack`) are not fsynced one by one; the next group commit or
 //! sled's background flush carries them. A crash in between means a duplicate, never a loss.
+//! Whatever fails after a lease was taken (a read, an ack, the hand-off of a retry or a
+//! dead-letter to the commit thread) gives the lease back, so nothing stays in flight until
+//! a restart. Operator rewrites (requeue, rebind) apply each chunk's index changes with
+//! that chunk's commit, so an interrupted one leaves nothing leased.
 //!
 //! ## Recovery
 //! Opening scans every tree once ([`recovery`]): it rebuilds the index (ids, due times and
