@@ -523,15 +523,19 @@ impl Spool {
     }
 
     pub fn stats(&self, now_ms: u64) -> SpoolStats {
-        let index = self.index();
-        let queues = index
-            .queue_names()
-            .into_iter()
-            .map(|q| {
-                let stats = index.stats(&q, now_ms);
-                (q, stats)
-            })
-            .collect();
+        let queues = {
+            let index = self.index();
+            index
+                .queue_names()
+                .into_iter()
+                .map(|q| {
+                    let stats = index.stats(&q, now_ms);
+                    (q, stats)
+                })
+                .collect()
+        };
+        // Counted after the index lock is released: `len` walks a whole tree and may read
+        // the disk, and every ingest, lease and commit needs that lock.
         SpoolStats {
             queues,
             dead_letter: self.inner.trees[TreeId::DeadLetter as usize].len() as u64,
