@@ -60,6 +60,7 @@ mod log_hook;
 mod message;
 pub mod outcome;
 mod queue_config;
+mod worker;
 
 pub use connection::Connection;
 pub use error::PolicyError;
@@ -68,3 +69,6 @@ pub use log_hook::SHOULD_ENQUEUE as SHOULD_ENQUEUE_LOG_RECORD;
 pub use message::MessageView;
 pub use outcome::SendOutcome;
 pub use queue_config::{PermanentFailure, QueueConfig, QueueName, Rate};
+pub use worker::{
+    PolicyLimits, DEFAULT_EVENT_TIMEOUT, DEFAULT_MEMORY_LIMIT, HOOK_EVERY, REPORT_GRACE,
+};

@@ -78,8 +78,10 @@ impl PooledConnection {
         }
     }
 
+    /// Retired by [`judge`](Self::judge), or broken by the policy host (a call ran out of
+    /// time or memory: its Lua state is thrown away).
     fn is_retired(&self) -> bool {
-        self.retired.load(Ordering::Relaxed)
+        self.retired.load(Ordering::Relaxed) || self.conn.is_broken()
     }
 }
 
