@@ -158,14 +158,13 @@ impl Connection {
 
     fn timed_out(&self, at: Option<String>, ids: &str) -> SendOutcome {
         let at = match at {
-            Some(at) => format!("stopped at {at}"),
-            None => "was waiting (yielded)".to_string(),
+            Some(at) => format!("the policy was stopped at {at}"),
+            None => format!("the policy ({}) was waiting (yielded)", self.chunk),
         };
         let text = format!(
-            "send timed out after {} (queue '{}', message {ids}; policy {} {at}, in {}); its Lua state is discarded",
+            "send timed out after {} (queue '{}', message {ids}): {at}, in {}; its Lua state is discarded",
             humantime::format_duration(self.config.send_timeout),
             self.queue,
-            self.chunk,
             self.send_who
         );
         tracing::warn!(target: "policy", queue = %self.queue, ids, "{text}");
