@@ -132,7 +132,7 @@ impl Connection {
         };
         if let Some(d) = deadline_error(&e) {
             self.thread.mark_broken();
-            return self.timed_out(Some(d.at.clone()), ids);
+            return self.timed_out(Some(d.at.clone()), false, ids);
         }
         if is_memory_error(&e) {
             self.thread.mark_broken();
@@ -148,7 +148,7 @@ impl Connection {
 
     fn stopped(&self, stop: Stop, ids: &str) -> SendOutcome {
         match stop {
-            Stop::Timeout { at } => self.timed_out(at, ids),
+            Stop::Timeout { at, stuck } => self.timed_out(at, stuck, ids),
             Stop::Gone => SendOutcome::transient(format!(
                 "policy {}: the Lua thread of queue '{}' is gone (an earlier call ran out of time or memory); message {ids} is retried on a new state",
                 self.chunk, self.queue
@@ -156,10 +156,17 @@ impl Connection {
         }
     }
 
-    fn timed_out(&self, at: Option<String>, ids: &str) -> SendOutcome {
-        let at = match at {
-            Some(at) => format!("the policy was stopped at {at}"),
-            None => format!("the policy ({}) was waiting (yielded)", self.chunk),
+    fn timed_out(&self, at: Option<String>, stuck: bool, ids: &str) -> SendOutcome {
+        let at = match (at, stuck) {
+            (Some(at), false) => format!("the policy was stopped at {at}"),
+            (Some(at), true) => format!(
+                "the policy was last seen at {at} and its thread did not answer (stuck where Lua cannot be interrupted)"
+            ),
+            (None, false) => format!("the policy ({}) was waiting (yielded)", self.chunk),
+            (None, true) => format!(
+                "the policy's ({}) thread did not answer (stuck in a C function or where Lua cannot be interrupted)",
+                self.chunk
+            ),
         };
         let text = format!(
             "send timed out after {} (queue '{}', message {ids}): {at}, in {}; its Lua state is discarded",

@@ -254,7 +254,7 @@ impl Policy {
         match thread.call(limits.event_timeout, f).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(fatal(thread, &chunk, &what, &limits, e)),
-            Err(Stop::Timeout { at }) => Err(PolicyError::Timeout {
+            Err(Stop::Timeout { at, .. }) => Err(PolicyError::Timeout {
                 chunk,
                 what,
                 after: limits.event_timeout,

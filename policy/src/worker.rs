@@ -114,7 +114,9 @@ pub(crate) struct Overdue {
 #[derive(Debug)]
 pub(crate) enum Stop {
     /// Past its deadline; `at` is where the hook stopped the code, if it got that far.
-    Timeout { at: Option<String> },
+    /// `stuck`: the thread did not even answer by deadline + [`REPORT_GRACE`] (code in a C
+    /// function, or a loop where Lua cannot yield).
+    Timeout { at: Option<String>, stuck: bool },
     /// The thread is gone (its state failed to build, or it was abandoned).
     Gone,
 }
@@ -407,10 +409,14 @@ impl LuaThread {
         }
         let stop = match tokio::time::timeout_at((deadline + REPORT_GRACE).into(), rx).await {
             Ok(Ok(Ok(value))) => return Ok(value),
-            Ok(Ok(Err(overdue))) => Stop::Timeout { at: overdue.at },
+            Ok(Ok(Err(overdue))) => Stop::Timeout {
+                at: overdue.at,
+                stuck: false,
+            },
             Ok(Err(_)) => Stop::Gone,
             Err(_) => Stop::Timeout {
                 at: self.watch.stopped_at_for(deadline),
+                stuck: true,
             },
         };
         self.mark_broken();

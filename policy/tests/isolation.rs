@@ -103,6 +103,17 @@ kumo.on('make.hog', function()
   end
   return sender
 end)
+kumo.on('make.cstuck', function()
+  local sender = {}
+  function sender:send(message)
+    -- One C call (the pattern matcher backtracking 2^40 times): no VM instruction runs,
+    -- so the hook cannot stop it.
+    local n = 40
+    string.find(string.rep('a', n), string.rep('a?', n) .. string.rep('a', n))
+    return '250 never'
+  end
+  return sender
+end)
 kumo.on('make.batch', function()
   local sender = {}
   function sender:send_batch(messages)
@@ -155,6 +166,29 @@ fn a_sender_that_never_yields_times_out_as_451_with_file_line_and_breaks_its_sta
 }
 
 #[test]
+fn a_sender_stuck_in_a_c_function_still_gets_its_answer_at_the_deadline() {
+    within(20, || async {
+        let dir = tempfile::tempdir().unwrap();
+        let src = senders(&dir.path().join("closed"));
+        let policy = Policy::from_source_with("iso.lua", &src, limits(2000, 64)).unwrap();
+        let conn = policy.connect("cstuck").await.unwrap();
+        let started = Instant::now();
+        let out = conn.send(msg("c1")).await;
+        let took = started.elapsed();
+        let (code, text) = transient(&out);
+        assert_eq!(code, 451);
+        assert!(text.contains("send timed out after 300ms"), "{text}");
+        assert!(text.contains("did not answer"), "{text}");
+        // deadline (300 ms) + REPORT_GRACE (250 ms), with slack for a loaded machine
+        assert!(took < Duration::from_secs(3), "answered after {took:?}");
+        assert!(conn.is_broken());
+        // The abandoned thread does not hold the policy: other queues still work.
+        let ok = policy.connect("ok").await.unwrap();
+        assert!(ok.send(msg("c2")).await.is_delivered());
+    });
+}
+
+#[test]
 fn pcall_in_a_loop_cannot_swallow_the_deadline() {
     within(20, || async {
         let dir = tempfile::tempdir().unwrap();
@@ -192,6 +226,7 @@ fn a_send_batch_that_never_yields_fails_every_message_of_the_batch() {
             let (code, text) = transient(out);
             assert_eq!(code, 451);
             assert!(text.contains("message b1, b2"), "{text}");
+            assert!(text.contains("stopped at iso.lua:"), "{text}");
             assert!(text.contains("send timed out"), "{text}");
         }
         assert!(conn.is_broken());
