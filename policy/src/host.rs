@@ -40,10 +40,20 @@ pub struct Policy {
 struct Inner {
     /// The chunk name (`kafka.lua`, shown in messages), its source, its directory and bounds.
     setup: Setup,
-    /// The long-lived state `queue_config` and log hooks run in, on its own thread. Replaced
-    /// by a fresh one when a call there breaks it (timeout, memory limit). The lock is never
-    /// held across an await.
+    /// The long-lived state `queue_config` runs in (thread `lua:shared`). Replaced by a
+    /// fresh one when a call there breaks it (timeout, memory limit). The lock is never held
+    /// across an await.
     shared: Mutex<Option<Arc<LuaThread>>>,
+    /// Likewise for log hooks (thread `lua:hooks`, started on first use): apart from
+    /// `shared`, so a hook that runs away does not delay every queue's config.
+    hooks: Mutex<Option<Arc<LuaThread>>>,
+}
+
+/// Which long-lived state a call runs in.
+#[derive(Clone, Copy)]
+pub(crate) enum Shared {
+    QueueConfig,
+    LogHooks,
 }
 
 impl std::fmt::Debug for Policy {
@@ -122,6 +132,7 @@ impl Policy {
             inner: Arc::new(Inner {
                 setup,
                 shared: Mutex::new(Some(Arc::new(shared))),
+                hooks: Mutex::new(None),
             }),
         })
     }
@@ -159,7 +170,7 @@ impl Policy {
 
     /// Runs the `get_queue_config` handlers for `queue_name` (in the shared state).
     pub async fn queue_config(&self, queue_name: &str) -> Result<QueueConfig, PolicyError> {
-        let thread = self.shared().await?;
+        let thread = self.shared(Shared::QueueConfig).await?;
         let (chunk, queue) = (self.chunk(), queue_name.to_string());
         self.event(
             &thread,
@@ -206,33 +217,41 @@ impl Policy {
         ))
     }
 
-    /// The shared state, rebuilt if a call broke it.
-    async fn shared(&self) -> Result<Arc<LuaThread>, PolicyError> {
-        if let Some(thread) = self
-            .inner
-            .shared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .filter(|t| !t.is_broken())
-        {
-            return Ok(thread.clone());
+    /// A long-lived state, started or rebuilt if a call broke it.
+    async fn shared(&self, which: Shared) -> Result<Arc<LuaThread>, PolicyError> {
+        let (slot, name) = match which {
+            Shared::QueueConfig => (&self.inner.shared, "lua:shared"),
+            Shared::LogHooks => (&self.inner.hooks, "lua:hooks"),
+        };
+        let had = {
+            let current = slot.lock().unwrap_or_else(|e| e.into_inner());
+            match current.as_ref() {
+                Some(thread) if !thread.is_broken() => return Ok(thread.clone()),
+                other => other.is_some(),
+            }
+        };
+        if had {
+            tracing::warn!(target: "policy", chunk = %self.inner.setup.chunk, thread = name,
+                "rebuilding a shared Lua state: a call there timed out or hit the memory limit");
         }
-        tracing::warn!(target: "policy", chunk = %self.inner.setup.chunk,
-            "rebuilding the shared Lua state (get_queue_config, log hooks): a call there timed out or hit the memory limit");
-        let thread = Arc::new(LuaThread::start("lua:shared", &self.inner.setup).await?);
-        *self.inner.shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread.clone());
+        let thread = Arc::new(LuaThread::start(name, &self.inner.setup).await?);
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread.clone());
         Ok(thread)
     }
 
-    /// Runs `f` on the shared state under the event bound (log hooks).
-    pub(crate) async fn on_shared<T, F, Fut>(&self, what: String, f: F) -> Result<T, PolicyError>
+    /// Runs `f` on a long-lived state under the event bound.
+    pub(crate) async fn on_shared<T, F, Fut>(
+        &self,
+        which: Shared,
+        what: String,
+        f: F,
+    ) -> Result<T, PolicyError>
     where
         T: Send + 'static,
         F: FnOnce(Lua) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, PolicyError>> + 'static,
     {
-        let thread = self.shared().await?;
+        let thread = self.shared(which).await?;
         self.event(&thread, what, f).await
     }
 

@@ -22,11 +22,11 @@
 //! [`Connection`] owns a *new* state: the policy chunk is compiled and run again, then
 //! `get_queue_config` and the constructor event named by `protocol.custom_lua.constructor`
 //! run there. The sender table the constructor returns lives in that state's registry.
-//! `queue_config` and log hooks use one long-lived *shared* state; `init` runs in a
-//! throw-away one.
+//! `queue_config` uses one long-lived *shared* state and log hooks another (so a runaway
+//! hook does not delay every queue's config); `init` runs in a throw-away one.
 //!
 //! **Policy code never runs on the caller's threads.** Every state is owned by an OS thread
-//! of its own (`lua:<queue>`, `lua:shared`, `lua:init`; see `worker`), which runs a
+//! of its own (`lua:<queue>`, `lua:shared`, `lua:hooks`, `lua:init`; see `worker`), which runs a
 //! current-thread tokio runtime with a `LocalSet`. The public methods are async and cheap
 //! for the caller: they send a closure over a channel and await a oneshot. On the state's
 //! thread, each request is a Lua coroutine (mlua `call_async`), so a connection may have
@@ -47,7 +47,7 @@
 //! the deadline plus [`REPORT_GRACE`], whatever the thread does. A call that timed out, or
 //! failed on the state's memory limit ([`PolicyLimits::memory_limit`]), *breaks* its state:
 //! a broken [`Connection`] says so ([`Connection::is_broken`]) and the dispatcher replaces
-//! it; the shared state is rebuilt on its next use.
+//! it; a long-lived state is rebuilt on its next use.
 //!
 //! ## The sandbox
 //!

@@ -10,7 +10,7 @@
 use mlua::{AnyUserData, Function, Lua, Table, Value};
 
 use crate::error::PolicyError;
-use crate::host::{event_error, single_handler};
+use crate::host::{event_error, single_handler, Shared};
 use crate::message::{LuaMessage, MessageView};
 use crate::Policy;
 
@@ -39,7 +39,7 @@ pub(crate) fn install(lua: &Lua, kumo: &Table) -> mlua::Result<()> {
 
 impl Policy {
     /// Offers a log record to the policy's `should_enqueue_log_record` handler (in the
-    /// shared state, within the event bound). Returns the message as the handler left it
+    /// long-lived log-hook state, within the event bound). Returns the message as the handler left it
     /// (metadata it set included) when it answered true, `None` when it answered
     /// false/nil or there is no handler.
     pub async fn should_enqueue_log_record(
@@ -50,7 +50,7 @@ impl Policy {
         let chunk = self.chunk_name().to_string();
         let hook = hook.to_owned();
         let what = format!("event '{SHOULD_ENQUEUE}' for log hook '{hook}'");
-        self.on_shared(what, move |lua| async move {
+        self.on_shared(Shared::LogHooks, what, move |lua| async move {
             offer(&lua, &chunk, record, hook).await
         })
         .await

@@ -1,7 +1,7 @@
 //! Lua threads: every Lua state lives on an OS thread of its own, never on the daemon's
 //! async runtime.
 //!
-//! A [`LuaThread`] is a `std::thread` (named `lua:<queue>`, `lua:shared`, `lua:init`) that
+//! A [`LuaThread`] is a `std::thread` (named `lua:<queue>`, `lua:shared`, `lua:hooks`, `lua:init`) that
 //! builds one Lua state, runs the policy chunk in it and then serves requests: each
 //! request is a closure that receives the state and returns a future, sent over a channel
 //! and answered over a oneshot. The thread runs a current-thread tokio runtime with a

@@ -352,6 +352,36 @@ end)
 }
 
 #[test]
+fn a_stuck_log_hook_does_not_delay_queue_configs() {
+    // Stuck where Lua cannot yield (a table.sort comparator is called from C) and every
+    // raised deadline error is swallowed: the hook's thread is lost for good.
+    let src = r#"
+kumo.on('should_enqueue_log_record', function(msg, hook)
+  table.sort({ 3, 2, 1 }, function(a, b)
+    while true do pcall(function() while true do end end) end
+  end)
+end)
+kumo.on('get_queue_config', function()
+  return kumo.make_queue_config { protocol = { custom_lua = { constructor = 'make' } } }
+end)
+"#;
+    within(20, move || async move {
+        let policy = Policy::from_source_with("stuck.lua", src, limits(500, 64)).unwrap();
+        let hooks = policy.clone();
+        let hook =
+            tokio::spawn(async move { hooks.should_enqueue_log_record(msg("r1"), "events").await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let cfg = policy.queue_config("q").await;
+        assert!(
+            cfg.is_ok(),
+            "queue_config waited on the stuck log hook: {cfg:?}"
+        );
+        let err = hook.await.unwrap().unwrap_err();
+        assert!(matches!(err, PolicyError::Timeout { .. }), "{err}");
+    });
+}
+
+#[test]
 fn the_sandbox_has_no_process_control_and_no_c_modules() {
     let src = r#"
 assert(os.exit == nil, 'os.exit')

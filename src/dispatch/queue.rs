@@ -279,7 +279,12 @@ impl QueueWorker {
 
     /// Opens one more connection. On failure the queue backs off (nothing was leased).
     async fn connect(&mut self) -> bool {
-        match tokio::time::timeout(CONNECT_TIMEOUT, self.policy.connect(&self.queue)).await {
+        // The policy host bounds each of a connect's three steps (the chunk,
+        // get_queue_config, the constructor) by --lua-event-timeout; this guard stays above
+        // their sum so their clearer errors come first.
+        let limit =
+            CONNECT_TIMEOUT.max(self.policy.limits().event_timeout * 3 + Duration::from_secs(1));
+        match tokio::time::timeout(limit, self.policy.connect(&self.queue)).await {
             Ok(Ok(conn)) => {
                 self.backoff.succeeded();
                 self.pool.add(conn);
@@ -293,7 +298,7 @@ impl QueueWorker {
             Err(_) => {
                 self.block(format_args!(
                     "cannot connect: constructor took over {}",
-                    humantime::format_duration(CONNECT_TIMEOUT)
+                    humantime::format_duration(limit)
                 ));
                 false
             }
