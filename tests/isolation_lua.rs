@@ -64,12 +64,12 @@ impl Drop for Relay {
     }
 }
 
-fn spawn(policy: &Path, spool: &Path, port: u16) -> Relay {
+fn spawn(policy: &Path, spool: &Path, port: u16, event_timeout: &str) -> Relay {
     let child = common::relay_command(policy, spool, port)
         .arg("--drain-timeout")
         .arg("2s")
         .arg("--lua-event-timeout")
-        .arg("2s")
+        .arg(event_timeout)
         .arg("--lua-memory-limit")
         .arg("32")
         .stderr(Stdio::inherit())
@@ -124,16 +124,7 @@ fn count(stats: &serde_json::Value, queue: &str) -> u64 {
     stats["queues"][queue]["count"].as_u64().unwrap_or(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn runaway_policies_cost_only_their_own_queues() {
-    let dir = tempfile::tempdir().unwrap();
-    let spool_dir = dir.path().join("spool");
-    let policy = dir.path().join("runaway.lua");
-    std::fs::write(&policy, POLICY).unwrap();
-    let port = free_port();
-    let mut relay = spawn(&policy, &spool_dir, port);
-    let http = client();
-
+async fn wait_healthy(http: &reqwest::Client, port: u16) {
     let start = Instant::now();
     loop {
         if let Ok(r) = http
@@ -142,7 +133,7 @@ async fn runaway_policies_cost_only_their_own_queues() {
             .await
         {
             if r.status().is_success() {
-                break;
+                return;
             }
         }
         assert!(
@@ -151,6 +142,40 @@ async fn runaway_policies_cost_only_their_own_queues() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// SIGTERM, then the process must exit 0 within the drain timeout + 5 s.
+async fn sigterm_and_wait(relay: &mut Relay) {
+    let ok = Command::new("kill")
+        .arg("-TERM")
+        .arg(relay.0.id().to_string())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = relay.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < DRAIN + Duration::from_secs(5),
+            "daemon did not exit within --drain-timeout + 5 s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "SIGTERM should exit 0, got {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runaway_policies_cost_only_their_own_queues() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool_dir = dir.path().join("spool");
+    let policy = dir.path().join("runaway.lua");
+    std::fs::write(&policy, POLICY).unwrap();
+    let port = free_port();
+    let mut relay = spawn(&policy, &spool_dir, port, "2s");
+    let http = client();
+    wait_healthy(&http, port).await;
 
     for queue in ["spin", "pcallspin", "hog"] {
         assert!(post(&http, port, queue, "runaway").await.is_success());
@@ -193,24 +218,7 @@ async fn runaway_policies_cost_only_their_own_queues() {
 
     // SIGTERM stops the process within the drain timeout plus a few seconds, even while
     // the runaway sends are being retried.
-    let ok = Command::new("kill")
-        .arg("-TERM")
-        .arg(relay.0.id().to_string())
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = relay.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            start.elapsed() < DRAIN + Duration::from_secs(5),
-            "daemon did not exit within --drain-timeout + 5 s of SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(status.success(), "SIGTERM should exit 0, got {status}");
+    sigterm_and_wait(&mut relay).await;
 
     // What was not delivered is still spooled, with its attempts and why.
     let (spool, _) = spool::Spool::open(&spool_dir, Default::default()).unwrap();
@@ -239,4 +247,49 @@ async fn runaway_policies_cost_only_their_own_queues() {
         spool.list("ok", 10).unwrap().is_empty(),
         "ok was not drained"
     );
+}
+
+/// `get_queue_config` and a constructor that never return, under a long event timeout:
+/// SIGTERM does not wait for them (the queue worker was inside `fill`, waiting on the policy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_does_not_wait_for_a_stuck_constructor_or_queue_config() {
+    const STUCK: &str = r#"
+kumo.on('get_queue_config', function(domain)
+  if domain == 'cfgspin' then while true do end end
+  return kumo.make_queue_config {
+    protocol = { custom_lua = { constructor = 'make.' .. domain } },
+  }
+end)
+kumo.on('make.ctorspin', function()
+  while true do end
+end)
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let spool_dir = dir.path().join("spool");
+    let policy = dir.path().join("stuck.lua");
+    std::fs::write(&policy, STUCK).unwrap();
+    let port = free_port();
+    let mut relay = spawn(&policy, &spool_dir, port, "120s");
+    let http = client();
+    wait_healthy(&http, port).await;
+    for queue in ["ctorspin", "cfgspin"] {
+        assert!(post(&http, port, queue, "stuck").await.is_success());
+    }
+    // Both workers are now waiting on the policy (for up to 120 s).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let health = http
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .send()
+        .await
+        .expect("/healthz got no answer");
+    assert!(health.status().is_success());
+    sigterm_and_wait(&mut relay).await;
+    let (spool, _) = spool::Spool::open(&spool_dir, Default::default()).unwrap();
+    for queue in ["ctorspin", "cfgspin"] {
+        assert_eq!(
+            spool.list(queue, 10).unwrap().len(),
+            1,
+            "{queue} lost its message"
+        );
+    }
 }

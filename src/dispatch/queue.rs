@@ -87,9 +87,16 @@ impl QueueWorker {
         let mut changes = self.spool.watch_changes();
         let mut suspensions = self.suspensions.watch();
         let mut spool_alive = true;
+        let shutdown = self.shutdown.clone();
         while !self.shutdown.is_triggered() {
             self.pool.close_idle(false);
-            let nap = self.fill().await;
+            // A fill may wait on the policy (get_queue_config, a constructor: each bounded by
+            // --lua-event-timeout); shutdown does not wait for it. Dropping a fill midway is
+            // safe: what it leased is already in `sends`, a half-built connection is dropped.
+            let nap = tokio::select! {
+                nap = self.fill() => nap,
+                _ = shutdown.wait() => break,
+            };
             self.telemetry.set_connections(self.pool.len());
             if self.sends.is_empty()
                 && self.pool.is_empty()
