@@ -128,6 +128,10 @@ impl Config {
             .policy
             .context("--policy FILE is required (or use `spoolrelay demo`)")?;
         // The policy error carries the Lua chunk name and line; show it as is.
+        anyhow::ensure!(
+            !args.lua_event_timeout.is_zero(),
+            "--lua-event-timeout must be more than 0 (every policy call would time out)"
+        );
         let lua_limits = PolicyLimits {
             event_timeout: args.lua_event_timeout,
             memory_limit: (args.lua_memory_limit as usize) << 20,

@@ -68,7 +68,7 @@ pub enum PolicyError {
 
     /// Policy code ran past its bound; `at` is where it was stopped (`file:line`, or `?`).
     /// The state it ran in is thrown away; the caller retries later on a new one.
-    #[error("policy {chunk}: {what} did not finish within {} (stopped at {at}); its Lua state is discarded and the call is retried later", humantime::format_duration(*.after))]
+    #[error("policy {chunk}: {what} did not finish within {} (stopped at {at}); its Lua state is discarded and the call is retried later (fix the loop, or raise --lua-event-timeout if it needs longer)", humantime::format_duration(*.after))]
     Timeout {
         chunk: String,
         what: String,
