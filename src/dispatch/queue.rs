@@ -16,6 +16,7 @@ use tokio::task::{Id, JoinSet};
 
 use super::backoff::{ConnectBackoff, TokenBucket};
 use super::connection::{self, Pool};
+use super::decide::{decide, Event, Fate};
 use super::deliver;
 use super::Suspensions;
 use crate::shutdown::Shutdown;
@@ -193,23 +194,27 @@ impl QueueWorker {
             if msgs.is_empty() {
                 return later(MAX_NAP);
             }
-            let (expired, live): (Vec<_>, Vec<_>) = msgs.into_iter().partition(|m| {
-                now_ms.saturating_sub(m.created_ms) > cfg.max_age.as_millis() as u64
-            });
-            for msg in expired {
-                let reason = format!(
-                    "expired (max_age {}) after {} attempts; last error: {}",
-                    humantime::format_duration(cfg.max_age),
-                    msg.attempts,
-                    msg.last_error.as_deref().unwrap_or("none")
-                );
-                let telemetry = self.telemetry.clone();
-                self.spawn(
-                    move |spool| async move {
-                        deliver::dead_letter(&spool, &telemetry, &msg, &reason).await
-                    },
-                    Vec::new(),
-                );
+            let mut live = Vec::with_capacity(msgs.len());
+            for msg in msgs {
+                match decide(
+                    Event::Leased,
+                    (&msg).into(),
+                    &cfg,
+                    now_ms,
+                    deliver::jitter(),
+                ) {
+                    Fate::Send => live.push(msg),
+                    fate => {
+                        let telemetry = self.telemetry.clone();
+                        let ids = vec![(msg.queue.clone(), msg.id)];
+                        self.spawn(
+                            move |spool| async move {
+                                deliver::apply(&spool, &telemetry, &msg, fate).await
+                            },
+                            ids,
+                        );
+                    }
+                }
             }
             let mut live = live.into_iter().peekable();
             while live.peek().is_some() {
