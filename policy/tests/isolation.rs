@@ -256,6 +256,31 @@ fn a_sender_that_allocates_without_bound_hits_the_memory_limit() {
 }
 
 #[test]
+fn an_event_that_allocates_without_bound_hits_the_memory_limit() {
+    let src = r#"
+kumo.on('get_queue_config', function(domain)
+  if domain == 'hog' then
+    local t = {}
+    for i = 1, 1e12 do t[i] = string.rep('y', 1024) .. i end
+  end
+  return kumo.make_queue_config {}
+end)
+"#;
+    within(30, move || async move {
+        let policy = Policy::from_source_with("mem.lua", src, limits(5000, 16)).unwrap();
+        let err = policy.queue_config("hog").await.unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, PolicyError::MemoryLimit { .. }), "{text}");
+        assert!(
+            text.contains("policy mem.lua: Lua memory limit of 16 MiB reached in event 'get_queue_config' for queue 'hog'"),
+            "{text}"
+        );
+        // Later lookups work (on a rebuilt state).
+        policy.queue_config("fine").await.unwrap();
+    });
+}
+
+#[test]
 fn each_event_has_its_own_bound_and_the_shared_state_is_rebuilt() {
     let src = r#"
 kumo.on('get_queue_config', function(domain)
