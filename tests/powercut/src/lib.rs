@@ -64,6 +64,7 @@ mod fs;
 mod state;
 
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -74,6 +75,7 @@ use state::State;
 pub struct PowerCut {
     state: Arc<Mutex<State>>,
     session: Option<fuser::BackgroundSession>,
+    dev: u64,
     mountpoint: PathBuf,
     backing: PathBuf,
 }
@@ -101,8 +103,11 @@ impl PowerCut {
                 ),
             )
         })?;
+        // The mount's device number names its FUSE connection (see `abort_connection`).
+        let dev = std::fs::metadata(mountpoint).map(|m| m.dev()).unwrap_or(0);
         Ok(PowerCut {
             state,
+            dev,
             session: Some(session),
             mountpoint: mountpoint.to_path_buf(),
             backing: backing.to_path_buf(),
@@ -140,29 +145,82 @@ impl PowerCut {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).syncs
     }
 
-    /// Unmounts; whatever was not durable is lost (a cut). Fails with `EBUSY` while files
-    /// on the mount are open.
+    /// Unmounts; whatever was not durable is lost (a cut). Descriptors still open on the
+    /// mount (an instance a test left "crashed") are cut off first: see [`Drop`].
     pub fn unmount(mut self) -> io::Result<CutReport> {
         let report = self.unsynced();
-        if let Some(session) = self.session.take() {
-            session.umount_and_join()?;
-        }
+        self.shut_down()?;
         Ok(report)
+    }
+
+    fn shut_down(&mut self) -> io::Result<()> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        let open_fds = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .open_fds;
+        if open_fds == 0 {
+            return session.umount_and_join();
+        }
+        // Descriptors still open (a leaked, "crashed" instance): a plain unmount fails with
+        // EBUSY, and if this process exits with them, closing them waits for a server that
+        // is gone: the exit hangs. Abort the connection (their calls fail with ENOTCONN from
+        // now on), detach the mount, and let the server thread see the end.
+        abort_connection(self.dev)?;
+        let path = std::ffi::CString::new(self.mountpoint.as_os_str().as_encoded_bytes())
+            .map_err(io::Error::other)?;
+        // SAFETY: a valid NUL-terminated path.
+        if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(e);
+            }
+        }
+        session.join()
     }
 }
 
 impl Drop for PowerCut {
     fn drop(&mut self) {
-        if let Some(session) = self.session.take() {
-            if let Err(e) = session.umount_and_join() {
-                eprintln!(
-                    "powercut: unmounting {} failed: {e} (try `fusermount3 -u {}`)",
-                    self.mountpoint.display(),
-                    self.mountpoint.display()
-                );
-            }
+        if let Err(e) = self.shut_down() {
+            eprintln!(
+                "powercut: unmounting {} failed: {e} (try `fusermount3 -u {}`)",
+                self.mountpoint.display(),
+                self.mountpoint.display()
+            );
         }
     }
+}
+
+/// Aborts the FUSE connection of the mount whose device is `dev` (fusectl's `abort`).
+fn abort_connection(dev: u64) -> io::Result<()> {
+    const FUSECTL: &str = "/sys/fs/fuse/connections";
+    // Linux's new_decode_dev: the connection directory is named after the minor number.
+    let minor = ((dev >> 12) & 0xfff00) | (dev & 0xff);
+    let abort = Path::new(FUSECTL).join(minor.to_string()).join("abort");
+    if !abort.exists() {
+        // fusectl is not always mounted (containers): mount it, as root can.
+        let (fstype, target) = (c"fusectl", c"/sys/fs/fuse/connections");
+        // SAFETY: valid NUL-terminated strings, no data argument.
+        unsafe {
+            libc::mount(
+                fstype.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+    }
+    std::fs::write(&abort, b"1").map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("aborting the FUSE connection ({}): {e}", abort.display()),
+        )
+    })
 }
 
 /// Why this machine cannot mount the layer, if it cannot: tests skip with this message.

@@ -148,6 +148,8 @@ pub struct State {
     next_fh: u64,
     /// fsync/fdatasync/fsyncdir calls seen (for tests and the binary's log).
     pub syncs: u64,
+    /// Descriptors open on the mount, including those a cut invalidated (until released).
+    pub open_fds: u64,
 }
 
 fn io_at(e: io::Error, what: &str, path: &Path) -> io::Error {
@@ -164,6 +166,7 @@ impl State {
             next_ino: ROOT + 1,
             next_fh: 1,
             syncs: 0,
+            open_fds: 0,
         };
         state.reload()?;
         Ok(state)
@@ -273,6 +276,7 @@ impl State {
     pub fn open_handle(&mut self, ino: u64, flags: i32) -> u64 {
         let fh = self.next_fh;
         self.next_fh += 1;
+        self.open_fds += 1;
         self.handles.insert(fh, Handle { ino, flags });
         if let Some(node) = self.nodes.get_mut(&ino) {
             node.open += 1;
@@ -281,6 +285,7 @@ impl State {
     }
 
     pub fn close_handle(&mut self, fh: u64) -> io::Result<()> {
+        self.open_fds = self.open_fds.saturating_sub(1);
         if let Some(handle) = self.handles.remove(&fh) {
             if let Some(node) = self.nodes.get_mut(&handle.ino) {
                 node.open = node.open.saturating_sub(1);
