@@ -58,7 +58,7 @@
 //! Every file is opened `direct_io`: no kernel page cache to keep coherent with a cut, and
 //! each `write` reaches the layer as one request (no double caching). Data lives in memory
 //! (whole files: the layer is for test-sized data) and a sync writes only the dirty pages.
-//! sled on the mount runs thousands of small commits per second here.
+//! `keep_cache` would be wrong: the kernel would serve data a cut dropped.
 
 mod fs;
 mod state;
