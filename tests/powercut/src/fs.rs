@@ -16,6 +16,8 @@ use crate::state::{DirNode, FileNode, Kind, Node, State, PAGE, ROOT};
 
 /// Zero: the kernel asks again on every path walk, so nothing it cached outlives a power cut.
 const TTL: Duration = Duration::ZERO;
+/// Files live in memory: a write or size beyond this fails with EFBIG instead of exhausting it.
+const MAX_FILE: u64 = 1 << 30;
 
 pub struct PowerCutFs {
     pub state: Arc<Mutex<State>>,
@@ -87,6 +89,9 @@ impl PowerCutFs {
     }
 
     fn resize(state: &mut State, ino: u64, size: u64) -> io::Result<()> {
+        if size > MAX_FILE {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        }
         let node = state.node_mut(ino)?;
         let f = node
             .file_mut()
@@ -372,6 +377,9 @@ impl Filesystem for PowerCutFs {
                 .ok_or_else(|| io::Error::from_raw_os_error(libc::EISDIR))?;
             if data.is_empty() {
                 return Ok(());
+            }
+            if offset + data.len() as u64 > MAX_FILE {
+                return Err(io::Error::from_raw_os_error(libc::EFBIG));
             }
             let end = offset as usize + data.len();
             if f.data.len() < end {

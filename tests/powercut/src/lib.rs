@@ -37,7 +37,8 @@
 //!   Real filesystems are often kinder (ext4 commits a new entry with the file's fsync):
 //!   code that passes here does not depend on that.
 //! - **Everything else** (permissions, owners, times) is not modelled for durability;
-//!   hard links, symlinks and special files are not supported (`EPERM`/`ENOSYS`).
+//!   hard links, symlinks and special files are not supported (`EPERM`/`ENOSYS`). Files
+//!   live in memory and are capped at 1 GiB (`EFBIG` beyond).
 //!
 //! ## The backing directory
 //! It *is* the simulated disk: after a cut, and after an unmount, it holds exactly what was

@@ -290,3 +290,42 @@ fn the_backing_directory_holds_exactly_what_is_durable() {
     assert_eq!(report.files_with_unsynced_data, 1);
     assert_eq!(report.dirs_with_unsynced_entries, 1);
 }
+
+#[test]
+fn o_direct_writes_are_not_durable_without_fsync() {
+    let Some(rig) = Rig::new() else { return };
+    let path = durable_file(&rig, "direct", b"");
+    let f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .unwrap();
+    // O_DIRECT wants an aligned buffer on most filesystems: give it one.
+    let layout = std::alloc::Layout::from_size_align(4096, 4096).unwrap();
+    // SAFETY: a non-zero size; freed below with the same layout.
+    let buf = unsafe { std::alloc::alloc_zeroed(layout) };
+    assert!(!buf.is_null());
+    // SAFETY: `buf` points to 4096 initialised (zeroed) bytes.
+    let page = unsafe { std::slice::from_raw_parts_mut(buf, 4096) };
+    page[..6].copy_from_slice(b"direct");
+    let written = f.write_at(page, 0);
+    // SAFETY: allocated above with `layout`.
+    unsafe { std::alloc::dealloc(buf, layout) };
+    assert_eq!(written.unwrap(), 4096);
+    assert_eq!(&read(&path).unwrap()[..6], b"direct");
+    rig.cut();
+    assert_eq!(
+        read(&path).unwrap(),
+        b"",
+        "O_DIRECT is no durability promise"
+    );
+}
+
+#[test]
+fn writes_beyond_the_in_memory_cap_fail_cleanly() {
+    let Some(rig) = Rig::new() else { return };
+    let f = File::create(rig.path("huge")).unwrap();
+    let err = f.write_all_at(b"x", 1 << 31).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EFBIG), "{err}");
+    assert_eq!(f.metadata().unwrap().len(), 0);
+}
