@@ -154,7 +154,7 @@ impl Config {
                 .unwrap_or_else(|| DEFAULT_LISTEN.into()),
             max_body_bytes: args.max_body_bytes,
             drain_timeout: args.drain_timeout,
-            spool_options: Default::default(),
+            spool_options: spool_options_from_env(),
             // An empty SPOOLRELAY_ADMIN_TOKEN means no token, not the empty token.
             admin_token: args.admin_token.filter(|t| !t.is_empty()),
             admin_api: !args.no_admin_api,
@@ -164,4 +164,19 @@ impl Config {
             lua_limits,
         })
     }
+}
+
+/// `SPOOLRELAY_TEST_SKIP_FSYNC=1` makes the spool acknowledge without its fdatasync
+/// (`SyncFaults::skip_syncs`): the negative control of the power-loss test
+/// (`tests/powerloss.rs`), which must then lose acknowledged messages. Never for production:
+/// a 2xx then means nothing. Logged as an error at startup.
+fn spool_options_from_env() -> spool::SpoolOptions {
+    let options = spool::SpoolOptions::default();
+    if std::env::var_os("SPOOLRELAY_TEST_SKIP_FSYNC").is_some_and(|v| v == "1") {
+        tracing::error!(
+            "SPOOLRELAY_TEST_SKIP_FSYNC=1: the spool does not fsync; acknowledged messages are lost on power failure (tests only)"
+        );
+        options.faults.skip_syncs();
+    }
+    options
 }
