@@ -143,7 +143,8 @@ impl Capacity {
     pub fn check(&self, incoming: u64) -> Result<(), OverCapacity> {
         let used = self.spool_bytes();
         if let Some(max) = self.max_spool_bytes {
-            if used.saturating_add(incoming) > max {
+            // At the limit exactly, the spool is full (and /readyz, asking with 0, says so).
+            if used >= max || used.saturating_add(incoming) > max {
                 return Err(OverCapacity {
                     limit: Limit::MaxSpoolBytes,
                     reason: format!(
@@ -282,6 +283,8 @@ mod tests {
         let cap = Capacity::new(spool, dir.path(), Some(100), 0);
         assert!(cap.check(100).is_ok());
         assert_eq!(cap.check(101).unwrap_err().limit, Limit::MaxSpoolBytes);
+        let full = Capacity::new(cap.spool.clone(), dir.path(), Some(0), 0);
+        assert!(full.check(0).is_err(), "at the limit is full");
         let cap = Capacity::new(cap.spool.clone(), dir.path(), None, u64::MAX - 1);
         let over = cap.check(0).unwrap_err();
         assert_eq!(over.limit, Limit::MinFreeDisk);

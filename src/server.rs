@@ -171,9 +171,10 @@ async fn serve_connection(
     }
 }
 
-/// Answers a connection over `--max-connections` with a 503 and closes it. The client's
-/// request is read and discarded first (briefly), so closing does not reset the socket
-/// before the client has read the answer.
+/// Answers a connection over `--max-connections` with a 503 and closes it. The request's
+/// head is read first (briefly), since HTTP clients do not expect an answer before they
+/// sent their request, and the rest is drained after the answer, so closing does not
+/// reset the socket before the client has read it.
 async fn refuse(mut stream: TcpStream, max: usize) {
     let body = serde_json::json!({
         "error": format!(
@@ -187,11 +188,21 @@ async fn refuse(mut stream: TcpStream, max: usize) {
          retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
+    let mut head = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while head.len() < 16 << 10 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         stream.write_all(answer.as_bytes()).await?;
         stream.shutdown().await?;
-        let mut sink = [0u8; 4096];
-        while stream.read(&mut sink).await? > 0 {}
+        while stream.read(&mut chunk).await? > 0 {}
         Ok::<_, io::Error>(())
     })
     .await;
