@@ -74,7 +74,7 @@ pub struct RunArgs {
 /// Ingest bounds, HTTP time limits and spool capacity (issue 10, parts B and C). One
 /// struct, flattened into the command line and carried whole in [`Config`], so the
 /// handlers, the server loop and the capacity gate read one value.
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// Most recipients one POST /api/inject/v1 may name (413 above it).
     #[arg(long, value_name = "N", default_value_t = 10_000)]
@@ -203,5 +203,26 @@ impl Config {
             log_hooks: init.log_hooks,
             limits: args.limits,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limit_flags_default_to_limits_default() {
+        let cli = Cli::try_parse_from(["spoolrelay"]).unwrap();
+        assert_eq!(cli.run.limits, Limits::default());
+        let cli = Cli::try_parse_from([
+            "spoolrelay",
+            "--max-spool-bytes",
+            "1000",
+            "--http-header-timeout",
+            "3s",
+        ])
+        .unwrap();
+        assert_eq!(cli.run.limits.max_spool_bytes, Some(1000));
+        assert_eq!(cli.run.limits.http_header_timeout, Duration::from_secs(3));
     }
 }

@@ -11,6 +11,10 @@
 //! to), [`metrics`] (`/metrics`), and the [`delivery_log`]; ingest and dispatch report
 //! outcomes to both through [`telemetry`].
 //!
+//! In front of ingest: [`server`] (the accept loop: header, body and idle time limits, a
+//! connection cap, a bounded shutdown grace), [`capacity`] (503 + `Retry-After` at
+//! `--max-spool-bytes` / `--min-free-disk`) and [`health`] (`/livez`, `/readyz`).
+//!
 //! [`start`] runs all of it in the current tokio runtime and returns once it is serving,
 //! so tests and the demo embed the daemon without a subprocess.
 
