@@ -14,6 +14,14 @@
 //!
 //! A request is refused whole when it would cross a limit (its body size is added to
 //! the used bytes), so nothing is ever accepted in part.
+//!
+//! sled never returns disk space when messages leave (its files keep their size; freed
+//! segments are reused for new writes), and acks themselves append to its log: after a
+//! drain, free disk is *lower* than at the refusal (tests/limits.rs measured 24.0 MiB free
+//! at the refusal, 21.0 MiB after the drain). So below `--min-free-disk` the gate
+//! remembers the queued bytes it held when the reserve was first reached, and accepts new
+//! messages while the spool holds less than that: they fit where the delivered ones were.
+//! Below half the reserve it accepts nothing, whatever the spool holds.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -72,8 +80,13 @@ pub struct Capacity {
     free_disk: AtomicU64,
     refused_spool_bytes: AtomicU64,
     refused_free_disk: AtomicU64,
+    /// Queued bytes when free disk first fell below `--min-free-disk` ([`NO_WATERMARK`]
+    /// while above it): how much the spool's existing files are known to hold.
+    full_at: AtomicU64,
     wake: Notify,
 }
+
+const NO_WATERMARK: u64 = u64::MAX;
 
 impl Capacity {
     /// Builds the gate and takes a first reading, so the limits hold from the first request.
@@ -91,6 +104,7 @@ impl Capacity {
             free_disk: AtomicU64::new(u64::MAX),
             refused_spool_bytes: AtomicU64::new(0),
             refused_free_disk: AtomicU64::new(0),
+            full_at: AtomicU64::new(NO_WATERMARK),
             wake: Notify::new(),
         });
         capacity.refresh();
@@ -156,13 +170,38 @@ impl Capacity {
             }
         }
         if let Some(free) = self.free_disk() {
-            if free.saturating_sub(incoming) < self.min_free_disk {
+            if free.saturating_sub(incoming) >= self.min_free_disk {
+                // Room again (space was freed, or sled truncated): forget the watermark.
+                self.full_at.store(NO_WATERMARK, Relaxed);
+                return Ok(());
+            }
+            // Below the reserve. sled does not give space back when messages leave, but
+            // reuses it: up to the queued bytes the spool held when the reserve was first
+            // reached, new messages fit in the files it already has. The first refusal sets
+            // that watermark; below half the reserve nothing is accepted at all.
+            let full_at = match self
+                .full_at
+                .compare_exchange(NO_WATERMARK, used, Relaxed, Relaxed)
+            {
+                Ok(_) => used,
+                Err(set) => set,
+            };
+            // `incoming` 0 is /readyz asking: ready while there is any room left.
+            let fits = if incoming == 0 {
+                used < full_at
+            } else {
+                used.saturating_add(incoming) <= full_at
+            };
+            let reuse = free >= self.min_free_disk / 2 && fits;
+            if !reuse {
                 return Err(OverCapacity {
                     limit: Limit::MinFreeDisk,
                     reason: format!(
                         "the spool's disk ({}) has {free} bytes free, less than the {} kept \
-                         free for deliveries (--min-free-disk); nothing was accepted: retry \
-                         after deliveries drain the spool or free disk space",
+                         free for deliveries (--min-free-disk), and the spool holds {used} \
+                         bytes of messages (it took new ones up to {full_at} in the space it \
+                         has); nothing was accepted: retry after deliveries drain the spool or \
+                         free disk space",
                         self.dir.display(),
                         self.min_free_disk
                     ),

@@ -627,3 +627,167 @@ async fn low_free_disk_refuses_ingest() {
     assert_eq!(common::queued(&daemon), 0);
     daemon.stop().await.unwrap();
 }
+
+/// A tmpfs mounted at `dir` (needs root and `mount`); unmounted lazily when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs (this test needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// On a real small filesystem: `--min-free-disk` refuses ingest before sled meets ENOSPC
+/// (whose error latches until restart), deliveries drain the spool at the limit, and
+/// ingest accepts again once sled gave the space back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_free_disk_refuses_before_enospc_and_clears_after_a_drain() {
+    let work = tempfile::tempdir().unwrap();
+    let fs = Tmpfs::mount(&work.path().join("mnt"), "48m");
+    let spool_dir = fs.0.join("spool");
+    let daemon = common::start_with(SINK, &spool_dir, |c| {
+        c.limits.min_free_disk = 24 << 20;
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let post = common::url(&daemon, "/api/v1/queues/held/messages");
+    let suspend = http
+        .post(common::url(&daemon, "/api/admin/queues/held/suspend"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert!(suspend.status().is_success());
+    let free = || spoolrelay::capacity::free_bytes(&spool_dir).unwrap();
+    let mut accepted = 0;
+    let refusal = loop {
+        let resp = http
+            .post(&post)
+            .body(vec![b'd'; 8 << 10])
+            .send()
+            .await
+            .unwrap();
+        if !resp.status().is_success() {
+            break resp;
+        }
+        accepted += 1;
+        assert!(accepted < 10_000, "never refused");
+    };
+    let (status, body) = error_json(refusal).await;
+    println!(
+        "min-free-disk: {accepted} accepted, then {status} {body}; free now {} KiB",
+        free() >> 10
+    );
+    assert_eq!(status, 503);
+    assert_eq!(
+        body["limit"], "min_free_disk",
+        "refused by the gate, not by ENOSPC: {body}"
+    );
+    assert!(
+        accepted > 100,
+        "the reserve left almost no room: {accepted}"
+    );
+
+    let resume = http
+        .post(common::url(&daemon, "/api/admin/queues/held/resume"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resume.status().is_success());
+    common::wait_until("the held queue to drain", Duration::from_secs(30), || {
+        common::queued(&daemon) == 0
+    })
+    .await;
+    let drained_free = free();
+    let start = Instant::now();
+    let mut last = None;
+    while start.elapsed() < Duration::from_secs(30) {
+        let resp = http
+            .post(&post)
+            .body(vec![b'd'; 8 << 10])
+            .send()
+            .await
+            .unwrap();
+        if resp.status().is_success() {
+            last = None;
+            break;
+        }
+        last = Some(error_json(resp).await.1);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!(
+        "min-free-disk: drained; free right after {} KiB, {} KiB at the end; accepted again after {:?}: {}",
+        drained_free >> 10,
+        free() >> 10,
+        start.elapsed(),
+        last.is_none()
+    );
+    assert!(
+        last.is_none(),
+        "ingest still refused 30 s after the drain: {last:?}"
+    );
+    let ready = http
+        .get(common::url(&daemon, "/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200, "{:?}", ready.text().await);
+
+    // A second fill reuses the space the first one left: refused by the gate again, at
+    // about the same point, and never by ENOSPC.
+    let suspend = http
+        .post(common::url(&daemon, "/api/admin/queues/held/suspend"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert!(suspend.status().is_success());
+    let mut again = 0;
+    let refusal = loop {
+        let resp = http
+            .post(&post)
+            .body(vec![b'd'; 8 << 10])
+            .send()
+            .await
+            .unwrap();
+        if !resp.status().is_success() {
+            break resp;
+        }
+        again += 1;
+        assert!(again < 10_000, "never refused");
+    };
+    let (status, body) = error_json(refusal).await;
+    println!(
+        "min-free-disk: second fill: {again} accepted, then {status} {}; free now {} KiB",
+        body["limit"],
+        free() >> 10
+    );
+    assert_eq!(body["limit"], "min_free_disk", "{body}");
+    assert!(
+        free() >= (24 << 20) / 2,
+        "the second fill ate into the reserve's half"
+    );
+    daemon.stop().await.unwrap();
+    drop(fs);
+}
