@@ -5,7 +5,7 @@
 //! What bounds a client:
 //! - **Headers**: hyper's `header_read_timeout`, counted from the moment the connection
 //!   is ready for a request (accepted, or the previous response sent). Slowloris ends here.
-//! - **Idle**: [`IdleIo`] ends a connection that sent nothing for `--http-idle-timeout`
+//! - **Idle**: `IdleIo` ends a connection that sent nothing for `--http-idle-timeout`
 //!   while none of its requests is being handled (keep-alive idle, or a stalled request).
 //! - **Body**: [`read_body_within`] reads the whole body under one deadline (408 past it)
 //!   and the size limit (413 as soon as it is passed, before reading the rest).

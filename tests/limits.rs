@@ -791,3 +791,47 @@ async fn min_free_disk_refuses_before_enospc_and_clears_after_a_drain() {
     daemon.stop().await.unwrap();
     drop(fs);
 }
+
+/// A client that keeps trickling its headers is cut off at `--http-header-timeout`, even
+/// though it is never idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_that_trickles_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = common::start_with(&hold(), dir.path(), |c| {
+        c.limits.http_header_timeout = Duration::from_secs(1);
+        c.limits.http_idle_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let addr = daemon.addr;
+    let closed_after = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let header = b"POST /api/v1/queues/q/messages HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+        let start = Instant::now();
+        let mut buf = [0u8; 1024];
+        for i in 0.. {
+            if start.elapsed() > Duration::from_secs(10) {
+                return None;
+            }
+            if s.write_all(&[header[i % header.len()]]).is_err() {
+                return Some(start.elapsed());
+            }
+            match s.read(&mut buf) {
+                Ok(0) => return Some(start.elapsed()),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return Some(start.elapsed()),
+            }
+        }
+        None
+    })
+    .await
+    .unwrap();
+    println!("trickling header: closed after {closed_after:?}");
+    assert!(
+        closed_after.is_some(),
+        "a connection trickling its header was still open after 10 s"
+    );
+    daemon.stop().await.unwrap();
+}
