@@ -369,7 +369,7 @@ async fn connection_cap_body_deadline_and_idle_limit_hold() {
     let daemon = common::start_with(&hold(), dir.path(), |c| {
         c.limits.max_connections = 4;
         c.limits.http_header_timeout = Duration::from_secs(60);
-        c.limits.http_idle_timeout = Duration::from_millis(500);
+        c.limits.http_idle_timeout = Duration::from_millis(1500);
         c.limits.http_body_timeout = Duration::from_secs(1);
     })
     .await;
