@@ -26,7 +26,7 @@
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,6 +83,8 @@ pub struct Capacity {
     /// Queued bytes when free disk first fell below `--min-free-disk` ([`NO_WATERMARK`]
     /// while above it): how much the spool's existing files are known to hold.
     full_at: AtomicU64,
+    /// Whether the last gated request was refused (to log transitions only).
+    refusing: AtomicBool,
     wake: Notify,
 }
 
@@ -105,6 +107,7 @@ impl Capacity {
             refused_spool_bytes: AtomicU64::new(0),
             refused_free_disk: AtomicU64::new(0),
             full_at: AtomicU64::new(NO_WATERMARK),
+            refusing: AtomicBool::new(false),
             wake: Notify::new(),
         });
         capacity.refresh();
@@ -272,13 +275,24 @@ pub async fn gate(State(capacity): State<Arc<Capacity>>, req: Request, next: Nex
     let incoming = req.body().size_hint().exact().unwrap_or(0);
     if let Err(over) = capacity.check(incoming) {
         capacity.count_refusal(over.limit);
-        tracing::warn!(limit = over.limit.name(), reason = %over.reason, "ingest refused: over capacity");
+        // One line when refusing starts, not one per request.
+        if !capacity.refusing.swap(true, Relaxed) {
+            tracing::warn!(
+                limit = over.limit.name(),
+                reason = %over.reason,
+                "ingest refused: over capacity (further refusals are counted in \
+                 spoolrelay_ingest_refused_total)"
+            );
+        }
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, RETRY_AFTER_SECS.to_string())],
             Json(json!({ "error": over.reason, "limit": over.limit.name() })),
         )
             .into_response();
+    }
+    if capacity.refusing.swap(false, Relaxed) {
+        tracing::info!("ingest below the capacity limits again; accepting");
     }
     let response = next.run(req).await;
     if response.status().is_success() {
