@@ -78,6 +78,9 @@ pub struct Capacity {
     pub min_free_disk: u64,
     /// Last `statvfs` reading; `u64::MAX` until the first one (or when it fails).
     free_disk: AtomicU64,
+    /// Size of sled's files at the last reading (`Spool::disk_bytes` lists `blobs/`, so
+    /// it is read in the background with free disk, never per request).
+    disk_bytes: AtomicU64,
     refused_spool_bytes: AtomicU64,
     refused_free_disk: AtomicU64,
     /// Queued bytes when free disk first fell below `--min-free-disk` ([`NO_WATERMARK`]
@@ -104,6 +107,7 @@ impl Capacity {
             max_spool_bytes,
             min_free_disk,
             free_disk: AtomicU64::new(u64::MAX),
+            disk_bytes: AtomicU64::new(0),
             refused_spool_bytes: AtomicU64::new(0),
             refused_free_disk: AtomicU64::new(0),
             full_at: AtomicU64::new(NO_WATERMARK),
@@ -114,8 +118,12 @@ impl Capacity {
         capacity
     }
 
-    /// Reads free disk space now.
+    /// Reads free disk space (and the size of the spool's files, for `/metrics`) now.
     pub fn refresh(&self) {
+        match self.spool.disk_bytes() {
+            Ok(bytes) => self.disk_bytes.store(bytes, Relaxed),
+            Err(e) => tracing::debug!(error = %e, "cannot read the spool's size on disk"),
+        }
         match free_bytes(&self.dir) {
             Ok(free) => self.free_disk.store(free, Relaxed),
             Err(e) => {
@@ -239,6 +247,11 @@ impl Capacity {
             "spoolrelay_spool_max_bytes",
             "--max-spool-bytes (0: no limit).",
             self.max_spool_bytes.unwrap_or(0).to_string(),
+        );
+        gauge(
+            "spoolrelay_spool_disk_bytes",
+            "Size of the spool's sled files at the last reading (they do not shrink as messages leave).",
+            self.disk_bytes.load(Relaxed).to_string(),
         );
         gauge(
             "spoolrelay_disk_free_bytes",

@@ -556,6 +556,13 @@ async fn full_spool_refuses_with_503_then_accepts_after_a_drain() {
         metric(&daemon, "spoolrelay_spool_bytes").await,
         Some(9.0 * 1024.0)
     );
+    assert!(
+        metric(&daemon, "spoolrelay_spool_disk_bytes")
+            .await
+            .unwrap()
+            > 0.0
+    );
+    assert!(metric(&daemon, "spoolrelay_disk_free_bytes").await.unwrap() > 0.0);
     // Other queues are refused as well: the limit is the spool's.
     let other = http
         .post(post("other"))
