@@ -218,6 +218,52 @@ mod tests {
     }
 
     #[test]
+    fn total_bytes_matches_the_stats_through_any_sequence() {
+        let mut index = Index::default();
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for step in 0..5000 {
+            let queue = ["a", "b", "c"][next(3) as usize];
+            let id = next(50);
+            let slot = Slot {
+                bytes: next(1000) as u32,
+                ..SLOT
+            };
+            match next(4) {
+                // insert only ids not already scheduled elsewhere, as the spool does
+                0 if !index.is_leased(queue, id) && index.find(id).is_none() => {
+                    index.insert(queue, id, next(100), slot)
+                }
+                0 | 1 => {
+                    index.take_due(queue, next(100), 3);
+                }
+                2 => {
+                    // a retry: a leased message rescheduled
+                    if index.is_leased(queue, id) {
+                        index.insert(queue, id, next(100), slot);
+                    } else {
+                        index.release(queue, id);
+                    }
+                }
+                _ => {
+                    index.remove(queue, id);
+                }
+            }
+            let sum: u64 = index
+                .queue_names()
+                .iter()
+                .map(|q| index.stats(q, 0).bytes)
+                .sum();
+            assert_eq!(index.total_bytes(), sum, "after step {step}");
+        }
+    }
+
+    #[test]
     fn stats_count_waiting_and_leased() {
         let mut index = Index::default();
         index.insert("q", 1, 0, SLOT);
