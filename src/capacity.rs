@@ -173,9 +173,14 @@ impl Capacity {
                 return Err(OverCapacity {
                     limit: Limit::MaxSpoolBytes,
                     reason: format!(
-                        "the spool is full: queued messages hold {used} bytes, {incoming} more \
-                         would pass the limit of {max} (--max-spool-bytes); nothing was \
-                         accepted: retry after deliveries drain it"
+                        "the spool is full: queued messages hold {used} bytes{}, the limit is \
+                         {max} (--max-spool-bytes); nothing was accepted: retry after \
+                         deliveries drain it",
+                        if incoming > 0 {
+                            format!(" and this request would add {incoming}")
+                        } else {
+                            String::new()
+                        }
                     ),
                 });
             }
