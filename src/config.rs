@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use policy::Policy;
+use policy::{Policy, PolicyLimits};
 
 pub const DEFAULT_SPOOL: &str = "./spool";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8000";
@@ -67,6 +67,16 @@ pub struct RunArgs {
     /// Rotate the delivery log when it would pass this size (FILE.1 … FILE.5 are kept).
     #[arg(long, value_name = "BYTES", default_value_t = crate::delivery_log::DEFAULT_MAX_BYTES)]
     pub delivery_log_max_bytes: u64,
+    // -- Lua isolation (issue 10 A) --
+    /// Bound on each run of the policy chunk, `init`, `get_queue_config`, a constructor or
+    /// a log hook; code past it is stopped (even a loop that never yields) and its Lua state
+    /// rebuilt. Sends are bounded by the queue's own send_timeout.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub lua_event_timeout: Duration,
+    /// Memory one Lua state may allocate, in MiB; a call that needs more fails with an error
+    /// naming the limit and the state is rebuilt.
+    #[arg(long, value_name = "MIB", default_value_t = (policy::DEFAULT_MEMORY_LIMIT >> 20) as u64, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub lua_memory_limit: u64,
     #[command(flatten)]
     pub limits: Limits,
 }
@@ -147,6 +157,9 @@ pub struct Config {
     pub delivery_log_max_bytes: u64,
     /// Log hooks the policy declared in `init` (`kumo.configure_log_hook`).
     pub log_hooks: Vec<String>,
+    // -- Lua isolation (issue 10 A) --
+    /// The bounds the policy was loaded with (`--lua-event-timeout`, `--lua-memory-limit`).
+    pub lua_limits: PolicyLimits,
     /// Ingest bounds, HTTP limits, spool capacity.
     pub limits: Limits,
 }
@@ -154,6 +167,7 @@ pub struct Config {
 impl Config {
     /// A config with built-in defaults around an already loaded policy (tests, demo).
     pub fn new(policy: Policy, spool_dir: PathBuf) -> Config {
+        let lua_limits = policy.limits();
         Config {
             policy,
             spool_dir,
@@ -166,6 +180,7 @@ impl Config {
             delivery_log: None,
             delivery_log_max_bytes: crate::delivery_log::DEFAULT_MAX_BYTES,
             log_hooks: Vec::new(),
+            lua_limits,
             limits: Limits::default(),
         }
     }
@@ -176,7 +191,15 @@ impl Config {
             .policy
             .context("--policy FILE is required (or use `spoolrelay demo`)")?;
         // The policy error carries the Lua chunk name and line; show it as is.
-        let policy = Policy::load(&path)
+        anyhow::ensure!(
+            !args.lua_event_timeout.is_zero(),
+            "--lua-event-timeout must be more than 0 (every policy call would time out)"
+        );
+        let lua_limits = PolicyLimits {
+            event_timeout: args.lua_event_timeout,
+            memory_limit: (args.lua_memory_limit as usize) << 20,
+        };
+        let policy = Policy::load_with(&path, lua_limits)
             .map_err(|e| anyhow::anyhow!("cannot load policy {}: {e}", path.display()))?;
         let init = policy
             .init_config()
@@ -201,6 +224,7 @@ impl Config {
             delivery_log: args.delivery_log,
             delivery_log_max_bytes: args.delivery_log_max_bytes,
             log_hooks: init.log_hooks,
+            lua_limits,
             limits: args.limits,
         })
     }
