@@ -20,6 +20,7 @@ use crate::Shutdown;
 /// What readiness looks at.
 #[derive(Clone)]
 pub struct Health {
+    pub spool: spool::Spool,
     pub capacity: Arc<Capacity>,
     pub shutdown: Shutdown,
 }
@@ -33,6 +34,9 @@ pub fn not_ready_reasons(health: &Health) -> Vec<String> {
     if let Err(over) = health.capacity.check(0) {
         reasons.push(over.reason);
     }
+    // Merge point for issue 10 D: a poisoned spool (after a durability error) is a reason
+    // too, e.g. `if let Some(why) = health.spool.poisoned() { reasons.push(why) }`.
+    let _ = &health.spool;
     reasons
 }
 
@@ -73,6 +77,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _) = spool::Spool::open(dir.path(), Default::default()).unwrap();
         let health = Health {
+            spool: spool.clone(),
             capacity: Capacity::new(spool, dir.path(), None, 0),
             shutdown: Shutdown::new(),
         };

@@ -138,6 +138,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
             capacity.clone(),
         ))
         .merge(health::router(health::Health {
+            spool: spool.clone(),
             capacity,
             shutdown: shutdown.clone(),
         }));
