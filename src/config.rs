@@ -77,6 +77,66 @@ pub struct RunArgs {
     /// naming the limit and the state is rebuilt.
     #[arg(long, value_name = "MIB", default_value_t = (policy::DEFAULT_MEMORY_LIMIT >> 20) as u64, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub lua_memory_limit: u64,
+    #[command(flatten)]
+    pub limits: Limits,
+}
+
+/// Ingest bounds, HTTP time limits and spool capacity (issue 10, parts B and C). One
+/// struct, flattened into the command line and carried whole in [`Config`], so the
+/// handlers, the server loop and the capacity gate read one value.
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Most recipients one POST /api/inject/v1 may name (413 above it).
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub max_inject_recipients: usize,
+    /// Most bytes an injection may expand to: recipients x content bytes (413 above it).
+    #[arg(long, value_name = "BYTES", default_value_t = 64 << 20)]
+    pub max_inject_expanded_bytes: u64,
+    /// Most lines (blank ones included) one NDJSON batch may have (413 above it).
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub max_batch_lines: usize,
+    /// Time a client has to send a request's headers, counted from the connection being
+    /// ready for a request (accepted, or the previous response sent).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http_header_timeout: Duration,
+    /// Time a client has to send a request's whole body once its headers arrived (408).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub http_body_timeout: Duration,
+    /// A connection that sends nothing for this long while none of its requests is being
+    /// handled is closed (keep-alive idle limit).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub http_idle_timeout: Duration,
+    /// Most HTTP connections served at once; above it a connection gets a 503 and is closed.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// How long shutdown lets in-flight HTTP requests finish before dropping connections.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub http_shutdown_grace: Duration,
+    /// Refuse ingest (503 + Retry-After) while queued messages hold this many bytes or
+    /// more [default: no limit].
+    #[arg(long, value_name = "BYTES")]
+    pub max_spool_bytes: Option<u64>,
+    /// Refuse ingest (503 + Retry-After) while the spool's filesystem has less free space
+    /// than this.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 << 20)]
+    pub min_free_disk: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_inject_recipients: 10_000,
+            max_inject_expanded_bytes: 64 << 20,
+            max_batch_lines: 10_000,
+            http_header_timeout: Duration::from_secs(10),
+            http_body_timeout: Duration::from_secs(30),
+            http_idle_timeout: Duration::from_secs(5),
+            max_connections: 1024,
+            http_shutdown_grace: Duration::from_secs(2),
+            max_spool_bytes: None,
+            min_free_disk: 64 << 20,
+        }
+    }
 }
 
 /// Everything the daemon needs, resolved.
@@ -100,6 +160,8 @@ pub struct Config {
     // -- Lua isolation (issue 10 A) --
     /// The bounds the policy was loaded with (`--lua-event-timeout`, `--lua-memory-limit`).
     pub lua_limits: PolicyLimits,
+    /// Ingest bounds, HTTP limits, spool capacity.
+    pub limits: Limits,
 }
 
 impl Config {
@@ -119,6 +181,7 @@ impl Config {
             delivery_log_max_bytes: crate::delivery_log::DEFAULT_MAX_BYTES,
             log_hooks: Vec::new(),
             lua_limits,
+            limits: Limits::default(),
         }
     }
 
@@ -162,6 +225,7 @@ impl Config {
             delivery_log_max_bytes: args.delivery_log_max_bytes,
             log_hooks: init.log_hooks,
             lua_limits,
+            limits: args.limits,
         })
     }
 }
@@ -179,4 +243,25 @@ fn spool_options_from_env() -> spool::SpoolOptions {
         options.faults.skip_syncs();
     }
     options
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limit_flags_default_to_limits_default() {
+        let cli = Cli::try_parse_from(["spoolrelay"]).unwrap();
+        assert_eq!(cli.run.limits, Limits::default());
+        let cli = Cli::try_parse_from([
+            "spoolrelay",
+            "--max-spool-bytes",
+            "1000",
+            "--http-header-timeout",
+            "3s",
+        ])
+        .unwrap();
+        assert_eq!(cli.run.limits.max_spool_bytes, Some(1000));
+        assert_eq!(cli.run.limits.http_header_timeout, Duration::from_secs(3));
+    }
 }

@@ -73,6 +73,8 @@ async fn start(dir: &Path) -> anyhow::Result<spoolrelay::Daemon> {
     let mut config = Config::new(policy, dir.to_path_buf());
     config.listen = "127.0.0.1:0".into();
     config.drain_timeout = Duration::from_secs(5);
+    // This test is about sled meeting ENOSPC itself: no free-space reserve in front of it.
+    config.limits.min_free_disk = 0;
     spoolrelay::start(config, Shutdown::new()).await
 }
 
