@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use policy::Policy;
+use policy::{Policy, PolicyLimits};
 
 pub const DEFAULT_SPOOL: &str = "./spool";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8000";
@@ -67,6 +67,76 @@ pub struct RunArgs {
     /// Rotate the delivery log when it would pass this size (FILE.1 … FILE.5 are kept).
     #[arg(long, value_name = "BYTES", default_value_t = crate::delivery_log::DEFAULT_MAX_BYTES)]
     pub delivery_log_max_bytes: u64,
+    // -- Lua isolation (issue 10 A) --
+    /// Bound on each run of the policy chunk, `init`, `get_queue_config`, a constructor or
+    /// a log hook; code past it is stopped (even a loop that never yields) and its Lua state
+    /// rebuilt. Sends are bounded by the queue's own send_timeout.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub lua_event_timeout: Duration,
+    /// Memory one Lua state may allocate, in MiB; a call that needs more fails with an error
+    /// naming the limit and the state is rebuilt.
+    #[arg(long, value_name = "MIB", default_value_t = (policy::DEFAULT_MEMORY_LIMIT >> 20) as u64, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub lua_memory_limit: u64,
+    #[command(flatten)]
+    pub limits: Limits,
+}
+
+/// Ingest bounds, HTTP time limits and spool capacity (issue 10, parts B and C). One
+/// struct, flattened into the command line and carried whole in [`Config`], so the
+/// handlers, the server loop and the capacity gate read one value.
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Most recipients one POST /api/inject/v1 may name (413 above it).
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub max_inject_recipients: usize,
+    /// Most bytes an injection may expand to: recipients x content bytes (413 above it).
+    #[arg(long, value_name = "BYTES", default_value_t = 64 << 20)]
+    pub max_inject_expanded_bytes: u64,
+    /// Most lines (blank ones included) one NDJSON batch may have (413 above it).
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub max_batch_lines: usize,
+    /// Time a client has to send a request's headers, counted from the connection being
+    /// ready for a request (accepted, or the previous response sent).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http_header_timeout: Duration,
+    /// Time a client has to send a request's whole body once its headers arrived (408).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub http_body_timeout: Duration,
+    /// A connection that sends nothing for this long while none of its requests is being
+    /// handled is closed (keep-alive idle limit).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub http_idle_timeout: Duration,
+    /// Most HTTP connections served at once; above it a connection gets a 503 and is closed.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// How long shutdown lets in-flight HTTP requests finish before dropping connections.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub http_shutdown_grace: Duration,
+    /// Refuse ingest (503 + Retry-After) while queued messages hold this many bytes or
+    /// more [default: no limit].
+    #[arg(long, value_name = "BYTES")]
+    pub max_spool_bytes: Option<u64>,
+    /// Refuse ingest (503 + Retry-After) while the spool's filesystem has less free space
+    /// than this.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 << 20)]
+    pub min_free_disk: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_inject_recipients: 10_000,
+            max_inject_expanded_bytes: 64 << 20,
+            max_batch_lines: 10_000,
+            http_header_timeout: Duration::from_secs(10),
+            http_body_timeout: Duration::from_secs(30),
+            http_idle_timeout: Duration::from_secs(5),
+            max_connections: 1024,
+            http_shutdown_grace: Duration::from_secs(2),
+            max_spool_bytes: None,
+            min_free_disk: 64 << 20,
+        }
+    }
 }
 
 /// Everything the daemon needs, resolved.
@@ -87,11 +157,17 @@ pub struct Config {
     pub delivery_log_max_bytes: u64,
     /// Log hooks the policy declared in `init` (`kumo.configure_log_hook`).
     pub log_hooks: Vec<String>,
+    // -- Lua isolation (issue 10 A) --
+    /// The bounds the policy was loaded with (`--lua-event-timeout`, `--lua-memory-limit`).
+    pub lua_limits: PolicyLimits,
+    /// Ingest bounds, HTTP limits, spool capacity.
+    pub limits: Limits,
 }
 
 impl Config {
     /// A config with built-in defaults around an already loaded policy (tests, demo).
     pub fn new(policy: Policy, spool_dir: PathBuf) -> Config {
+        let lua_limits = policy.limits();
         Config {
             policy,
             spool_dir,
@@ -104,6 +180,8 @@ impl Config {
             delivery_log: None,
             delivery_log_max_bytes: crate::delivery_log::DEFAULT_MAX_BYTES,
             log_hooks: Vec::new(),
+            lua_limits,
+            limits: Limits::default(),
         }
     }
 
@@ -113,7 +191,15 @@ impl Config {
             .policy
             .context("--policy FILE is required (or use `spoolrelay demo`)")?;
         // The policy error carries the Lua chunk name and line; show it as is.
-        let policy = Policy::load(&path)
+        anyhow::ensure!(
+            !args.lua_event_timeout.is_zero(),
+            "--lua-event-timeout must be more than 0 (every policy call would time out)"
+        );
+        let lua_limits = PolicyLimits {
+            event_timeout: args.lua_event_timeout,
+            memory_limit: (args.lua_memory_limit as usize) << 20,
+        };
+        let policy = Policy::load_with(&path, lua_limits)
             .map_err(|e| anyhow::anyhow!("cannot load policy {}: {e}", path.display()))?;
         let init = policy
             .init_config()
@@ -131,13 +217,51 @@ impl Config {
                 .unwrap_or_else(|| DEFAULT_LISTEN.into()),
             max_body_bytes: args.max_body_bytes,
             drain_timeout: args.drain_timeout,
-            spool_options: Default::default(),
+            spool_options: spool_options_from_env(),
             // An empty SPOOLRELAY_ADMIN_TOKEN means no token, not the empty token.
             admin_token: args.admin_token.filter(|t| !t.is_empty()),
             admin_api: !args.no_admin_api,
             delivery_log: args.delivery_log,
             delivery_log_max_bytes: args.delivery_log_max_bytes,
             log_hooks: init.log_hooks,
+            lua_limits,
+            limits: args.limits,
         })
+    }
+}
+
+/// `SPOOLRELAY_TEST_SKIP_FSYNC=1` makes the spool acknowledge without its fdatasync
+/// (`SyncFaults::skip_syncs`): the negative control of the power-loss test
+/// (`tests/powerloss.rs`), which must then lose acknowledged messages. Never for production:
+/// a 2xx then means nothing. Logged as an error at startup.
+fn spool_options_from_env() -> spool::SpoolOptions {
+    let options = spool::SpoolOptions::default();
+    if std::env::var_os("SPOOLRELAY_TEST_SKIP_FSYNC").is_some_and(|v| v == "1") {
+        tracing::error!(
+            "SPOOLRELAY_TEST_SKIP_FSYNC=1: the spool does not fsync; acknowledged messages are lost on power failure (tests only)"
+        );
+        options.faults.skip_syncs();
+    }
+    options
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limit_flags_default_to_limits_default() {
+        let cli = Cli::try_parse_from(["spoolrelay"]).unwrap();
+        assert_eq!(cli.run.limits, Limits::default());
+        let cli = Cli::try_parse_from([
+            "spoolrelay",
+            "--max-spool-bytes",
+            "1000",
+            "--http-header-timeout",
+            "3s",
+        ])
+        .unwrap();
+        assert_eq!(cli.run.limits.max_spool_bytes, Some(1000));
+        assert_eq!(cli.run.limits.http_header_timeout, Duration::from_secs(3));
     }
 }

@@ -5,6 +5,12 @@
 //! accepted whole or not at all, and concurrent requests share fsyncs via the spool's
 //! group commit. Errors are JSON `{"error": "..."}` with 400 (the request is wrong),
 //! 413 (too large) or 503 (the spool could not make it durable: retry later).
+//!
+//! Bounds (issue 10): a request is measured before it is expanded. An NDJSON batch's
+//! lines are counted (one pass over the bytes, nothing allocated) before any is parsed;
+//! an injection's recipients are counted and its `content` and `metadata` measured as
+//! raw JSON before any recipient is built, so a small body that would expand into
+//! gigabytes is refused with 413 at the cost of one parse.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -14,28 +20,66 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
-use serde::Deserialize;
+use serde::de::{IgnoredAny, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use spool::{Meta, MetaValue, NewMessage, Spool, SpoolError};
 
+use std::sync::Arc;
+
+use crate::capacity::Capacity;
+use crate::config::Limits;
 use crate::meta;
 use crate::telemetry::Telemetry;
 
-/// What the handlers share: the spool, and where accepted messages are reported.
+/// What the handlers share: the spool, where accepted messages are reported, and the
+/// request bounds.
 #[derive(Clone)]
 pub struct Ingest {
     pub spool: Spool,
     pub telemetry: Telemetry,
+    pub limits: IngestLimits,
 }
 
-/// Builds the router. `max_body_bytes` bounds every request body (413 above it).
-pub fn router(state: Ingest, max_body_bytes: usize) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/api/v1/stats", get(stats))
+/// The bounds the handlers enforce (from `--max-inject-*` and `--max-batch-lines`).
+#[derive(Clone, Copy, Debug)]
+pub struct IngestLimits {
+    pub max_inject_recipients: usize,
+    pub max_inject_expanded_bytes: u64,
+    pub max_batch_lines: usize,
+}
+
+impl From<&Limits> for IngestLimits {
+    fn from(l: &Limits) -> IngestLimits {
+        IngestLimits {
+            max_inject_recipients: l.max_inject_recipients,
+            max_inject_expanded_bytes: l.max_inject_expanded_bytes,
+            max_batch_lines: l.max_batch_lines,
+        }
+    }
+}
+
+impl Default for IngestLimits {
+    fn default() -> IngestLimits {
+        IngestLimits::from(&Limits::default())
+    }
+}
+
+/// Builds the router. `max_body_bytes` bounds every request body (413 above it); the
+/// capacity gate runs before every ingest handler (503 at the limit).
+pub fn router(state: Ingest, max_body_bytes: usize, capacity: Arc<Capacity>) -> Router {
+    let ingest = Router::new()
         .route("/api/v1/queues/{queue}/messages", post(post_message))
         .route("/api/v1/queues/{queue}/batch", post(post_batch))
         .route("/api/inject/v1", post(inject))
+        .route_layer(axum::middleware::from_fn_with_state(
+            capacity,
+            crate::capacity::gate,
+        ));
+    Router::new()
+        .route("/api/v1/stats", get(stats))
+        .merge(ingest)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
@@ -71,6 +115,10 @@ pub struct ApiError(pub StatusCode, pub String);
 impl ApiError {
     fn bad_request(msg: impl Into<String>) -> ApiError {
         ApiError(StatusCode::BAD_REQUEST, msg.into())
+    }
+
+    fn too_large(msg: impl Into<String>) -> ApiError {
+        ApiError(StatusCode::PAYLOAD_TOO_LARGE, msg.into())
     }
 }
 
@@ -112,7 +160,9 @@ async fn stats(State(ingest): State<Ingest>) -> Json<spool::SpoolStats> {
 
 /// One message: the body verbatim, `X-Meta-<name>` headers as string metadata.
 async fn post_message(
-    State(Ingest { spool, telemetry }): State<Ingest>,
+    State(Ingest {
+        spool, telemetry, ..
+    }): State<Ingest>,
     Path(queue): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -180,14 +230,40 @@ pub fn parse_batch(queue: &str, body: &[u8]) -> Result<Vec<NewMessage>, ApiError
     Ok(out)
 }
 
+/// Refuses a batch of more than `max_lines` lines, blank ones included, before anything
+/// is parsed: one scan of the bytes, stopping as soon as the count is over.
+pub fn check_batch_lines(body: &[u8], max_lines: usize) -> Result<(), ApiError> {
+    // Lines are the pieces between '\n's; a last piece without '\n' counts too.
+    let mut lines = usize::from(!body.is_empty() && !body.ends_with(b"\n"));
+    for _ in body.iter().filter(|b| **b == b'\n') {
+        lines += 1;
+        if lines > max_lines {
+            break;
+        }
+    }
+    if lines > max_lines {
+        return Err(ApiError::too_large(format!(
+            "the batch has more than {max_lines} lines (blank lines count), the limit set by \
+             --max-batch-lines; nothing was accepted: split it into smaller batches"
+        )));
+    }
+    Ok(())
+}
+
 /// NDJSON batch: every line is spooled in one durable enqueue, or none is.
 async fn post_batch(
-    State(Ingest { spool, telemetry }): State<Ingest>,
+    State(Ingest {
+        spool,
+        telemetry,
+        limits,
+    }): State<Ingest>,
     Path(queue): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     check_queue(&queue)?;
-    let messages = parse_batch(&queue, &body?)?;
+    let body = body?;
+    check_batch_lines(&body, limits.max_batch_lines)?;
+    let messages = parse_batch(&queue, &body)?;
     let ids = if messages.is_empty() {
         Vec::new()
     } else {
@@ -252,9 +328,75 @@ pub struct InjectPlan {
     pub errors: Vec<String>,
 }
 
-/// Parses a KumoMTA injection body into one message per recipient. Pure, so it can be
-/// fuzzed; the handler only adds the enqueue.
-pub fn plan_inject(body: &[u8]) -> Result<InjectPlan, ApiError> {
+/// An injection's size before expansion: the recipients counted (each skipped unparsed)
+/// and `content` and `metadata` kept as raw JSON slices of the body (no copy).
+#[derive(Deserialize)]
+struct InjectShape<'a> {
+    #[serde(default)]
+    recipients: Count,
+    #[serde(borrow, default)]
+    content: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    metadata: Option<&'a RawValue>,
+}
+
+/// The length of a JSON array, counted without keeping its elements.
+#[derive(Default)]
+struct Count(usize);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Count, D::Error> {
+        struct Counter;
+        impl<'de> Visitor<'de> for Counter {
+            type Value = Count;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array of recipients")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Count, A::Error> {
+                let mut n = 0;
+                while seq.next_element::<IgnoredAny>()?.is_some() {
+                    n += 1;
+                }
+                Ok(Count(n))
+            }
+        }
+        d.deserialize_seq(Counter)
+    }
+}
+
+/// Refuses an injection that names too many recipients or would expand past
+/// `max_inject_expanded_bytes`: recipients x (content + shared metadata), measured as
+/// raw JSON (never less than what a message will hold). Allocates nothing per recipient.
+fn check_inject_bounds(body: &[u8], limits: &IngestLimits) -> Result<(), ApiError> {
+    let shape: InjectShape = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid injection request: {e}")))?;
+    let recipients = shape.recipients.0;
+    if recipients > limits.max_inject_recipients {
+        return Err(ApiError::too_large(format!(
+            "the injection names {recipients} recipients; the limit is {} \
+             (--max-inject-recipients); nothing was accepted: split it into smaller requests",
+            limits.max_inject_recipients
+        )));
+    }
+    let raw_len = |v: Option<&RawValue>| v.map_or(0, |v| v.get().len() as u64);
+    let each = raw_len(shape.content) + raw_len(shape.metadata);
+    let expanded = (recipients as u64).saturating_mul(each);
+    if expanded > limits.max_inject_expanded_bytes {
+        return Err(ApiError::too_large(format!(
+            "the injection would expand to {expanded} bytes ({recipients} recipients x {each} \
+             bytes of content and metadata); the limit is {} (--max-inject-expanded-bytes); \
+             nothing was accepted: send fewer recipients per request",
+            limits.max_inject_expanded_bytes
+        )));
+    }
+    Ok(())
+}
+
+/// Parses a KumoMTA injection body into one message per recipient, after checking its
+/// bounds (413 above them, before any message is built). Pure, so it can be fuzzed; the
+/// handler only adds the enqueue.
+pub fn plan_inject(body: &[u8], limits: &IngestLimits) -> Result<InjectPlan, ApiError> {
+    check_inject_bounds(body, limits)?;
     let req: InjectRequest = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid injection request: {e}")))?;
     let Value::String(content) = req.content else {
@@ -305,10 +447,14 @@ pub fn plan_inject(body: &[u8]) -> Result<InjectPlan, ApiError> {
 /// Recipients that cannot be queued are reported in `failed_recipients`; the others are
 /// accepted.
 async fn inject(
-    State(Ingest { spool, telemetry }): State<Ingest>,
+    State(Ingest {
+        spool,
+        telemetry,
+        limits,
+    }): State<Ingest>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let plan = plan_inject(&body?)?;
+    let plan = plan_inject(&body?, &limits)?;
     let accepted = plan.messages.len();
     if accepted > 0 {
         let queues: Vec<String> = plan.messages.iter().map(|m| m.queue.clone()).collect();
@@ -355,6 +501,52 @@ mod tests {
         let ok = parse_batch("q", &body[..body.len() - 7]).unwrap();
         assert_eq!(ok.len(), 2);
         assert_eq!(ok[1].payload, vec![0, 1, 2, 255]);
+    }
+
+    #[test]
+    fn batch_line_count_includes_blank_lines() {
+        assert!(check_batch_lines(b"", 0).is_ok());
+        assert!(check_batch_lines(b"a\nb\n", 2).is_ok());
+        assert!(check_batch_lines(b"a\nb", 2).is_ok());
+        assert!(check_batch_lines(b"a\nb\nc", 2).is_err());
+        let blank = vec![b'\n'; 1000];
+        let err = check_batch_lines(&blank, 999).unwrap_err();
+        assert_eq!(err.0, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(err.1.contains("--max-batch-lines"), "{}", err.1);
+    }
+
+    #[test]
+    fn inject_bounds_are_checked_before_expansion() {
+        let limits = IngestLimits {
+            max_inject_recipients: 3,
+            max_inject_expanded_bytes: 100,
+            max_batch_lines: 10,
+        };
+        let body = |n: usize, content: &str| {
+            let rcpts: Vec<Value> = (0..n)
+                .map(|i| json!({"email": format!("u{i}@x.org")}))
+                .collect();
+            serde_json::to_vec(
+                &json!({"envelope_sender": "s@x.org", "recipients": rcpts, "content": content}),
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            plan_inject(&body(3, "hi"), &limits).unwrap().messages.len(),
+            3
+        );
+        let refused = |body: &[u8]| match plan_inject(body, &limits) {
+            Ok(_) => panic!("accepted: {}", String::from_utf8_lossy(body)),
+            Err(e) => e,
+        };
+        let err = refused(&body(4, "hi"));
+        assert_eq!(err.0, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(err.1.contains("--max-inject-recipients"), "{}", err.1);
+        let err = refused(&body(3, &"x".repeat(40)));
+        assert_eq!(err.0, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(err.1.contains("--max-inject-expanded-bytes"), "{}", err.1);
+        let bad = refused(br#"{"recipients": 5}"#);
+        assert_eq!(bad.0, StatusCode::BAD_REQUEST);
     }
 
     #[test]

@@ -11,18 +11,25 @@
 //! to), [`metrics`] (`/metrics`), and the [`delivery_log`]; ingest and dispatch report
 //! outcomes to both through [`telemetry`].
 //!
+//! In front of ingest: [`server`] (the accept loop: header, body and idle time limits, a
+//! connection cap, a bounded shutdown grace), [`capacity`] (503 + `Retry-After` at
+//! `--max-spool-bytes` / `--min-free-disk`) and [`health`] (`/livez`, `/readyz`).
+//!
 //! [`start`] runs all of it in the current tokio runtime and returns once it is serving,
 //! so tests and the demo embed the daemon without a subprocess.
 
 pub mod admin;
+pub mod capacity;
 pub mod config;
 pub mod delivery_log;
 pub mod demo;
 pub mod dispatch;
+pub mod health;
 pub mod ingest;
 pub mod log_hook;
 pub mod meta;
 pub mod metrics;
+pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 
@@ -110,15 +117,31 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
     tracing::info!(%addr, admin_api = config.admin_api, admin_token = config.admin_token.is_some(), "HTTP API listening");
 
     let suspensions = dispatch::Suspensions::default();
+    let limits = &config.limits;
+    let capacity = capacity::Capacity::new(
+        spool.clone(),
+        &config.spool_dir,
+        limits.max_spool_bytes,
+        limits.min_free_disk,
+    );
+    let refresher = capacity.spawn_refresher(shutdown.clone());
     let ingest = ingest::Ingest {
         spool: spool.clone(),
         telemetry: telemetry.clone(),
+        limits: ingest::IngestLimits::from(limits),
     };
-    let mut app = ingest::router(ingest, config.max_body_bytes).merge(metrics::router(
-        spool.clone(),
-        telemetry.metrics.clone(),
-        suspensions.clone(),
-    ));
+    let mut app = ingest::router(ingest, config.max_body_bytes, capacity.clone())
+        .merge(metrics::router(
+            spool.clone(),
+            telemetry.metrics.clone(),
+            suspensions.clone(),
+            capacity.clone(),
+        ))
+        .merge(health::router(health::Health {
+            spool: spool.clone(),
+            capacity,
+            shutdown: shutdown.clone(),
+        }));
     if config.admin_api {
         let state = admin::Admin {
             spool: spool.clone(),
@@ -127,15 +150,16 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
         app = app.merge(admin::router(state, config.admin_token.clone()));
     }
     // Wrong paths and methods get the same JSON error shape as every other refusal.
+    // Every body is read under the body deadline before any handler sees it.
+    let http_limits = server::HttpLimits::new(limits, config.max_body_bytes);
     let app = app
         .fallback(ingest::not_found)
-        .method_not_allowed_fallback(ingest::method_not_allowed);
-    let http_stop = shutdown.clone();
-    let http = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { http_stop.wait().await })
-            .await
-    });
+        .method_not_allowed_fallback(ingest::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            http_limits.clone(),
+            server::read_body_within,
+        ));
+    let http = tokio::spawn(server::serve(listener, app, http_limits, shutdown.clone()));
     let dispatcher = dispatch::Dispatcher {
         spool: spool.clone(),
         policy: config.policy.clone(),
@@ -147,9 +171,9 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
     let dispatch = tokio::spawn(dispatcher.run());
     let task_spool = spool.clone();
     let task = tokio::spawn(async move {
-        let served = http.await.context("HTTP task failed")?;
+        http.await.context("HTTP task failed")?;
         dispatch.await.context("dispatcher task failed")?;
-        served.context("HTTP server failed")?;
+        let _ = refresher.await;
         if let Some(mut task) = hook_task {
             // Every producer is gone, so the hook task ends once it spooled what it has.
             if tokio::time::timeout(HOOK_DRAIN, &mut task).await.is_err() {

@@ -24,6 +24,7 @@ use axum::routing::get;
 use axum::Router;
 use spool::Spool;
 
+use crate::capacity::Capacity;
 use crate::dispatch::Suspensions;
 
 /// Upper bounds (seconds) of the send latency buckets; `+Inf` is implied.
@@ -305,25 +306,36 @@ struct Scrape {
     spool: Spool,
     metrics: Arc<Metrics>,
     suspensions: Suspensions,
+    capacity: Arc<Capacity>,
 }
 
 /// `GET /metrics`. Not behind the admin token: it shows counts and queue names only.
-pub fn router(spool: Spool, metrics: Arc<Metrics>, suspensions: Suspensions) -> Router {
+pub fn router(
+    spool: Spool,
+    metrics: Arc<Metrics>,
+    suspensions: Suspensions,
+    capacity: Arc<Capacity>,
+) -> Router {
     Router::new()
         .route("/metrics", get(scrape))
         .with_state(Scrape {
             spool,
             metrics,
             suspensions,
+            capacity,
         })
 }
 
 async fn scrape(State(s): State<Scrape>) -> impl IntoResponse {
     // `Spool::stats` walks the index under its lock: keep it off the async workers.
-    let text =
-        tokio::task::spawn_blocking(move || s.metrics.render(&s.spool, &s.suspensions.list()))
-            .await
-            .unwrap_or_else(|e| format!("# metrics rendering failed: {e}\n"));
+    let text = tokio::task::spawn_blocking(move || {
+        let mut text = s.metrics.render(&s.spool, &s.suspensions.list());
+        // Spool usage, the capacity limits, free disk and refusals (capacity.rs).
+        text.push_str(&s.capacity.exposition());
+        text
+    })
+    .await
+    .unwrap_or_else(|e| format!("# metrics rendering failed: {e}\n"));
     (
         [(
             header::CONTENT_TYPE,

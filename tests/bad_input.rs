@@ -184,6 +184,14 @@ async fn spool_that_cannot_fsync_answers_503_until_restarted() {
     assert!(error.contains("restart"), "{error}");
     assert!(daemon.spool.poisoned().is_some());
     healthy(&daemon).await;
+    let readyz = http
+        .get(common::url(&daemon, "/readyz"))
+        .send()
+        .await
+        .unwrap();
+    let (status, why) = (readyz.status(), readyz.text().await.unwrap());
+    assert_eq!(status, 503, "{why}");
+    assert!(why.contains("restart"), "/readyz says why: {why}");
     // The final sync is refused too: stopping says so instead of claiming a clean sync.
     let stopped = daemon.stop().await;
     assert!(stopped.is_err(), "{stopped:?}");

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine: installs and starts what the
-# tests need (RabbitMQ), then runs every test of the workspace.
+# tests need (RabbitMQ, fuse3), then runs every test of the workspace.
 #
 #   bash tests/run.sh            # everything
 #   bash tests/run.sh -p spool   # extra args go to `cargo test` (and skip the fuzz smoke run)
@@ -13,6 +13,8 @@ log() { printf '\n== %s\n' "$*" >&2; }
 
 need_apt=()
 command -v rabbitmq-server >/dev/null 2>&1 || need_apt+=(rabbitmq-server)
+# fusermount3, for the power-loss layer (tests/powercut) where not root.
+command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]} (apt-get)"
   export DEBIAN_FRONTEND=noninteractive

@@ -9,7 +9,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(messages) = parse_batch("fuzz", data) {
         assert!(messages.iter().all(|m| m.queue == "fuzz"));
     }
-    if let Ok(plan) = plan_inject(data) {
+    if let Ok(plan) = plan_inject(data, &spoolrelay::ingest::IngestLimits::default()) {
         for m in &plan.messages {
             assert!(spool::keys::check_queue_name(&m.queue).is_ok(), "{:?}", m.queue);
         }

@@ -66,11 +66,31 @@ pub enum PolicyError {
         got: String,
     },
 
-    #[error("policy {chunk}: {what} did not finish within {}", humantime::format_duration(*.after))]
+    /// Policy code ran past its bound; `at` is where it was stopped (`file:line`, or `?`).
+    /// The state it ran in is thrown away; the caller retries later on a new one.
+    #[error("policy {chunk}: {what} did not finish within {} (stopped at {at}); its Lua state is discarded and the call is retried later (fix the loop, or raise --lua-event-timeout if it needs longer)", humantime::format_duration(*.after))]
     Timeout {
         chunk: String,
         what: String,
         after: Duration,
+        at: String,
+    },
+
+    /// A Lua state reached its memory limit (`--lua-memory-limit`).
+    #[error("policy {chunk}: Lua memory limit of {limit_mib} MiB reached in {what}; its Lua state is discarded (raise --lua-memory-limit if the policy really needs more): {error}")]
+    MemoryLimit {
+        chunk: String,
+        what: String,
+        limit_mib: usize,
+        error: Box<mlua::Error>,
+    },
+
+    /// The OS thread that owns a Lua state could not start or went away.
+    #[error("policy {chunk}: Lua thread '{name}': {error}")]
+    Thread {
+        chunk: String,
+        name: String,
+        error: String,
     },
 
     /// Failure of the host itself while talking to Lua (out of memory, ...).
@@ -79,4 +99,22 @@ pub enum PolicyError {
         chunk: String,
         error: Box<mlua::Error>,
     },
+}
+
+impl PolicyError {
+    /// The Lua error inside, if this error carries one.
+    pub fn lua_error(&self) -> Option<&mlua::Error> {
+        match self {
+            PolicyError::Load { error, .. }
+            | PolicyError::Event { error, .. }
+            | PolicyError::Constructor { error, .. }
+            | PolicyError::Lua { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+
+    /// Whether this is a timeout (the state it ran in was discarded).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, PolicyError::Timeout { .. })
+    }
 }

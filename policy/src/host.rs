@@ -2,9 +2,10 @@
 //! core of `kumo.*` (reject, sleep, logging, init-time settings).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use mlua::{Function, Lua, RegistryKey, Table, Value, Variadic};
 
@@ -12,6 +13,10 @@ use crate::connection::Connection;
 use crate::error::PolicyError;
 use crate::outcome::Rejection;
 use crate::queue_config::{self, QueueConfig, QueueName};
+use crate::worker::{
+    deadline_error, install_limits, is_memory_error, Bounded, LuaThread, PolicyLimits, Setup, Stop,
+    Watch,
+};
 
 /// The event that may have several handlers (run in order, first non-nil result wins).
 const MULTI_HANDLER_EVENT: &str = "get_queue_config";
@@ -33,17 +38,28 @@ pub struct Policy {
 }
 
 struct Inner {
-    /// Shown in messages (`kafka.lua:12:`); the chunk is loaded as `@{chunk}`.
-    chunk: String,
-    source: String,
-    /// Long-lived state for `queue_config`; mlua locks it internally.
-    shared: Lua,
+    /// The chunk name (`kafka.lua`, shown in messages), its source, its directory and bounds.
+    setup: Setup,
+    /// The long-lived state `queue_config` runs in (thread `lua:shared`). Replaced by a
+    /// fresh one when a call there breaks it (timeout, memory limit). The lock is never held
+    /// across an await.
+    shared: Mutex<Option<Arc<LuaThread>>>,
+    /// Likewise for log hooks (thread `lua:hooks`, started on first use): apart from
+    /// `shared`, so a hook that runs away does not delay every queue's config.
+    hooks: Mutex<Option<Arc<LuaThread>>>,
+}
+
+/// Which long-lived state a call runs in.
+#[derive(Clone, Copy)]
+pub(crate) enum Shared {
+    QueueConfig,
+    LogHooks,
 }
 
 impl std::fmt::Debug for Policy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Policy")
-            .field("chunk", &self.inner.chunk)
+            .field("chunk", &self.inner.setup.chunk)
             .finish()
     }
 }
@@ -63,170 +79,362 @@ pub(crate) struct Handler {
 }
 
 impl Policy {
-    /// Reads `path` and runs it once in a fresh state to validate it.
+    /// Reads `path` and runs it once in a fresh state to validate it, with default
+    /// [`PolicyLimits`].
     pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+        Self::load_with(path, PolicyLimits::default())
+    }
+
+    /// Like [`Policy::load`] with explicit bounds. `require` finds modules in the file's
+    /// directory.
+    pub fn load_with(path: &Path, limits: PolicyLimits) -> Result<Policy, PolicyError> {
         let source = std::fs::read_to_string(path).map_err(|source| PolicyError::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_source(&path.display().to_string(), &source)
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+        Self::build(&path.display().to_string(), &source, Some(dir), limits)
     }
 
     /// Like [`Policy::load`] for an in-memory chunk; `chunk_name` appears in messages.
+    /// Such a policy has no directory: `require` finds no files.
     pub fn from_source(chunk_name: &str, source: &str) -> Result<Policy, PolicyError> {
-        let chunk = chunk_name.trim_start_matches(['@', '=']).to_string();
-        let shared = new_state(&chunk, source)?;
+        Self::build(chunk_name, source, None, PolicyLimits::default())
+    }
+
+    /// [`Policy::from_source`] with explicit bounds.
+    pub fn from_source_with(
+        chunk_name: &str,
+        source: &str,
+        limits: PolicyLimits,
+    ) -> Result<Policy, PolicyError> {
+        Self::build(chunk_name, source, None, limits)
+    }
+
+    fn build(
+        chunk_name: &str,
+        source: &str,
+        dir: Option<PathBuf>,
+        limits: PolicyLimits,
+    ) -> Result<Policy, PolicyError> {
+        let setup = Setup {
+            chunk: chunk_name.trim_start_matches(['@', '=']).to_string(),
+            source: source.into(),
+            dir,
+            limits,
+        };
+        let shared = LuaThread::start_blocking("lua:shared", &setup)?;
         Ok(Policy {
             inner: Arc::new(Inner {
-                chunk,
-                source: source.to_string(),
-                shared,
+                setup,
+                shared: Mutex::new(Some(Arc::new(shared))),
+                hooks: Mutex::new(None),
             }),
         })
     }
 
     /// The chunk name used in messages.
     pub fn chunk_name(&self) -> &str {
-        &self.inner.chunk
+        &self.inner.setup.chunk
+    }
+
+    /// The bounds this policy runs under.
+    pub fn limits(&self) -> PolicyLimits {
+        self.inner.setup.limits
+    }
+
+    fn chunk(&self) -> String {
+        self.inner.setup.chunk.clone()
     }
 
     /// Runs the optional `init` event in a fresh state and reports what it configured.
     pub async fn init_config(&self) -> Result<InitConfig, PolicyError> {
-        let lua = new_state(&self.inner.chunk, &self.inner.source)?;
-        if let Some(handler) = self.single_handler(&lua, "init")? {
-            handler
-                .call_async::<()>(())
-                .await
-                .map_err(|error| self.event_error("init", error))?;
-        }
-        let state = lua
-            .app_data_ref::<HostState>()
-            .expect("host state is installed");
-        Ok(state.init.clone())
+        let thread = LuaThread::start("lua:init", &self.inner.setup).await?;
+        let chunk = self.chunk();
+        self.event(&thread, "event 'init'".into(), move |lua| async move {
+            if let Some(handler) = single_handler(&chunk, &lua, "init")? {
+                handler
+                    .call_async::<()>(())
+                    .await
+                    .map_err(|error| event_error(&chunk, "init", error))?;
+            }
+            let state = host_state_mut(&lua, "init").map_err(|e| lua_error(&chunk, e))?;
+            Ok(state.init.clone())
+        })
+        .await
     }
 
     /// Runs the `get_queue_config` handlers for `queue_name` (in the shared state).
     pub async fn queue_config(&self, queue_name: &str) -> Result<QueueConfig, PolicyError> {
-        self.queue_config_in(&self.inner.shared, queue_name).await
+        let thread = self.shared(Shared::QueueConfig).await?;
+        let (chunk, queue) = (self.chunk(), queue_name.to_string());
+        self.event(
+            &thread,
+            format!("event '{MULTI_HANDLER_EVENT}' for queue '{queue_name}'"),
+            move |lua| async move { queue_config_in(&chunk, &lua, &queue).await },
+        )
+        .await
     }
 
-    /// Creates a new Lua state, resolves the queue's config there and runs the
-    /// constructor event it names. The returned sender table lives in that state.
+    /// Creates a new Lua state on its own thread (`lua:<queue>`), resolves the queue's
+    /// config there and runs the constructor event it names. The returned sender table
+    /// lives in that state. Each step has its own bound ([`PolicyLimits::event_timeout`]).
     pub async fn connect(&self, queue_name: &str) -> Result<Connection, PolicyError> {
-        let chunk = &self.inner.chunk;
-        let lua = new_state(chunk, &self.inner.source)?;
-        let config = self.queue_config_in(&lua, queue_name).await?;
+        let thread = LuaThread::start(&format!("lua:{queue_name}"), &self.inner.setup).await?;
+        let (chunk, queue) = (self.chunk(), queue_name.to_string());
+        let config = self
+            .event(
+                &thread,
+                format!("event '{MULTI_HANDLER_EVENT}' for queue '{queue_name}'"),
+                move |lua| async move { queue_config_in(&chunk, &lua, &queue).await },
+            )
+            .await?;
         let constructor = config
             .constructor
             .clone()
             .ok_or_else(|| PolicyError::NoProtocol {
                 queue: queue_name.to_string(),
             })?;
-        let handler =
-            self.single_handler(&lua, &constructor)?
-                .ok_or_else(|| PolicyError::NoConstructor {
-                    chunk: chunk.clone(),
-                    constructor: constructor.clone(),
-                    queue: queue_name.to_string(),
-                })?;
-        let name = QueueName::parse(queue_name);
-        let call = handler.call_async::<Value>((name.domain, name.tenant, name.campaign));
-        let result = match tokio::time::timeout(config.send_timeout, call).await {
-            Err(_) => {
-                return Err(PolicyError::Timeout {
-                    chunk: chunk.clone(),
-                    what: format!("constructor '{constructor}' (queue '{queue_name}')"),
-                    after: config.send_timeout,
-                })
-            }
-            Ok(Err(error)) => {
-                return Err(PolicyError::Constructor {
-                    chunk: chunk.clone(),
-                    constructor,
-                    queue: queue_name.to_string(),
-                    error: Box::new(error),
-                })
-            }
-            Ok(Ok(value)) => value,
+        let (chunk, queue, name) = (self.chunk(), queue_name.to_string(), constructor.clone());
+        let send_who = self
+            .event(
+                &thread,
+                format!("constructor '{constructor}' (queue '{queue_name}')"),
+                move |lua| async move { construct(&chunk, &lua, &name, &queue).await },
+            )
+            .await?;
+        Ok(Connection::new(
+            thread,
+            self.chunk(),
+            queue_name.to_string(),
+            config,
+            send_who,
+            self.inner.setup.limits.memory_limit_mib(),
+        ))
+    }
+
+    /// A long-lived state, started or rebuilt if a call broke it.
+    async fn shared(&self, which: Shared) -> Result<Arc<LuaThread>, PolicyError> {
+        let (slot, name) = match which {
+            Shared::QueueConfig => (&self.inner.shared, "lua:shared"),
+            Shared::LogHooks => (&self.inner.hooks, "lua:hooks"),
         };
-        let sender = match result {
-            Value::Table(t) => t,
-            other => {
-                return Err(PolicyError::ConstructorReturned {
-                    chunk: chunk.clone(),
-                    constructor,
-                    queue: queue_name.to_string(),
-                    defined_at: function_location(&handler),
-                    got: describe(&other),
-                })
+        let had = {
+            let current = slot.lock().unwrap_or_else(|e| e.into_inner());
+            match current.as_ref() {
+                Some(thread) if !thread.is_broken() => return Ok(thread.clone()),
+                other => other.is_some(),
             }
         };
-        Connection::new(lua, sender, chunk.clone(), queue_name.to_string(), config)
+        if had {
+            tracing::warn!(target: "policy", chunk = %self.inner.setup.chunk, thread = name,
+                "rebuilding a shared Lua state: a call there timed out or hit the memory limit");
+        }
+        let thread = Arc::new(LuaThread::start(name, &self.inner.setup).await?);
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread.clone());
+        Ok(thread)
     }
 
-    async fn queue_config_in(
+    /// Runs `f` on a long-lived state under the event bound.
+    pub(crate) async fn on_shared<T, F, Fut>(
         &self,
-        lua: &Lua,
-        queue_name: &str,
-    ) -> Result<QueueConfig, PolicyError> {
-        let name = QueueName::parse(queue_name);
-        for handler in handlers(lua, MULTI_HANDLER_EVENT).map_err(|e| self.lua_error(e))? {
-            let args = (
-                name.domain.clone(),
-                name.tenant.clone(),
-                name.campaign.clone(),
-                name.routing_domain.clone(),
-            );
-            let value: Value = handler
-                .call_async(args)
-                .await
-                .map_err(|error| self.event_error(MULTI_HANDLER_EVENT, error))?;
-            if value.is_nil() {
-                continue;
+        which: Shared,
+        what: String,
+        f: F,
+    ) -> Result<T, PolicyError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Lua) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, PolicyError>> + 'static,
+    {
+        let thread = self.shared(which).await?;
+        self.event(&thread, what, f).await
+    }
+
+    /// Runs `f` on `thread` within the event bound. A timeout, a deadline error that
+    /// escaped as a Lua error, or a memory error breaks the state and says so.
+    async fn event<T, F, Fut>(
+        &self,
+        thread: &LuaThread,
+        what: String,
+        f: F,
+    ) -> Result<T, PolicyError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Lua) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, PolicyError>> + 'static,
+    {
+        let limits = self.inner.setup.limits;
+        let chunk = self.chunk();
+        match thread.call(limits.event_timeout, f).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(fatal(thread, &chunk, &what, &limits, e)),
+            Err(Stop::Timeout { at, .. }) => Err(PolicyError::Timeout {
+                chunk,
+                what,
+                after: limits.event_timeout,
+                at: at.unwrap_or_else(|| "?".into()),
+            }),
+            Err(Stop::Gone) => Err(PolicyError::Thread {
+                chunk,
+                name: thread.name().to_string(),
+                error: format!("the thread ended before {what} finished"),
+            }),
+        }
+    }
+}
+
+/// Turns an error that means "this state is done for" (the hook's deadline error, a memory
+/// error) into its own [`PolicyError`] and breaks the state; other errors pass unchanged.
+fn fatal(
+    thread: &LuaThread,
+    chunk: &str,
+    what: &str,
+    limits: &PolicyLimits,
+    e: PolicyError,
+) -> PolicyError {
+    let Some(lua_error) = e.lua_error() else {
+        return e;
+    };
+    if let Some(deadline) = deadline_error(lua_error) {
+        thread.mark_broken();
+        return PolicyError::Timeout {
+            chunk: chunk.to_string(),
+            what: what.to_string(),
+            after: limits.event_timeout,
+            at: deadline.at.clone(),
+        };
+    }
+    if is_memory_error(lua_error) {
+        thread.mark_broken();
+        let error = match e {
+            PolicyError::Event { error, .. }
+            | PolicyError::Constructor { error, .. }
+            | PolicyError::Lua { error, .. }
+            | PolicyError::Load { error, .. } => error,
+            _ => unreachable!("lua_error() returned Some"),
+        };
+        return PolicyError::MemoryLimit {
+            chunk: chunk.to_string(),
+            what: what.to_string(),
+            limit_mib: limits.memory_limit_mib(),
+            error,
+        };
+    }
+    e
+}
+
+/// Runs the `get_queue_config` handlers in `lua` (on its thread).
+async fn queue_config_in(
+    chunk: &str,
+    lua: &Lua,
+    queue_name: &str,
+) -> Result<QueueConfig, PolicyError> {
+    let name = QueueName::parse(queue_name);
+    for handler in handlers(lua, MULTI_HANDLER_EVENT).map_err(|e| lua_error(chunk, e))? {
+        let args = (
+            name.domain.clone(),
+            name.tenant.clone(),
+            name.campaign.clone(),
+            name.routing_domain.clone(),
+        );
+        let value: Value = handler
+            .call_async(args)
+            .await
+            .map_err(|error| event_error(chunk, MULTI_HANDLER_EVENT, error))?;
+        if value.is_nil() {
+            continue;
+        }
+        return queue_config::from_lua_value(value).map_err(|got| match got {
+            queue_config::FromValueError::Invalid(error) => {
+                event_error(chunk, MULTI_HANDLER_EVENT, error)
             }
-            return queue_config::from_lua_value(value).map_err(|got| match got {
-                queue_config::FromValueError::Invalid(error) => {
-                    self.event_error(MULTI_HANDLER_EVENT, error)
-                }
-                queue_config::FromValueError::NotAConfig(got) => PolicyError::BadQueueConfig {
-                    chunk: self.inner.chunk.clone(),
-                    queue: queue_name.to_string(),
-                    got,
-                },
-            });
-        }
-        Ok(QueueConfig::default())
+            queue_config::FromValueError::NotAConfig(got) => PolicyError::BadQueueConfig {
+                chunk: chunk.to_string(),
+                queue: queue_name.to_string(),
+                got,
+            },
+        });
     }
+    Ok(QueueConfig::default())
+}
 
-    /// The long-lived state `queue_config` and log hooks run in.
-    pub(crate) fn shared_state(&self) -> &Lua {
-        &self.inner.shared
-    }
-
-    pub(crate) fn single_handler(
-        &self,
-        lua: &Lua,
-        event: &str,
-    ) -> Result<Option<Function>, PolicyError> {
-        Ok(handlers(lua, event)
-            .map_err(|e| self.lua_error(e))?
-            .into_iter()
-            .next())
-    }
-
-    pub(crate) fn event_error(&self, event: &str, error: mlua::Error) -> PolicyError {
-        PolicyError::Event {
-            chunk: self.inner.chunk.clone(),
-            event: event.to_string(),
+/// Runs the constructor event in `lua` and keeps the sender table it returns in the
+/// state's registry ([`SENDER_KEY`]). Returns `sender.send (file:line)` for messages.
+async fn construct(
+    chunk: &str,
+    lua: &Lua,
+    constructor: &str,
+    queue_name: &str,
+) -> Result<String, PolicyError> {
+    let handler =
+        single_handler(chunk, lua, constructor)?.ok_or_else(|| PolicyError::NoConstructor {
+            chunk: chunk.to_string(),
+            constructor: constructor.to_string(),
+            queue: queue_name.to_string(),
+        })?;
+    let name = QueueName::parse(queue_name);
+    let value = handler
+        .call_async::<Value>((name.domain, name.tenant, name.campaign))
+        .await
+        .map_err(|error| PolicyError::Constructor {
+            chunk: chunk.to_string(),
+            constructor: constructor.to_string(),
+            queue: queue_name.to_string(),
             error: Box::new(error),
-        }
-    }
+        })?;
+    let returned = |got: String| PolicyError::ConstructorReturned {
+        chunk: chunk.to_string(),
+        constructor: constructor.to_string(),
+        queue: queue_name.to_string(),
+        defined_at: function_location(&handler),
+        got,
+    };
+    let Value::Table(sender) = value else {
+        return Err(returned(describe(&value)));
+    };
+    let send: Value = sender.get("send").map_err(|e| lua_error(chunk, e))?;
+    let Value::Function(send) = send else {
+        return Err(returned(format!(
+            "a table whose 'send' is {}",
+            describe(&send)
+        )));
+    };
+    lua.set_named_registry_value(SENDER_KEY, sender)
+        .map_err(|e| lua_error(chunk, e))?;
+    Ok(format!("sender.send ({})", function_location(&send)))
+}
 
-    fn lua_error(&self, error: mlua::Error) -> PolicyError {
-        PolicyError::Lua {
-            chunk: self.inner.chunk.clone(),
-            error: Box::new(error),
-        }
+/// Where a connection's state keeps its sender table.
+pub(crate) const SENDER_KEY: &str = "spoolrelay.sender";
+
+pub(crate) fn single_handler(
+    chunk: &str,
+    lua: &Lua,
+    event: &str,
+) -> Result<Option<Function>, PolicyError> {
+    Ok(handlers(lua, event)
+        .map_err(|e| lua_error(chunk, e))?
+        .into_iter()
+        .next())
+}
+
+pub(crate) fn event_error(chunk: &str, event: &str, error: mlua::Error) -> PolicyError {
+    PolicyError::Event {
+        chunk: chunk.to_string(),
+        event: event.to_string(),
+        error: Box::new(error),
+    }
+}
+
+pub(crate) fn lua_error(chunk: &str, error: mlua::Error) -> PolicyError {
+    PolicyError::Lua {
+        chunk: chunk.to_string(),
+        error: Box::new(error),
     }
 }
 
@@ -244,18 +452,21 @@ fn handlers(lua: &Lua, event: &str) -> mlua::Result<Vec<Function>> {
 /// Coroutines kept for reuse per state: about what a connection has in flight (256).
 const COROUTINE_POOL: usize = 256;
 
-/// A fresh state with `kumo.*` installed and the policy chunk run in it.
+/// A fresh state with `kumo.*` installed, the sandbox and limits applied, and the policy
+/// chunk run in it (within `deadline`). Runs on the state's own thread.
 ///
 /// Tuned for a connection's hot path, where every `send` is a short-lived coroutine that
 /// leaves garbage behind (the message userdata, the record table, strings): coroutines are
 /// recycled from a pool instead of created per call, and the generational collector
 /// reclaims young garbage without re-marking the whole heap each cycle (the P2 profile
 /// in docs/performance.md shows Lua's share of the send path).
-pub(crate) fn new_state(chunk: &str, source: &str) -> Result<Lua, PolicyError> {
-    let lua_err = |error| PolicyError::Lua {
-        chunk: chunk.to_string(),
-        error: Box::new(error),
-    };
+pub(crate) async fn new_state(
+    setup: &Setup,
+    watch: Arc<Watch>,
+    deadline: Instant,
+) -> Result<Lua, PolicyError> {
+    let chunk = setup.chunk.as_str();
+    let lua_err = |error| lua_error(chunk, error);
     let options = mlua::LuaOptions::default().thread_pool_size(COROUTINE_POOL);
     let lua = Lua::new_with(mlua::StdLib::ALL_SAFE, options).map_err(lua_err)?;
     lua.gc_set_mode(mlua::state::GcMode::Generational(Default::default()));
@@ -265,15 +476,71 @@ pub(crate) fn new_state(chunk: &str, source: &str) -> Result<Lua, PolicyError> {
         init: InitConfig::default(),
     });
     install_kumo(&lua).map_err(lua_err)?;
-    let run = lua.load(source).set_name(format!("@{chunk}")).exec();
+    sandbox(&lua, setup.dir.as_deref()).map_err(lua_err)?;
+    install_limits(&lua, watch.clone(), &setup.limits).map_err(lua_err)?;
+    let run = lua
+        .load(&*setup.source)
+        .set_name(format!("@{chunk}"))
+        .exec_async();
+    let run = Bounded::new(run, deadline, watch).await;
     if let Some(mut state) = lua.app_data_mut::<HostState>() {
         state.loading = false;
     }
-    run.map_err(|error| PolicyError::Load {
-        chunk: chunk.to_string(),
-        error: Box::new(error),
-    })?;
-    Ok(lua)
+    let what = "loading the policy";
+    match run {
+        Ok(Ok(())) => Ok(lua),
+        Err(overdue) => Err(PolicyError::Timeout {
+            chunk: chunk.to_string(),
+            what: what.into(),
+            after: setup.limits.event_timeout,
+            at: overdue.at.unwrap_or_else(|| "?".into()),
+        }),
+        Ok(Err(error)) => {
+            if let Some(d) = deadline_error(&error) {
+                return Err(PolicyError::Timeout {
+                    chunk: chunk.to_string(),
+                    what: what.into(),
+                    after: setup.limits.event_timeout,
+                    at: d.at.clone(),
+                });
+            }
+            if is_memory_error(&error) {
+                return Err(PolicyError::MemoryLimit {
+                    chunk: chunk.to_string(),
+                    what: what.into(),
+                    limit_mib: setup.limits.memory_limit_mib(),
+                    error: Box::new(error),
+                });
+            }
+            Err(PolicyError::Load {
+                chunk: chunk.to_string(),
+                error: Box::new(error),
+            })
+        }
+    }
+}
+
+/// No process control, and `require` only from the policy's directory (Lua files only).
+/// See docs/lua-api.md, "What a policy can use".
+fn sandbox(lua: &Lua, dir: Option<&Path>) -> mlua::Result<()> {
+    let globals = lua.globals();
+    let os: Table = globals.get("os")?;
+    os.set("exit", Value::Nil)?;
+    os.set("execute", Value::Nil)?;
+    let io: Table = globals.get("io")?;
+    io.set("popen", Value::Nil)?;
+    let package: Table = globals.get("package")?;
+    package.set("loadlib", Value::Nil)?;
+    package.set("cpath", "")?;
+    let path = match dir {
+        Some(dir) => {
+            let dir = dir.display().to_string();
+            format!("{dir}/?.lua;{dir}/?/init.lua")
+        }
+        None => String::new(),
+    };
+    package.set("path", path)?;
+    Ok(())
 }
 
 fn install_kumo(lua: &Lua) -> mlua::Result<()> {

@@ -10,6 +10,7 @@
 use mlua::{AnyUserData, Function, Lua, Table, Value};
 
 use crate::error::PolicyError;
+use crate::host::{event_error, single_handler, Shared};
 use crate::message::{LuaMessage, MessageView};
 use crate::Policy;
 
@@ -37,36 +38,45 @@ pub(crate) fn install(lua: &Lua, kumo: &Table) -> mlua::Result<()> {
 }
 
 impl Policy {
-    /// Offers a log record to the policy's `should_enqueue_log_record` handler. Returns the
-    /// message as the handler left it (metadata it set included) when it answered true,
-    /// `None` when it answered false/nil or there is no handler.
+    /// Offers a log record to the policy's `should_enqueue_log_record` handler (in the
+    /// long-lived log-hook state, within the event bound). Returns the message as the handler left it
+    /// (metadata it set included) when it answered true, `None` when it answered
+    /// false/nil or there is no handler.
     pub async fn should_enqueue_log_record(
         &self,
         record: MessageView,
         hook: &str,
     ) -> Result<Option<MessageView>, PolicyError> {
-        let lua = self.shared_state();
-        let Some(handler) = self.single_handler(lua, SHOULD_ENQUEUE)? else {
-            return Ok(None);
-        };
-        let message = lua
-            .create_userdata(LuaMessage(record))
-            .map_err(|e| self.event_error(SHOULD_ENQUEUE, e))?;
-        let answer = call(&handler, &message, hook)
-            .await
-            .map_err(|e| self.event_error(SHOULD_ENQUEUE, e))?;
-        if !matches!(answer, Value::Nil | Value::Boolean(false)) {
-            let LuaMessage(view) = message
-                .take::<LuaMessage>()
-                .map_err(|e| self.event_error(SHOULD_ENQUEUE, e))?;
-            return Ok(Some(view));
-        }
-        Ok(None)
+        let chunk = self.chunk_name().to_string();
+        let hook = hook.to_owned();
+        let what = format!("event '{SHOULD_ENQUEUE}' for log hook '{hook}'");
+        self.on_shared(Shared::LogHooks, what, move |lua| async move {
+            offer(&lua, &chunk, record, hook).await
+        })
+        .await
     }
 }
 
-async fn call(handler: &Function, message: &AnyUserData, hook: &str) -> mlua::Result<Value> {
-    handler
-        .call_async::<Value>((message.clone(), hook.to_owned()))
-        .await
+/// On the shared state's thread: asks the handler about one record.
+async fn offer(
+    lua: &Lua,
+    chunk: &str,
+    record: MessageView,
+    hook: String,
+) -> Result<Option<MessageView>, PolicyError> {
+    let Some(handler) = single_handler(chunk, lua, SHOULD_ENQUEUE)? else {
+        return Ok(None);
+    };
+    let failed = |e| event_error(chunk, SHOULD_ENQUEUE, e);
+    let message = lua.create_userdata(LuaMessage(record)).map_err(failed)?;
+    let answer = call(&handler, &message, hook).await.map_err(failed)?;
+    if !matches!(answer, Value::Nil | Value::Boolean(false)) {
+        let LuaMessage(view) = message.take::<LuaMessage>().map_err(failed)?;
+        return Ok(Some(view));
+    }
+    Ok(None)
+}
+
+async fn call(handler: &Function, message: &AnyUserData, hook: String) -> mlua::Result<Value> {
+    handler.call_async::<Value>((message.clone(), hook)).await
 }

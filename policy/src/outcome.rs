@@ -64,15 +64,6 @@ pub fn leading_code(s: &str) -> Option<u16> {
     }
 }
 
-/// Applies the result rule. `who` names the Lua function for messages
-/// (e.g. `sender.send (kafka.lua:12)`).
-pub(crate) fn classify(result: mlua::Result<Value>, who: &str) -> SendOutcome {
-    match result {
-        Ok(value) => classify_value(&value, who),
-        Err(e) => classify_error(&e),
-    }
-}
-
 pub(crate) fn classify_value(value: &Value, who: &str) -> SendOutcome {
     match value {
         Value::String(s) => {

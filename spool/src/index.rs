@@ -41,6 +41,9 @@ pub struct QueueStats {
 #[derive(Debug, Default)]
 pub struct Index {
     queues: HashMap<String, QueueIndex>,
+    /// Sum of `Slot::bytes` over every queued message (waiting or leased), kept as the
+    /// index changes so the capacity gate reads it in O(1).
+    bytes: u64,
 }
 
 impl Index {
@@ -49,8 +52,19 @@ impl Index {
             Some(q) => q,
             None => self.queues.entry(queue.to_owned()).or_default(),
         };
-        q.leased.remove(&id);
-        q.scheduled.insert((due_ms, id), slot);
+        let mut freed = q
+            .leased
+            .remove(&id)
+            .map_or(0, |(_, old)| u64::from(old.bytes));
+        if let Some(old) = q.scheduled.insert((due_ms, id), slot) {
+            freed += u64::from(old.bytes);
+        }
+        self.bytes = (self.bytes + u64::from(slot.bytes)).saturating_sub(freed);
+    }
+
+    /// Bytes of every queued message (waiting or leased), as recorded at enqueue.
+    pub fn total_bytes(&self) -> u64 {
+        self.bytes
     }
 
     /// Rebuilds each queue's schedule with full B-tree nodes. Inserting in order (as
@@ -138,6 +152,9 @@ impl Index {
         if q.scheduled.is_empty() && q.leased.is_empty() {
             self.queues.remove(queue);
         }
+        if let Some(slot) = slot {
+            self.bytes = self.bytes.saturating_sub(u64::from(slot.bytes));
+        }
         slot
     }
 
@@ -224,6 +241,52 @@ mod tests {
     }
 
     #[test]
+    fn total_bytes_matches_the_stats_through_any_sequence() {
+        let mut index = Index::default();
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for step in 0..5000 {
+            let queue = ["a", "b", "c"][next(3) as usize];
+            let id = next(50);
+            let slot = Slot {
+                bytes: next(1000) as u32,
+                ..SLOT
+            };
+            match next(4) {
+                // insert only ids not already scheduled elsewhere, as the spool does
+                0 if !index.is_leased(queue, id) && index.find(id).is_none() => {
+                    index.insert(queue, id, next(100), slot)
+                }
+                0 | 1 => {
+                    index.take_due(queue, next(100), 3);
+                }
+                2 => {
+                    // a retry: a leased message rescheduled
+                    if index.is_leased(queue, id) {
+                        index.insert(queue, id, next(100), slot);
+                    } else {
+                        index.release(queue, id);
+                    }
+                }
+                _ => {
+                    index.remove(queue, id);
+                }
+            }
+            let sum: u64 = index
+                .queue_names()
+                .iter()
+                .map(|q| index.stats(q, 0).bytes)
+                .sum();
+            assert_eq!(index.total_bytes(), sum, "after step {step}");
+        }
+    }
+
+    #[test]
     fn stats_count_waiting_and_leased() {
         let mut index = Index::default();
         index.insert("q", 1, 0, SLOT);
@@ -245,8 +308,13 @@ mod tests {
         );
         assert_eq!(stats.oldest_created_ms, Some(1));
         assert_eq!(stats.attempts.get(&2), Some(&1));
+        assert_eq!(index.total_bytes(), 20);
+        index.insert("q", 1, 80, SLOT); // the leased message rescheduled: no double count
+        assert_eq!(index.total_bytes(), 20);
         assert_eq!(index.remove("q", 1), Some(SLOT));
+        assert_eq!(index.total_bytes(), 10);
         assert!(index.remove("q", 2).is_some());
+        assert_eq!(index.total_bytes(), 0);
         assert!(index.queue_names().is_empty(), "empty queues are forgotten");
     }
 }

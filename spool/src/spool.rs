@@ -543,6 +543,13 @@ impl Spool {
         }
     }
 
+    /// Bytes of every queued message (waiting or leased, not dead letters), as recorded
+    /// at enqueue: what `--max-spool-bytes` bounds. O(1); unlike [`disk_bytes`](Self::disk_bytes)
+    /// it falls as messages leave (sled's files do not shrink).
+    pub fn queued_bytes(&self) -> u64 {
+        self.index().total_bytes()
+    }
+
     /// (group commits, jobs committed, total µs spent in flush+fsync) since open.
     pub fn commit_stats(&self) -> (u64, u64, u64) {
         let s = &self.inner.commit_stats;

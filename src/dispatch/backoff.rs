@@ -1,28 +1,10 @@
-//! Timing rules: when to retry a message, when to retry a connect, how fast to send.
+//! Timing rules: when to retry a connect, how fast to send (a message's retry is
+//! [`decide`](super::decide)'s).
 //!
 //! All pure functions or tiny state machines over explicit times, so they are tested
 //! without sleeping.
 
 use std::time::Duration;
-
-use rand::Rng;
-
-/// The delay before attempt `attempts + 1` of a message that failed `attempts` times before:
-/// `retry_interval * 2^attempts`, capped by `max_retry_interval` (or, without one, by
-/// `max_age`, past which retrying is pointless), plus up to 10 % jitter so that a burst of
-/// failures does not come back as a burst.
-pub fn retry_delay(
-    retry_interval: Duration,
-    max_retry_interval: Option<Duration>,
-    max_age: Duration,
-    attempts: u32,
-) -> Duration {
-    let cap = max_retry_interval.unwrap_or(max_age).max(retry_interval);
-    let factor = 1u32.checked_shl(attempts.min(31)).unwrap_or(u32::MAX);
-    let base = retry_interval.saturating_mul(factor).min(cap);
-    let jitter_ms = (base.as_millis() as u64 / 10).max(1);
-    base + Duration::from_millis(rand::thread_rng().gen_range(0..jitter_ms))
-}
 
 /// Exponential backoff for a queue whose connections cannot be made (constructor raised,
 /// no protocol, broker down): 1 s, 2 s, 4 s, ... capped at 30 s. Reset on success.
@@ -98,22 +80,6 @@ impl TokenBucket {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn retry_delay_doubles_and_is_capped() {
-        let ri = Duration::from_secs(60);
-        let d0 = retry_delay(ri, None, Duration::from_secs(7 * 86400), 0);
-        assert!(
-            d0 >= ri && d0 < ri + ri / 10 + Duration::from_millis(1),
-            "{d0:?}"
-        );
-        let d3 = retry_delay(ri, None, Duration::from_secs(7 * 86400), 3);
-        assert!(d3 >= ri * 8 && d3 <= ri * 8 + ri * 8 / 10, "{d3:?}");
-        let capped = retry_delay(ri, Some(Duration::from_secs(300)), Duration::MAX, 40);
-        assert!(capped >= Duration::from_secs(300) && capped <= Duration::from_secs(330));
-        let by_age = retry_delay(ri, None, Duration::from_secs(3600), 1000);
-        assert!(by_age <= Duration::from_secs(3960));
-    }
 
     #[test]
     fn connect_backoff_grows_to_thirty_seconds_and_resets() {

@@ -78,8 +78,10 @@ impl PooledConnection {
         }
     }
 
+    /// Retired by [`judge`](Self::judge), or broken by the policy host (a call ran out of
+    /// time or memory: its Lua state is thrown away).
     fn is_retired(&self) -> bool {
-        self.retired.load(Ordering::Relaxed)
+        self.retired.load(Ordering::Relaxed) || self.conn.is_broken()
     }
 }
 
@@ -143,8 +145,13 @@ impl Pool {
             self.slots.drain(..).partition(|s| s.conn.is_retired());
         self.slots = kept;
         for slot in broken {
+            let why = if slot.conn.conn.is_broken() {
+                "a policy call on it ran out of time or memory, so its Lua state is discarded"
+            } else {
+                "a send failed and none succeeded since"
+            };
             tracing::warn!(queue = %self.queue, in_flight = Self::in_flight(&slot.conn),
-                "retiring a connection: a send failed and none succeeded since; a new one will be opened");
+                "retiring a connection: {why}; a new one will be opened");
             self.retiring.push(slot.conn);
         }
         self.close_retired();

@@ -11,6 +11,7 @@
 
 mod backoff;
 mod connection;
+pub mod decide;
 mod deliver;
 mod queue;
 
@@ -23,7 +24,8 @@ use spool::Spool;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use backoff::{retry_delay, ConnectBackoff, TokenBucket};
+pub use backoff::{ConnectBackoff, TokenBucket};
+pub use decide::{decide, retry_delay, Event, Fate, Lease};
 pub use deliver::message_view;
 
 use crate::shutdown::Shutdown;

@@ -16,6 +16,7 @@ use tokio::task::{Id, JoinSet};
 
 use super::backoff::{ConnectBackoff, TokenBucket};
 use super::connection::{self, Pool};
+use super::decide::{decide, Event, Fate};
 use super::deliver;
 use super::Suspensions;
 use crate::shutdown::Shutdown;
@@ -87,9 +88,16 @@ impl QueueWorker {
         let mut changes = self.spool.watch_changes();
         let mut suspensions = self.suspensions.watch();
         let mut spool_alive = true;
+        let shutdown = self.shutdown.clone();
         while !self.shutdown.is_triggered() {
             self.pool.close_idle(false);
-            let nap = self.fill().await;
+            // A fill may wait on the policy (get_queue_config, a constructor: each bounded by
+            // --lua-event-timeout); shutdown does not wait for it. Dropping a fill midway is
+            // safe: what it leased is already in `sends`, a half-built connection is dropped.
+            let nap = tokio::select! {
+                nap = self.fill() => nap,
+                _ = shutdown.wait() => break,
+            };
             self.telemetry.set_connections(self.pool.len());
             if self.sends.is_empty()
                 && self.pool.is_empty()
@@ -186,23 +194,27 @@ impl QueueWorker {
             if msgs.is_empty() {
                 return later(MAX_NAP);
             }
-            let (expired, live): (Vec<_>, Vec<_>) = msgs.into_iter().partition(|m| {
-                now_ms.saturating_sub(m.created_ms) > cfg.max_age.as_millis() as u64
-            });
-            for msg in expired {
-                let reason = format!(
-                    "expired (max_age {}) after {} attempts; last error: {}",
-                    humantime::format_duration(cfg.max_age),
-                    msg.attempts,
-                    msg.last_error.as_deref().unwrap_or("none")
-                );
-                let telemetry = self.telemetry.clone();
-                self.spawn(
-                    move |spool| async move {
-                        deliver::dead_letter(&spool, &telemetry, &msg, &reason).await
-                    },
-                    Vec::new(),
-                );
+            let mut live = Vec::with_capacity(msgs.len());
+            for msg in msgs {
+                match decide(
+                    Event::Leased,
+                    (&msg).into(),
+                    &cfg,
+                    now_ms,
+                    deliver::jitter(),
+                ) {
+                    Fate::Send => live.push(msg),
+                    fate => {
+                        let telemetry = self.telemetry.clone();
+                        let ids = vec![(msg.queue.clone(), msg.id)];
+                        self.spawn(
+                            move |spool| async move {
+                                deliver::apply(&spool, &telemetry, &msg, fate).await
+                            },
+                            ids,
+                        );
+                    }
+                }
             }
             let mut live = live.into_iter().peekable();
             while live.peek().is_some() {
@@ -279,7 +291,12 @@ impl QueueWorker {
 
     /// Opens one more connection. On failure the queue backs off (nothing was leased).
     async fn connect(&mut self) -> bool {
-        match tokio::time::timeout(CONNECT_TIMEOUT, self.policy.connect(&self.queue)).await {
+        // The policy host bounds each of a connect's three steps (the chunk,
+        // get_queue_config, the constructor) by --lua-event-timeout; this guard stays above
+        // their sum so their clearer errors come first.
+        let limit =
+            CONNECT_TIMEOUT.max(self.policy.limits().event_timeout * 3 + Duration::from_secs(1));
+        match tokio::time::timeout(limit, self.policy.connect(&self.queue)).await {
             Ok(Ok(conn)) => {
                 self.backoff.succeeded();
                 self.pool.add(conn);
@@ -293,7 +310,7 @@ impl QueueWorker {
             Err(_) => {
                 self.block(format_args!(
                     "cannot connect: constructor took over {}",
-                    humantime::format_duration(CONNECT_TIMEOUT)
+                    humantime::format_duration(limit)
                 ));
                 false
             }
