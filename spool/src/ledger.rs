@@ -45,8 +45,26 @@ const MAGIC: &[u8; 8] = b"SRLEDGR1";
 const LEN: usize = 8 + 8 + 8 + 4;
 
 /// How often the background thread makes a changed ledger durable: the detection window
-/// after a power cut (see the module docs).
+/// after a power cut (see the module docs). `SPOOLRELAY_LEDGER_SYNC_MS` overrides it (read
+/// when the spool opens); `0` turns the background sync off (the ledger is then synced only
+/// when the spool closes, and a power cut can hide lost writes again).
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
+const SYNC_INTERVAL_ENV: &str = "SPOOLRELAY_LEDGER_SYNC_MS";
+
+fn sync_interval() -> Option<Duration> {
+    let Ok(raw) = std::env::var(SYNC_INTERVAL_ENV) else {
+        return Some(SYNC_INTERVAL);
+    };
+    match raw.trim().parse::<u64>() {
+        Ok(0) => None,
+        Ok(ms) => Some(Duration::from_millis(ms)),
+        Err(_) => {
+            tracing::warn!(value = %raw, default_ms = SYNC_INTERVAL.as_millis() as u64,
+                "{SYNC_INTERVAL_ENV} is not a number of milliseconds; using the default");
+            Some(SYNC_INTERVAL)
+        }
+    }
+}
 
 /// Where the commit history stood after one group commit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -169,16 +187,20 @@ impl Ledger {
             state: Mutex::new(SyncState::default()),
             wake: Condvar::new(),
         });
-        let syncer = {
-            let (shared, path) = (shared.clone(), path.clone());
-            std::thread::Builder::new()
-                .name("spool-ledger-sync".into())
-                .spawn(move || sync_in_background(&shared, &path))?
+        let syncer = match sync_interval() {
+            Some(every) => {
+                let (shared, path) = (shared.clone(), path.clone());
+                let thread = std::thread::Builder::new()
+                    .name("spool-ledger-sync".into())
+                    .spawn(move || sync_in_background(&shared, &path, every))?;
+                Some(thread)
+            }
+            None => None,
         };
         let ledger = Ledger {
             shared,
             path,
-            syncer: Some(syncer),
+            syncer,
         };
         Ok((ledger, decode(&raw)))
     }
@@ -230,16 +252,16 @@ impl Drop for Ledger {
     }
 }
 
-/// Every [`SYNC_INTERVAL`], fdatasyncs the ledger if a mark was written since the last
+/// Every `every` ([`SYNC_INTERVAL`] by default), fdatasyncs the ledger if a mark was written since the last
 /// sync. A failure is logged once per run of failures: the commits stay durable in sled,
 /// only the check at the next open after a power cut is weaker until a sync succeeds.
-fn sync_in_background(shared: &Shared, path: &Path) {
+fn sync_in_background(shared: &Shared, path: &Path, every: Duration) {
     let mut failing = false;
     let mut state = shared.lock();
     loop {
         state = shared
             .wake
-            .wait_timeout(state, SYNC_INTERVAL)
+            .wait_timeout(state, every)
             .unwrap_or_else(|e| e.into_inner())
             .0;
         if state.stop {
