@@ -64,6 +64,7 @@ pub mod ledger;
 mod lock;
 pub mod record;
 pub mod recovery;
+mod sled_files;
 mod spool;
 pub mod view;
 
