@@ -7,8 +7,11 @@
 //! while it dispatches its backlog) and restarted on the same spool. At the end the topic
 //! is read back from the beginning and compared with what got a 2xx.
 //!
+//! Client 0 posts every 64th single message with a payload over 128 KiB, which sled
+//! stores as a separate blob file (`data/blobs/`): those cross the kills too.
+//!
 //! `RELIABILITY_CYCLES` (default 8) sets the number of kills; `RELIABILITY_CLIENTS`
-//! (default 8) the concurrent HTTP clients.
+//! (default 8) the concurrent HTTP clients. `bash tests/kill9.sh` is the long form.
 
 mod common;
 
@@ -22,7 +25,15 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 
 const TOPIC: &str = "relay.kill9";
-const PARTITIONS: i32 = 8;
+// A mock partition keeps only ~5 MiB: enough partitions for the blobs of a 50-kill run.
+const PARTITIONS: i32 = 16;
+/// Payloads above sled's blob threshold (128 KiB by default) go to their own files.
+const BIG_PAYLOAD: usize = 150 * 1024;
+
+/// Client 0's every 64th single post: a unique prefix, then filler past the blob threshold.
+fn is_big(client: usize, seq: u64) -> bool {
+    client == 0 && seq % 64 == 1
+}
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -151,9 +162,14 @@ async fn client(n: usize, port: Arc<AtomicU64>, stop: Arc<AtomicBool>, ledger: A
     while !stop.load(Ordering::Relaxed) {
         let port = port.load(Ordering::Relaxed);
         let batch = seq % 4 == 3;
-        let payloads: Vec<String> = (0..if batch { 10 } else { 1 })
+        let mut payloads: Vec<String> = (0..if batch { 10 } else { 1 })
             .map(|i| format!("kill9 client={n} seq={seq} part={i}"))
             .collect();
+        if !batch && is_big(n, seq) {
+            let filler = (b'a' + (seq % 26) as u8) as char;
+            payloads[0] = format!("{} big ", payloads[0]);
+            payloads[0].extend(std::iter::repeat_n(filler, BIG_PAYLOAD));
+        }
         seq += 1;
         let req = if batch {
             let body: String = payloads
@@ -296,6 +312,8 @@ async fn acked_messages_survive_repeated_sigkill() {
         .filter(|p| !copies.contains_key(p.as_str()))
         .collect();
     let duplicates: u64 = copies.values().map(|n| n - 1).sum();
+    let big_acked = acked.iter().filter(|p| p.len() > BIG_PAYLOAD).count();
+    let big_delivered = copies.keys().filter(|p| p.len() > BIG_PAYLOAD).count();
     let unacked_delivered = copies.keys().filter(|p| !acked_set.contains(p)).count();
     let panics = std::fs::read_to_string(&log)
         .unwrap_or_default()
@@ -304,7 +322,8 @@ async fn acked_messages_survive_repeated_sigkill() {
     println!(
         "kill9 summary: cycles={cycles} clients={clients} requests={requests} acked={} \
          failed_requests={} (5xx={}) delivered_records={} distinct={} lost={} duplicates={} \
-         unacked_but_delivered={unacked_delivered} drain_after_last_restart={drained_in:?} \
+         unacked_but_delivered={unacked_delivered} big_acked={big_acked} \
+         big_delivered={big_delivered} drain_after_last_restart={drained_in:?} \
          total={:?} daemon_panics={panics}",
         acked.len(),
         ledger.failed.load(Ordering::Relaxed),
@@ -322,6 +341,10 @@ async fn acked_messages_survive_repeated_sigkill() {
         &lost[..lost.len().min(5)]
     );
     assert!(!acked.is_empty(), "the load generator got no 2xx at all");
+    assert!(
+        big_acked > 0,
+        "no payload over 128 KiB was acknowledged: the blob path was not exercised"
+    );
     assert_eq!(panics, 0, "the daemon panicked; log:\n{}", tail(&log, 40));
     // Duplicates come only from what was in flight (leased, or delivered with its delete
     // not yet on disk) at a kill. A loose bound: 256 sends in flight per connection, plus a

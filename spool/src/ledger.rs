@@ -18,20 +18,53 @@
 //!   `spoolctl verify --repair`, which records it in quarantine (with the ledger's bytes)
 //!   so it stays visible.
 //!
-//! The ledger is overwritten in place (28 bytes, one sector) and not fsynced per commit:
-//! an extra fsync would double the cost of every commit, and after a power loss a stale
-//! ledger only weakens detection (it can lag sled, never lead it). It is fsynced when the
-//! spool closes.
+//! The ledger is overwritten in place (28 bytes, one sector) and not fsynced in the commit
+//! path: an extra fsync there would double the cost of every commit. A power cut rolls an
+//! unsynced ledger back, and a ledger rolled back below sled's mark cannot see sled
+//! dropping the tail of its log in the same cut. So a background thread fdatasyncs the
+//! ledger every [`SYNC_INTERVAL`] when it changed (and the spool syncs it when it closes).
+//!
+//! The window this leaves: after a power cut the ledger holds the mark of a commit at most
+//! [`SYNC_INTERVAL`] plus one fdatasync older than the last one sled made durable. Losses of
+//! sled's log tail reaching back further than that are detected; a loss confined to the
+//! commits of that last window is not. A stale ledger only weakens detection (it can lag
+//! sled, never lead it: it is written only after sled's fsync of that commit succeeded).
+//! The cost is at most one fdatasync of one sector per interval, off the commit thread.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// File name of the ledger inside the spool directory.
 pub const FILE_NAME: &str = "ledger";
 const MAGIC: &[u8; 8] = b"SRLEDGR1";
 const LEN: usize = 8 + 8 + 8 + 4;
+
+/// How often the background thread makes a changed ledger durable: the detection window
+/// after a power cut (see the module docs). `SPOOLRELAY_LEDGER_SYNC_MS` overrides it (read
+/// when the spool opens); `0` turns the background sync off (the ledger is then synced only
+/// when the spool closes, and a power cut can hide lost writes again).
+pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
+const SYNC_INTERVAL_ENV: &str = "SPOOLRELAY_LEDGER_SYNC_MS";
+
+fn sync_interval() -> Option<Duration> {
+    let Ok(raw) = std::env::var(SYNC_INTERVAL_ENV) else {
+        return Some(SYNC_INTERVAL);
+    };
+    match raw.trim().parse::<u64>() {
+        Ok(0) => None,
+        Ok(ms) => Some(Duration::from_millis(ms)),
+        Err(_) => {
+            tracing::warn!(value = %raw, default_ms = SYNC_INTERVAL.as_millis() as u64,
+                "{SYNC_INTERVAL_ENV} is not a number of milliseconds; using the default");
+            Some(SYNC_INTERVAL)
+        }
+    }
+}
 
 /// Where the commit history stood after one group commit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -107,10 +140,25 @@ pub fn compare(sled: CommitMark, ledger: CommitMark) -> Option<LostWrites> {
     })
 }
 
-/// The open ledger file.
+/// The open ledger file, and the thread that syncs it in the background.
 pub struct Ledger {
-    file: File,
+    shared: Arc<Shared>,
     path: PathBuf,
+    syncer: Option<JoinHandle<()>>,
+}
+
+struct Shared {
+    file: File,
+    state: Mutex<SyncState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct SyncState {
+    /// Marks written so far, and how many of them a finished fdatasync covers.
+    written: u64,
+    synced: u64,
+    stop: bool,
 }
 
 /// What reading the ledger at open found.
@@ -134,7 +182,27 @@ impl Ledger {
             .open(&path)?;
         let mut raw = Vec::new();
         io::Read::read_to_end(&mut (&file), &mut raw)?;
-        Ok((Ledger { file, path }, decode(&raw)))
+        let shared = Arc::new(Shared {
+            file,
+            state: Mutex::new(SyncState::default()),
+            wake: Condvar::new(),
+        });
+        let syncer = match sync_interval() {
+            Some(every) => {
+                let (shared, path) = (shared.clone(), path.clone());
+                let thread = std::thread::Builder::new()
+                    .name("spool-ledger-sync".into())
+                    .spawn(move || sync_in_background(&shared, &path, every))?;
+                Some(thread)
+            }
+            None => None,
+        };
+        let ledger = Ledger {
+            shared,
+            path,
+            syncer,
+        };
+        Ok((ledger, decode(&raw)))
     }
 
     pub fn path(&self) -> &Path {
@@ -142,21 +210,82 @@ impl Ledger {
     }
 
     /// Records `mark`; called only after sled's fsync of that commit succeeded.
+    /// The background thread makes it durable within [`SYNC_INTERVAL`].
     pub fn write(&self, mark: CommitMark) -> io::Result<()> {
-        self.file.write_all_at(&encode(mark), 0)
+        self.shared.file.write_all_at(&encode(mark), 0)?;
+        self.shared.lock().written += 1;
+        Ok(())
     }
 
     /// Replaces whatever the file held (missing, damaged, any length) with `mark`,
     /// durably: used at open, when the ledger cannot be trusted.
     pub fn reset(&self, mark: CommitMark) -> io::Result<()> {
-        self.file.set_len(LEN as u64)?;
+        self.shared.file.set_len(LEN as u64)?;
         self.write(mark)?;
         self.sync()
     }
 
     /// Makes the last write durable (at close, and once at open).
     pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+        let written = self.shared.lock().written;
+        self.shared.file.sync_data()?;
+        let mut state = self.shared.lock();
+        state.synced = state.synced.max(written);
+        Ok(())
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SyncState> {
+        // The state is two counters and a flag: still consistent after a panic elsewhere.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.wake.notify_all();
+        if let Some(syncer) = self.syncer.take() {
+            let _ = syncer.join();
+        }
+    }
+}
+
+/// Every `every` ([`SYNC_INTERVAL`] by default), fdatasyncs the ledger if a mark was written since the last
+/// sync. A failure is logged once per run of failures: the commits stay durable in sled,
+/// only the check at the next open after a power cut is weaker until a sync succeeds.
+fn sync_in_background(shared: &Shared, path: &Path, every: Duration) {
+    let mut failing = false;
+    let mut state = shared.lock();
+    loop {
+        state = shared
+            .wake
+            .wait_timeout(state, every)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+        if state.stop {
+            return;
+        }
+        let written = state.written;
+        if written == state.synced {
+            continue;
+        }
+        drop(state);
+        let result = shared.file.sync_data();
+        state = shared.lock();
+        match result {
+            Ok(()) => {
+                state.synced = state.synced.max(written);
+                failing = false;
+            }
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, path = %path.display(),
+                    "could not sync the spool ledger; lost writes in sled's last commits may go unnoticed after a power cut");
+            }
+            Err(_) => {}
+        }
     }
 }
 

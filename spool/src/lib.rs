@@ -22,6 +22,8 @@
 //! <spool dir>/
 //!   spool.lock          flock + holder pid: one process per spool
 //!   ledger              the last commit's mark, outside sled ([`ledger`])
+//!   damaged/            sled `conf` / `snap.*` files that failed their CRC, set aside at
+//!                       open for sled to rebuild (`sled_files.rs`); only if any
 //!   data/               one sled database
 //!     messages          <queue> 0x00 <id u64 BE>  -> record v1 (Message)
 //!     dead_letter       <id u64 BE>               -> record v1 (Message, last_error = reason)
@@ -88,6 +90,7 @@ pub mod ledger;
 mod lock;
 pub mod record;
 pub mod recovery;
+mod sled_files;
 mod spool;
 pub mod view;
 

@@ -166,6 +166,7 @@ impl Spool {
         let config = sled::Config::new()
             .path(&sled_dir)
             .cache_capacity(options.cache_capacity);
+        crate::sled_files::set_aside_damaged(&sled_dir, dir).map_err(io_err)?;
         let db = open_sled(&sled_dir, &config)?.map_err(storage)?;
         // The entries sled (db, conf, blobs/) and we (data/, ledger) may just have created
         // must survive power loss too: fsync both directories on every open (cheap), and the

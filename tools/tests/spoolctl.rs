@@ -45,6 +45,21 @@ fn open_retrying(dir: &Path) -> Spool {
     panic!("spool stayed locked");
 }
 
+/// Opens sled directly (to damage records), waiting out the lock of a spool just closed:
+/// sled releases its file lock from a background thread shortly after the last handle drops.
+fn sled_open_retrying(dir: &Path) -> sled::Db {
+    for _ in 0..250 {
+        match sled::open(dir.join("data")) {
+            Ok(db) => return db,
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => panic!("sled open: {e}"),
+        }
+    }
+    panic!("sled stayed locked");
+}
+
 /// A spool with 3 messages in `a` (one failed once), 1 in `b`, 1 dead-lettered.
 fn populated() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -122,7 +137,7 @@ fn verify_reports_damage_and_repair_quarantines_it() {
         "a fresh spool is clean"
     );
     {
-        let db = sled::open(dir.path().join("data")).unwrap();
+        let db = sled_open_retrying(dir.path());
         let tree = db.open_tree("messages").unwrap();
         let (key, value) = tree.iter().next().unwrap().unwrap();
         let mut bad = value.to_vec();
@@ -316,7 +331,7 @@ fn lost_writes_are_reported_until_verify_repair_records_them() {
 fn export_lists_damaged_records_and_fails_unless_skip_damaged() {
     let dir = populated();
     let damaged_key = {
-        let db = sled::open(dir.path().join("data")).unwrap();
+        let db = sled_open_retrying(dir.path());
         let tree = db.open_tree("messages").unwrap();
         let (key, value) = tree.iter().next().unwrap().unwrap();
         let mut bad = value.to_vec();
