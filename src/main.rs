@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use spoolrelay::config::{Cli, Command, Config};
+use spoolrelay::config::{Cli, Command, Config, LogFormat};
 use spoolrelay::{shutdown, Shutdown};
 
 fn main() -> ExitCode {
@@ -14,13 +14,7 @@ fn main() -> ExitCode {
     } else {
         "info"
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_level.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(cli.log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -56,4 +50,24 @@ async fn serve(args: spoolrelay::config::RunArgs) -> anyhow::Result<()> {
         stop.trigger();
     });
     daemon.wait().await
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (tracing's `EnvFilter` syntax, e.g.
+/// `info,spoolrelay::dispatch=debug`) or `default_level` when it is unset or invalid.
+/// Colours only on a terminal: a file or journald would get the escape codes verbatim.
+fn init_logging(format: LogFormat, default_level: &str) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default_level.into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(false)
+            .with_span_list(true)
+            .init(),
+    }
 }
