@@ -59,10 +59,15 @@ fn count_histogram() -> Histogram {
 /// One queue's metrics since the daemon started (handles into [`Metrics`]' families).
 #[derive(Debug, Clone)]
 pub struct QueueCounters {
+    /// Messages accepted by ingest (fsynced).
     pub accepted: Counter,
+    /// Messages the broker accepted.
     pub delivered: Counter,
+    /// Attempts that will be retried.
     pub transient_failures: Counter,
+    /// Attempts refused for good.
     pub permanent_failures: Counter,
+    /// Messages moved to the dead-letter area.
     pub dead_lettered: Counter,
     /// Open broker connections (a gauge the queue worker keeps current).
     pub connections: Gauge,
