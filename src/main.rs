@@ -14,14 +14,15 @@ fn main() -> ExitCode {
     } else {
         "info"
     };
-    init_logging(cli.log_format, default_level);
+    let log_format = cli.log_format;
+    init_logging(log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("spoolrelay: cannot start the async runtime: {e}");
+            report_fatal(log_format, &format!("cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -34,7 +35,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("spoolrelay: {e:#}");
+            report_fatal(log_format, &format!("{e:#}"));
             ExitCode::FAILURE
         }
     }
@@ -69,5 +70,14 @@ fn init_logging(format: LogFormat, default_level: &str) {
             .with_current_span(false)
             .with_span_list(true)
             .init(),
+    }
+}
+
+/// The error that stops the daemon: a plain line for people, a JSON log object (level ERROR)
+/// under `--log-format json`, so a log shipper parses every line.
+fn report_fatal(format: LogFormat, error: &str) {
+    match format {
+        LogFormat::Text => eprintln!("spoolrelay: {error}"),
+        LogFormat::Json => tracing::error!(error, "spoolrelay stopped"),
     }
 }

@@ -100,3 +100,30 @@ async fn log_format_json_writes_one_object_per_line() {
         "{messages:?}"
     );
 }
+
+/// A daemon that cannot start says why in the format it was asked for: under
+/// `--log-format json` the fatal error is a JSON object too, not a bare line.
+#[test]
+fn log_format_json_reports_a_fatal_start_error_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-policy.lua");
+    let out = common::relay_command(&missing, &dir.path().join("spool"), free_port())
+        .arg("--log-format")
+        .arg("json")
+        .output()
+        .expect("run spoolrelay");
+    assert!(!out.status.success());
+    let text = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(!lines.is_empty(), "the error is reported");
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("a stderr line is not JSON ({e}): {line:?}"));
+        assert_eq!(v["level"], "ERROR", "{line}");
+        let error = v["fields"]["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("no-such-policy.lua"),
+            "names the file: {line}"
+        );
+    }
+}
