@@ -236,53 +236,60 @@ impl Capacity {
     }
 
     /// The capacity part of `/metrics`.
-    pub fn exposition(&self) -> String {
-        let mut out = String::new();
-        let mut gauge = |name: &str, help: &str, value: String| {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
-            ));
+    pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        use prometheus_client::metrics::counter::Counter;
+        use prometheus_client::metrics::family::Family;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let mut gauge = |name: &str, help: &str, value: i64| {
+            r.register(name, help, ConstGauge::new(value));
         };
         gauge(
             "spoolrelay_spool_bytes",
-            "Bytes of queued messages (waiting and in flight), what --max-spool-bytes bounds.",
-            self.spool_bytes().to_string(),
+            "Bytes of queued messages (waiting and in flight), what --max-spool-bytes bounds",
+            self.spool_bytes() as i64,
         );
         gauge(
             "spoolrelay_spool_max_bytes",
-            "--max-spool-bytes (0: no limit).",
-            self.max_spool_bytes.unwrap_or(0).to_string(),
+            "--max-spool-bytes (0: no limit)",
+            self.max_spool_bytes.unwrap_or(0) as i64,
         );
         gauge(
             "spoolrelay_spool_disk_bytes",
-            "Size of the spool's sled files at the last reading (they do not shrink as messages leave).",
-            self.disk_bytes.load(Relaxed).to_string(),
+            "Size of the spool's sled files at the last reading (they do not shrink as messages leave)",
+            self.disk_bytes.load(Relaxed) as i64,
         );
         gauge(
             "spoolrelay_disk_free_bytes",
-            "Free bytes on the spool's filesystem at the last reading (-1: unknown).",
-            self.free_disk().map_or("-1".into(), |f| f.to_string()),
+            "Free bytes on the spool's filesystem at the last reading (-1: unknown)",
+            self.free_disk().map_or(-1, |f| f as i64),
         );
         gauge(
             "spoolrelay_disk_min_free_bytes",
-            "--min-free-disk.",
-            self.min_free_disk.to_string(),
+            "--min-free-disk",
+            self.min_free_disk as i64,
         );
-        let name = "spoolrelay_ingest_refused_total";
-        out.push_str(&format!(
-            "# HELP {name} Ingest requests refused with 503 because a capacity limit was reached.\n# TYPE {name} counter\n"
-        ));
+        #[derive(
+            Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet,
+        )]
+        struct LimitLabel {
+            limit: &'static str,
+        }
+        let refused = Family::<LimitLabel, Counter>::default();
         for (limit, n) in [
             (Limit::MaxSpoolBytes, &self.refused_spool_bytes),
             (Limit::MinFreeDisk, &self.refused_free_disk),
         ] {
-            out.push_str(&format!(
-                "{name}{{limit=\"{}\"}} {}\n",
-                limit.name(),
-                n.load(Relaxed)
-            ));
+            refused
+                .get_or_create(&LimitLabel {
+                    limit: limit.name(),
+                })
+                .inc_by(n.load(Relaxed));
         }
-        out
+        r.register(
+            "spoolrelay_ingest_refused",
+            "Ingest requests refused with 503 because a capacity limit was reached",
+            refused,
+        );
     }
 }
 

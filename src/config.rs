@@ -21,8 +21,21 @@ pub const DEFAULT_MAX_BODY: usize = 16 << 20;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// Log lines on stderr: `text` (colours only when stderr is a terminal) or `json` (one
+    /// object per line, for log shippers). Which lines: `RUST_LOG` (see docs/operations.md).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, env = "SPOOLRELAY_LOG_FORMAT")]
+    pub log_format: LogFormat,
     #[command(flatten)]
     pub run: RunArgs,
+}
+
+/// How log lines are written (`--log-format`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines; ANSI colours only when stderr is a terminal.
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `fields`, `spans`.
+    Json,
 }
 
 #[derive(Subcommand, Debug)]

@@ -87,6 +87,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
         admin::check_exposure(addr, config.admin_token.as_deref())?;
     }
     let mut telemetry = telemetry::Telemetry::default();
+    spool.observe_commits(telemetry.metrics.commit_observer());
     let log_writer = match &config.delivery_log {
         Some(path) => {
             let (log, writer) = delivery_log::DeliveryLog::open(

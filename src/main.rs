@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use spoolrelay::config::{Cli, Command, Config};
+use spoolrelay::config::{Cli, Command, Config, LogFormat};
 use spoolrelay::{shutdown, Shutdown};
 
 fn main() -> ExitCode {
@@ -14,20 +14,15 @@ fn main() -> ExitCode {
     } else {
         "info"
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_level.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let log_format = cli.log_format;
+    init_logging(log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("spoolrelay: cannot start the async runtime: {e}");
+            report_fatal(log_format, &format!("cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -40,7 +35,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("spoolrelay: {e:#}");
+            report_fatal(log_format, &format!("{e:#}"));
             ExitCode::FAILURE
         }
     }
@@ -56,4 +51,33 @@ async fn serve(args: spoolrelay::config::RunArgs) -> anyhow::Result<()> {
         stop.trigger();
     });
     daemon.wait().await
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (tracing's `EnvFilter` syntax, e.g.
+/// `info,spoolrelay::dispatch=debug`) or `default_level` when it is unset or invalid.
+/// Colours only on a terminal: a file or journald would get the escape codes verbatim.
+fn init_logging(format: LogFormat, default_level: &str) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default_level.into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(false)
+            .with_span_list(true)
+            .init(),
+    }
+}
+
+/// The error that stops the daemon: a plain line for people, a JSON log object (level ERROR)
+/// under `--log-format json`, so a log shipper parses every line.
+fn report_fatal(format: LogFormat, error: &str) {
+    match format {
+        LogFormat::Text => eprintln!("spoolrelay: {error}"),
+        LogFormat::Json => tracing::error!(error, "spoolrelay stopped"),
+    }
 }

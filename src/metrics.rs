@@ -1,19 +1,18 @@
-//! Prometheus metrics, hand-written exposition (text format 0.0.4).
+//! Prometheus metrics through `prometheus-client` (the OpenMetrics text format).
 //!
-//! Two kinds of numbers:
+//! Three kinds of numbers:
 //! - **Counters** bumped where outcomes are decided (ingest, settlement). Each queue's
-//!   counters are one [`QueueCounters`] that a queue worker looks up once and keeps, so
-//!   the hot path is a relaxed atomic add; only ingest looks a queue up per request (a read
-//!   lock on a map). The latency histogram is a fixed array of atomics.
-//! - **Gauges** read at scrape time: queue depth and age from `Spool::stats`, group-commit
-//!   totals from `Spool::commit_stats`. Nothing is sampled in the background.
-//!
-//! A hand-written exposition rather than a crate: the metric set is fixed and small, and a
-//! registry would add a lock or a label lookup per increment for no gain.
+//!   metrics are one [`QueueCounters`] that a queue worker looks up once and keeps (the
+//!   counters are shared atomics inside the registry's families), so the hot path is an
+//!   atomic add; only ingest looks a queue up per request (a read lock on a map).
+//! - **Histograms**: send latency, send batch size and time from ingest to delivery, per
+//!   queue; fsync latency and messages per group commit, fed by the spool's commit thread.
+//! - **Gauges and totals read at scrape time**: queue depth and age from `Spool::stats`,
+//!   group-commit totals from `Spool::commit_stats`, capacity figures. They go into a
+//!   registry built for that one scrape, beside the long-lived families.
 
-use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -22,62 +21,107 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
 use spool::Spool;
 
 use crate::capacity::Capacity;
 use crate::dispatch::Suspensions;
 
-/// Upper bounds (seconds) of the send latency buckets; `+Inf` is implied.
-const LATENCY_BUCKETS: [f64; 13] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
+/// The one label of per-queue metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabel {
+    /// The queue name.
+    pub queue: String,
+}
 
-/// One queue's counters since the daemon started.
-#[derive(Debug, Default)]
+type HistogramFamily = Family<QueueLabel, Histogram, fn() -> Histogram>;
+
+/// Seconds, 1 ms to ~16 s (and `+Inf`): a send or an fsync.
+fn seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+/// Seconds, 10 ms to ~11 days: a message's time in the spool, retries included.
+fn age_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.01, 4.0, 14))
+}
+
+/// Messages, 1 to 4096.
+fn count_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 13))
+}
+
+/// One queue's metrics since the daemon started (handles into [`Metrics`]' families).
+#[derive(Debug, Clone)]
 pub struct QueueCounters {
-    pub accepted: AtomicU64,
-    pub delivered: AtomicU64,
-    pub transient_failures: AtomicU64,
-    pub permanent_failures: AtomicU64,
-    pub dead_lettered: AtomicU64,
+    /// Messages accepted by ingest (fsynced).
+    pub accepted: Counter,
+    /// Messages the broker accepted.
+    pub delivered: Counter,
+    /// Attempts that will be retried.
+    pub transient_failures: Counter,
+    /// Attempts refused for good.
+    pub permanent_failures: Counter,
+    /// Messages moved to the dead-letter area.
+    pub dead_lettered: Counter,
     /// Open broker connections (a gauge the queue worker keeps current).
-    pub connections: AtomicU64,
-}
-
-/// A fixed-bucket histogram of seconds; sums kept in microseconds.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    /// Observations per bucket (not cumulative); the last one is `+Inf`.
-    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    /// Records `n` observations of `d` (a batch send is one duration for `n` messages).
-    pub fn observe(&self, d: Duration, n: u64) {
-        let secs = d.as_secs_f64();
-        let bucket = LATENCY_BUCKETS
-            .iter()
-            .position(|le| secs <= *le)
-            .unwrap_or(LATENCY_BUCKETS.len());
-        self.buckets[bucket].fetch_add(n, Relaxed);
-        self.count.fetch_add(n, Relaxed);
-        self.sum_micros.fetch_add(d.as_micros() as u64 * n, Relaxed);
-    }
+    pub connections: Gauge,
+    /// Seconds from handing messages to the policy's send to its outcome, per message.
+    pub send_latency: Histogram,
+    /// Messages per send call.
+    pub send_batch_size: Histogram,
+    /// Seconds from ingest to the broker's acceptance.
+    pub ingest_to_delivery: Histogram,
 }
 
 /// Everything the daemon counts. Shared as `Arc<Metrics>`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     queues: RwLock<HashMap<String, Arc<QueueCounters>>>,
-    pub send_latency: Histogram,
+    accepted: Family<QueueLabel, Counter>,
+    delivered: Family<QueueLabel, Counter>,
+    transient_failures: Family<QueueLabel, Counter>,
+    permanent_failures: Family<QueueLabel, Counter>,
+    dead_lettered: Family<QueueLabel, Counter>,
+    connections: Family<QueueLabel, Gauge>,
+    send_latency: HistogramFamily,
+    send_batch_size: HistogramFamily,
+    ingest_to_delivery: HistogramFamily,
+    /// Seconds per group commit's flush + fsync (the spool's commit thread observes it).
+    pub fsync_latency: Histogram,
+    /// Durable writes per group commit.
+    pub commit_batch_size: Histogram,
     /// Delivery-log records dropped because the writer fell behind (or failed to write).
     pub log_dropped: Arc<AtomicU64>,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            queues: RwLock::default(),
+            accepted: Family::default(),
+            delivered: Family::default(),
+            transient_failures: Family::default(),
+            permanent_failures: Family::default(),
+            dead_lettered: Family::default(),
+            connections: Family::default(),
+            send_latency: Family::new_with_constructor(seconds_histogram),
+            send_batch_size: Family::new_with_constructor(count_histogram),
+            ingest_to_delivery: Family::new_with_constructor(age_histogram),
+            fsync_latency: seconds_histogram(),
+            commit_batch_size: count_histogram(),
+            log_dropped: Arc::default(),
+        }
+    }
+}
+
 impl Metrics {
-    /// The counters of `queue`, created on first use. Callers on a hot path keep the `Arc`.
+    /// The metrics of `queue`, created on first use. Callers on a hot path keep the `Arc`.
     pub fn queue(&self, queue: &str) -> Arc<QueueCounters> {
         if let Some(found) = self
             .queues
@@ -87,217 +131,203 @@ impl Metrics {
         {
             return found.clone();
         }
+        let label = QueueLabel {
+            queue: queue.to_owned(),
+        };
         self.queues
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .entry(queue.to_owned())
-            .or_default()
+            .or_insert_with(|| {
+                Arc::new(QueueCounters {
+                    accepted: self.accepted.get_or_create_owned(&label),
+                    delivered: self.delivered.get_or_create_owned(&label),
+                    transient_failures: self.transient_failures.get_or_create_owned(&label),
+                    permanent_failures: self.permanent_failures.get_or_create_owned(&label),
+                    dead_lettered: self.dead_lettered.get_or_create_owned(&label),
+                    connections: self.connections.get_or_create_owned(&label),
+                    send_latency: self.send_latency.get_or_create_owned(&label),
+                    send_batch_size: self.send_batch_size.get_or_create_owned(&label),
+                    ingest_to_delivery: self.ingest_to_delivery.get_or_create_owned(&label),
+                })
+            })
             .clone()
     }
 
-    fn snapshot(&self) -> BTreeMap<String, Arc<QueueCounters>> {
-        let queues = self.queues.read().unwrap_or_else(|e| e.into_inner());
-        queues.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    /// What the spool's commit thread calls after each group commit.
+    pub fn commit_observer(self: &Arc<Self>) -> impl Fn(Duration, usize) + Send + Sync + 'static {
+        let metrics = self.clone();
+        move |sync, jobs| {
+            metrics.fsync_latency.observe(sync.as_secs_f64());
+            metrics.commit_batch_size.observe(jobs as f64);
+        }
     }
 
-    /// The whole exposition: counters, then gauges read from `spool` now.
-    pub fn render(&self, spool: &Spool, suspended: &[String]) -> String {
-        let now = spool::now_ms();
-        let stats = spool.stats(now);
-        let counters = self.snapshot();
-        // Every queue seen by either side, so a drained queue reports depth 0, not nothing.
-        let mut names: Vec<&String> = counters.keys().chain(stats.queues.keys()).collect();
-        names.sort();
-        names.dedup();
-        let mut out = String::with_capacity(4096);
-
-        type Field = fn(&QueueCounters) -> &AtomicU64;
-        let per_queue: [(&str, &str, &str, Field); 6] = [
-            (
-                "spoolrelay_accepted_total",
-                "counter",
-                "Messages accepted by HTTP ingest (fsynced).",
-                |c| &c.accepted,
-            ),
-            (
-                "spoolrelay_delivered_total",
-                "counter",
-                "Messages the broker accepted; deleted from the spool.",
-                |c| &c.delivered,
-            ),
-            (
-                "spoolrelay_transient_failures_total",
-                "counter",
-                "Send attempts that failed temporarily (4xx, timeouts); the message is retried.",
-                |c| &c.transient_failures,
-            ),
-            (
-                "spoolrelay_permanent_failures_total",
-                "counter",
-                "Send attempts rejected permanently (5xx).",
-                |c| &c.permanent_failures,
-            ),
-            (
-                "spoolrelay_dead_lettered_total",
-                "counter",
-                "Messages moved to the dead-letter area (permanent failure or max_age).",
-                |c| &c.dead_lettered,
-            ),
-            (
-                "spoolrelay_connections",
-                "gauge",
-                "Open broker connections.",
-                |c| &c.connections,
-            ),
-        ];
-        for (name, kind, help, field) in per_queue {
-            header(&mut out, name, kind, help);
-            for (queue, c) in &counters {
-                let _ = writeln!(
-                    out,
-                    "{name}{{queue=\"{}\"}} {}",
-                    escape(queue),
-                    field(c).load(Relaxed)
-                );
-            }
-        }
-
-        header(
-            &mut out,
-            "spoolrelay_queue_depth",
-            "gauge",
-            "Messages in the queue (waiting and in flight).",
+    /// The whole exposition (OpenMetrics text): the long-lived families, then figures read
+    /// from `spool` now, then `extra` (capacity) registrations.
+    pub fn render(
+        &self,
+        spool: &Spool,
+        suspended: &[String],
+        extra: impl FnOnce(&mut Registry),
+    ) -> String {
+        let mut r = Registry::default();
+        // Counters: the encoder appends `_total` to a counter's name.
+        r.register(
+            "spoolrelay_accepted",
+            "Messages accepted by HTTP ingest (fsynced)",
+            self.accepted.clone(),
         );
-        for queue in &names {
-            let n = stats.queues.get(*queue).map_or(0, |q| q.count);
-            let _ = writeln!(
-                out,
-                "spoolrelay_queue_depth{{queue=\"{}\"}} {n}",
-                escape(queue)
-            );
-        }
-        header(
-            &mut out,
-            "spoolrelay_queue_due",
-            "gauge",
-            "Waiting messages that are due now (a backlog when it stays high).",
+        r.register(
+            "spoolrelay_delivered",
+            "Messages the broker accepted; deleted from the spool",
+            self.delivered.clone(),
         );
-        for queue in &names {
-            let n = stats.queues.get(*queue).map_or(0, |q| q.due_now);
-            let _ = writeln!(
-                out,
-                "spoolrelay_queue_due{{queue=\"{}\"}} {n}",
-                escape(queue)
-            );
-        }
-        header(
-            &mut out,
-            "spoolrelay_queue_oldest_age_seconds",
-            "gauge",
-            "Age of the oldest message in the queue (0 when empty).",
+        r.register(
+            "spoolrelay_transient_failures",
+            "Send attempts that failed temporarily (4xx, timeouts); the message is retried",
+            self.transient_failures.clone(),
         );
-        for queue in &names {
-            let age = stats
-                .queues
-                .get(*queue)
-                .and_then(|q| q.oldest_created_ms)
-                .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0);
-            let _ = writeln!(
-                out,
-                "spoolrelay_queue_oldest_age_seconds{{queue=\"{}\"}} {age}",
-                escape(queue)
-            );
-        }
-        header(
-            &mut out,
-            "spoolrelay_queue_suspended",
-            "gauge",
-            "1 while the queue is suspended through the admin API.",
+        r.register(
+            "spoolrelay_permanent_failures",
+            "Send attempts rejected permanently (5xx)",
+            self.permanent_failures.clone(),
         );
-        let mut all: Vec<&String> = names.clone();
-        all.extend(suspended);
-        all.sort();
-        all.dedup();
-        for queue in all {
-            let on = u8::from(suspended.contains(queue));
-            let _ = writeln!(
-                out,
-                "spoolrelay_queue_suspended{{queue=\"{}\"}} {on}",
-                escape(queue)
-            );
-        }
-
-        let h = &self.send_latency;
-        header(
-            &mut out,
+        r.register(
+            "spoolrelay_dead_lettered",
+            "Messages moved to the dead-letter area (permanent failure or max_age)",
+            self.dead_lettered.clone(),
+        );
+        r.register(
+            "spoolrelay_connections",
+            "Open broker connections",
+            self.connections.clone(),
+        );
+        r.register(
             "spoolrelay_send_latency_seconds",
-            "histogram",
-            "Time from handing messages to the policy's send to its outcome, per message.",
+            "Time from handing messages to the policy's send to its outcome, per message",
+            self.send_latency.clone(),
         );
-        let mut cumulative = 0;
-        for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
-            cumulative += h.buckets[i].load(Relaxed);
-            let _ = writeln!(
-                out,
-                "spoolrelay_send_latency_seconds_bucket{{le=\"{le}\"}} {cumulative}"
-            );
-        }
-        cumulative += h.buckets[LATENCY_BUCKETS.len()].load(Relaxed);
-        let _ = writeln!(
-            out,
-            "spoolrelay_send_latency_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
+        r.register(
+            "spoolrelay_send_batch_size",
+            "Messages per call of the policy's send",
+            self.send_batch_size.clone(),
         );
-        let _ = writeln!(
-            out,
-            "spoolrelay_send_latency_seconds_sum {}",
-            h.sum_micros.load(Relaxed) as f64 / 1e6
+        r.register(
+            "spoolrelay_ingest_to_delivery_seconds",
+            "Time from ingest to the broker's acceptance, retries included",
+            self.ingest_to_delivery.clone(),
         );
-        let _ = writeln!(out, "spoolrelay_send_latency_seconds_count {cumulative}");
-
-        let (groups, jobs, sync_micros) = spool.commit_stats();
-        let single: [(&str, &str, &str, String); 6] = [
-            (
-                "spoolrelay_dead_letter_depth",
-                "gauge",
-                "Messages in the dead-letter area.",
-                stats.dead_letter.to_string(),
-            ),
-            (
-                "spoolrelay_quarantined_total",
-                "counter",
-                "Unreadable records set aside in quarantine (kept; nothing removes them).",
-                stats.quarantine.to_string(),
-            ),
-            (
-                "spoolrelay_spool_commit_groups_total",
-                "counter",
-                "Group commits (one flush + fsync each).",
-                groups.to_string(),
-            ),
-            (
-                "spoolrelay_spool_commit_jobs_total",
-                "counter",
-                "Durable writes carried by group commits; jobs/groups is the fsync sharing factor.",
-                jobs.to_string(),
-            ),
-            (
-                "spoolrelay_spool_fsync_seconds_total",
-                "counter",
-                "Time spent in flush + fsync.",
-                (sync_micros as f64 / 1e6).to_string(),
-            ),
-            (
-                "spoolrelay_delivery_log_dropped_total",
-                "counter",
-                "Delivery-log records dropped because the writer fell behind or could not write.",
-                self.log_dropped.load(Relaxed).to_string(),
-            ),
-        ];
-        for (name, kind, help, value) in single {
-            header(&mut out, name, kind, help);
-            let _ = writeln!(out, "{name} {value}");
+        r.register(
+            "spoolrelay_spool_fsync_duration_seconds",
+            "Time of one group commit's flush + fsync",
+            self.fsync_latency.clone(),
+        );
+        r.register(
+            "spoolrelay_spool_commit_batch_size",
+            "Durable writes carried by one group commit (one fsync)",
+            self.commit_batch_size.clone(),
+        );
+        self.register_spool_readings(&mut r, spool, suspended);
+        extra(&mut r);
+        let mut out = String::with_capacity(8192);
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &r) {
+            out = format!("# metrics encoding failed: {e}\n");
         }
         out
+    }
+
+    /// Gauges and totals read now from the spool, in `r`.
+    fn register_spool_readings(&self, r: &mut Registry, spool: &Spool, suspended: &[String]) {
+        let now = spool::now_ms();
+        let stats = spool.stats(now);
+        let label = |queue: &str| QueueLabel {
+            queue: queue.to_owned(),
+        };
+        // Every queue seen by the counters or the spool, so a drained queue reports depth 0.
+        let mut names: Vec<String> = self
+            .queues
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .chain(stats.queues.keys())
+            .cloned()
+            .collect();
+        names.sort();
+        names.dedup();
+        let depth = Family::<QueueLabel, Gauge>::default();
+        let due = Family::<QueueLabel, Gauge>::default();
+        let age = Family::<QueueLabel, Gauge<f64, AtomicU64>>::default();
+        for queue in &names {
+            let q = stats.queues.get(queue);
+            depth
+                .get_or_create(&label(queue))
+                .set(q.map_or(0, |q| q.count) as i64);
+            due.get_or_create(&label(queue))
+                .set(q.map_or(0, |q| q.due_now) as i64);
+            let oldest = q
+                .and_then(|q| q.oldest_created_ms)
+                .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0);
+            age.get_or_create(&label(queue)).set(oldest);
+        }
+        let paused = Family::<QueueLabel, Gauge>::default();
+        for queue in names.iter().chain(suspended) {
+            paused
+                .get_or_create(&label(queue))
+                .set(i64::from(suspended.contains(queue)));
+        }
+        r.register(
+            "spoolrelay_queue_depth",
+            "Messages in the queue (waiting and in flight)",
+            depth,
+        );
+        r.register(
+            "spoolrelay_queue_due",
+            "Waiting messages that are due now (a backlog when it stays high)",
+            due,
+        );
+        r.register(
+            "spoolrelay_queue_oldest_age_seconds",
+            "Age of the oldest message in the queue (0 when empty)",
+            age,
+        );
+        r.register(
+            "spoolrelay_queue_suspended",
+            "1 while the queue is suspended through the admin API",
+            paused,
+        );
+
+        let (groups, jobs, sync_micros) = spool.commit_stats();
+        r.register(
+            "spoolrelay_dead_letter_depth",
+            "Messages in the dead-letter area",
+            ConstGauge::new(stats.dead_letter as i64),
+        );
+        r.register(
+            "spoolrelay_quarantined",
+            "Unreadable records set aside in quarantine (kept; nothing removes them)",
+            ConstCounter::new(stats.quarantine as u64),
+        );
+        r.register(
+            "spoolrelay_spool_commit_groups",
+            "Group commits (one flush + fsync each)",
+            ConstCounter::new(groups),
+        );
+        r.register(
+            "spoolrelay_spool_commit_jobs",
+            "Durable writes carried by group commits; jobs/groups is the fsync sharing factor",
+            ConstCounter::new(jobs),
+        );
+        r.register(
+            "spoolrelay_spool_fsync_seconds",
+            "Time spent in flush + fsync",
+            ConstCounter::new(sync_micros as f64 / 1e6),
+        );
+        r.register(
+            "spoolrelay_delivery_log_dropped",
+            "Delivery-log records dropped because the writer fell behind or could not write",
+            ConstCounter::new(self.log_dropped.load(std::sync::atomic::Ordering::Relaxed)),
+        );
     }
 }
 
@@ -329,32 +359,20 @@ pub fn router(
 async fn scrape(State(s): State<Scrape>) -> impl IntoResponse {
     // `Spool::stats` walks the index under its lock: keep it off the async workers.
     let text = tokio::task::spawn_blocking(move || {
-        let mut text = s.metrics.render(&s.spool, &s.suspensions.list());
+        let capacity = s.capacity.clone();
         // Spool usage, the capacity limits, free disk and refusals (capacity.rs).
-        text.push_str(&s.capacity.exposition());
-        text
+        s.metrics
+            .render(&s.spool, &s.suspensions.list(), |r| capacity.register(r))
     })
     .await
     .unwrap_or_else(|e| format!("# metrics rendering failed: {e}\n"));
     (
         [(
             header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         text,
     )
-}
-
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-/// A label value as the text format wants it: `\`, `"` and newlines escaped.
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', r"\\")
-        .replace('"', "\\\"")
-        .replace('\n', r"\n")
 }
 
 #[cfg(test)]
@@ -362,20 +380,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_buckets_are_cumulative_in_the_exposition() {
+    fn histograms_are_cumulative_and_labels_escaped() {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _) = Spool::open(dir.path(), Default::default()).unwrap();
         let m = Metrics::default();
-        m.send_latency.observe(Duration::from_micros(500), 2);
-        m.send_latency.observe(Duration::from_secs(60), 1);
-        m.queue("q\"x").delivered.fetch_add(3, Relaxed);
-        let text = m.render(&spool, &["paused".into()]);
-        assert!(text.contains("spoolrelay_send_latency_seconds_bucket{le=\"0.001\"} 2\n"));
-        assert!(text.contains("spoolrelay_send_latency_seconds_bucket{le=\"10\"} 2\n"));
-        assert!(text.contains("spoolrelay_send_latency_seconds_bucket{le=\"+Inf\"} 3\n"));
-        assert!(text.contains("spoolrelay_send_latency_seconds_count 3\n"));
-        assert!(text.contains("spoolrelay_delivered_total{queue=\"q\\\"x\"} 3\n"));
-        assert!(text.contains("spoolrelay_queue_depth{queue=\"q\\\"x\"} 0\n"));
-        assert!(text.contains("spoolrelay_queue_suspended{queue=\"paused\"} 1\n"));
+        let q = m.queue("q\"x");
+        for _ in 0..2 {
+            q.send_latency.observe(0.0005);
+        }
+        q.send_latency.observe(60.0);
+        q.delivered.inc_by(3);
+        let text = m.render(&spool, &["paused".into()], |_| {});
+        let bucket = |le: &str| {
+            format!("spoolrelay_send_latency_seconds_bucket{{le=\"{le}\",queue=\"q\\\"x\"}}")
+        };
+        assert!(text.contains(&format!("{} 2\n", bucket("0.001"))), "{text}");
+        assert!(
+            text.contains(&format!("{} 2\n", bucket("16.384"))),
+            "{text}"
+        );
+        assert!(text.contains(&format!("{} 3\n", bucket("+Inf"))), "{text}");
+        assert!(
+            text.contains("spoolrelay_delivered_total{queue=\"q\\\"x\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("spoolrelay_queue_depth{queue=\"q\\\"x\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("spoolrelay_queue_suspended{queue=\"paused\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
     }
 }

@@ -12,6 +12,7 @@ use policy::outcome::leading_code;
 use crate::delivery_log::{DeliveryLog, LogRecord, RecordType};
 use crate::log_hook::{self, LogHookSink};
 use crate::metrics::{Metrics, QueueCounters};
+use prometheus_client::metrics::counter::Counter;
 
 /// The daemon-wide sinks. Cheap to clone.
 #[derive(Clone, Default)]
@@ -25,11 +26,7 @@ pub struct Telemetry {
 impl Telemetry {
     /// Ingest accepted (fsynced) `ids` into `queue`.
     pub fn accepted(&self, queue: &str, ids: &[MessageId]) {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.metrics
-            .queue(queue)
-            .accepted
-            .fetch_add(ids.len() as u64, Relaxed);
+        self.metrics.queue(queue).accepted.inc_by(ids.len() as u64);
         for id in ids {
             let make = || LogRecord::new(RecordType::Reception, queue, *id, 0, None, "");
             publish(&self.log, self.hooks.as_ref(), make);
@@ -40,7 +37,6 @@ impl Telemetry {
     pub fn for_queue(&self, queue: &str) -> QueueTelemetry {
         QueueTelemetry {
             counters: self.metrics.queue(queue),
-            metrics: self.metrics.clone(),
             log: self.log.clone(),
             hooks: self.hooks.clone(),
         }
@@ -51,7 +47,6 @@ impl Telemetry {
 #[derive(Clone)]
 pub struct QueueTelemetry {
     counters: Arc<QueueCounters>,
-    metrics: Arc<Metrics>,
     log: DeliveryLog,
     hooks: Option<LogHookSink>,
 }
@@ -74,13 +69,13 @@ fn publish(log: &DeliveryLog, hooks: Option<&LogHookSink>, make: impl FnOnce() -
 impl QueueTelemetry {
     fn record(
         &self,
-        counter: impl FnOnce(&QueueCounters) -> &std::sync::atomic::AtomicU64,
+        counter: impl FnOnce(&QueueCounters) -> &Counter,
         kind: RecordType,
         msg: &Message,
         code: Option<u16>,
         response: &str,
     ) {
-        counter(&self.counters).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        counter(&self.counters).inc();
         // Records about log-hook messages are never offered to the hooks: no loops.
         let hooks = self
             .hooks
@@ -92,6 +87,10 @@ impl QueueTelemetry {
 
     pub fn delivered(&self, msg: &Message, response: &str) {
         let code = leading_code(response);
+        let in_spool_ms = spool::now_ms().saturating_sub(msg.created_ms);
+        self.counters
+            .ingest_to_delivery
+            .observe(in_spool_ms as f64 / 1000.0);
         self.record(|c| &c.delivered, RecordType::Delivery, msg, code, response);
     }
 
@@ -126,14 +125,15 @@ impl QueueTelemetry {
         );
     }
 
-    /// One send of `n` messages took `d`.
+    /// One send of `n` messages took `d`: `n` latency observations, one batch size.
     pub fn sent(&self, d: Duration, n: u64) {
-        self.metrics.send_latency.observe(d, n);
+        for _ in 0..n {
+            self.counters.send_latency.observe(d.as_secs_f64());
+        }
+        self.counters.send_batch_size.observe(n as f64);
     }
 
     pub fn set_connections(&self, n: usize) {
-        self.counters
-            .connections
-            .store(n as u64, std::sync::atomic::Ordering::Relaxed);
+        self.counters.connections.set(n as i64);
     }
 }

@@ -113,6 +113,111 @@ fn queue_depth(daemon: &spoolrelay::Daemon, queue: &str) -> u64 {
         .map_or(0, |q| q.count)
 }
 
+/// `/metrics` read by a real Prometheus text parser (`prometheus-parse`): every sample
+/// line is understood, and the histograms (send latency, batch size, ingest to delivery,
+/// fsync latency, writes per group commit) come out as histograms with cumulative buckets
+/// whose `+Inf` bucket equals `_count`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_parse_with_a_prometheus_parser_histograms_included() {
+    use prometheus_parse::{Scrape, Value as P};
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = common::start(SINK, &dir.path().join("spool")).await;
+    let mut payloads: Vec<String> = (0..8).map(|i| format!("plain {i}")).collect();
+    payloads.extend((0..2).map(|i| format!("flaky {i}")));
+    push(&daemon, "parsed", &payloads).await;
+    common::wait_until("the spool to empty", LIMIT, || common::queued(&daemon) == 0).await;
+
+    let resp = client()
+        .get(common::url(&daemon, "/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let content_type = resp.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    let text = resp.text().await.unwrap();
+    assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+
+    // Nothing skipped: each sample line is one sample or one bucket of a histogram (the
+    // parser reads a histogram's `_sum` and `_count` as samples of their own).
+    let sample_lines = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .count();
+    let parsed: usize = scrape
+        .samples
+        .iter()
+        .map(|s| match &s.value {
+            P::Histogram(b) => b.len(),
+            _ => 1,
+        })
+        .sum();
+    assert_eq!(parsed, sample_lines, "{text}");
+
+    let value = |metric: &str, queue: Option<&str>| -> &P {
+        &scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == metric && s.labels.get("queue") == queue)
+            .unwrap_or_else(|| panic!("{metric} {queue:?} not in the scrape:\n{text}"))
+            .value
+    };
+    let count_of = |name: &str| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == format!("{name}_count"))
+            .map(|s| match s.value {
+                P::Untyped(v) | P::Counter(v) | P::Gauge(v) => v,
+                _ => panic!("{name}_count is a number"),
+            })
+            .unwrap()
+    };
+    for (name, queue, at_least) in [
+        ("spoolrelay_send_latency_seconds", Some("parsed"), 12.0),
+        ("spoolrelay_send_batch_size", Some("parsed"), 1.0),
+        (
+            "spoolrelay_ingest_to_delivery_seconds",
+            Some("parsed"),
+            10.0,
+        ),
+        ("spoolrelay_spool_fsync_duration_seconds", None, 1.0),
+        ("spoolrelay_spool_commit_batch_size", None, 1.0),
+    ] {
+        let P::Histogram(buckets) = value(name, queue) else {
+            panic!(
+                "{name} is a histogram to the parser: {:?}",
+                value(name, queue)
+            );
+        };
+        assert!(buckets.len() > 5, "{name}: {buckets:?}");
+        assert!(
+            buckets
+                .windows(2)
+                .all(|w| w[0].less_than < w[1].less_than && w[0].count <= w[1].count),
+            "{name}: buckets are cumulative: {buckets:?}"
+        );
+        let inf = buckets.last().unwrap();
+        assert!(inf.less_than.is_infinite(), "{name}: {buckets:?}");
+        assert!(inf.count >= at_least, "{name}: {buckets:?}");
+        assert_eq!(inf.count, count_of(name), "{name}: +Inf bucket = _count");
+    }
+    // Exactly one latency observation per attempt: 10 deliveries + 2 retried failures.
+    assert_eq!(count_of("spoolrelay_send_latency_seconds"), 12.0);
+    assert_eq!(count_of("spoolrelay_ingest_to_delivery_seconds"), 10.0);
+    // Counters and gauges keep the names dashboards use.
+    assert!(
+        matches!(value("spoolrelay_delivered_total", Some("parsed")), P::Untyped(v) | P::Counter(v) if *v == 10.0)
+    );
+    assert!(matches!(value("spoolrelay_queue_depth", Some("parsed")), P::Gauge(v) if *v == 0.0));
+    assert!(matches!(value("spoolrelay_spool_bytes", None), P::Gauge(_)));
+    daemon.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_and_delivery_log_count_what_happened() {
     let dir = tempfile::tempdir().unwrap();
@@ -137,9 +242,12 @@ async fn metrics_and_delivery_log_count_what_happened() {
     assert_eq!(q("spoolrelay_dead_lettered_total"), 0.0);
     assert_eq!(q("spoolrelay_queue_depth"), 0.0);
     assert_eq!(q("spoolrelay_connections"), 1.0);
-    assert_eq!(m["spoolrelay_send_latency_seconds_count"], 25.0);
     assert_eq!(
-        m["spoolrelay_send_latency_seconds_bucket{le=\"+Inf\"}"],
+        m["spoolrelay_send_latency_seconds_count{queue=\"ops\"}"],
+        25.0
+    );
+    assert_eq!(
+        m["spoolrelay_send_latency_seconds_bucket{le=\"+Inf\",queue=\"ops\"}"],
         25.0
     );
     assert!(m["spoolrelay_spool_commit_groups_total"] >= 1.0);

@@ -213,12 +213,27 @@ fn write_transaction(state: &WriterState, group: &[Job], meta: &MetaWrites) -> s
     }
 }
 
+/// Called after each group commit with its flush + fsync time and its number of jobs.
+pub type CommitObserver = Box<dyn Fn(std::time::Duration, usize) + Send + Sync>;
+
 /// Figures about group commits, read by metrics.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct CommitStats {
     pub groups: std::sync::atomic::AtomicU64,
     pub jobs: std::sync::atomic::AtomicU64,
     pub sync_micros: std::sync::atomic::AtomicU64,
+    /// Set once by [`crate::Spool::observe_commits`] (the daemon's histograms).
+    pub observer: std::sync::OnceLock<CommitObserver>,
+}
+
+impl std::fmt::Debug for CommitStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommitStats")
+            .field("groups", &self.groups)
+            .field("jobs", &self.jobs)
+            .field("sync_micros", &self.sync_micros)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How long `stop` waits for the commit thread to finish its queued jobs. A healthy one
@@ -401,9 +416,13 @@ fn record_stats(stats: &CommitStats, jobs: usize, started: Instant) {
     use std::sync::atomic::Ordering::Relaxed;
     stats.groups.fetch_add(1, Relaxed);
     stats.jobs.fetch_add(jobs as u64, Relaxed);
+    let took = started.elapsed();
     stats
         .sync_micros
-        .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+        .fetch_add(took.as_micros() as u64, Relaxed);
+    if let Some(observe) = stats.observer.get() {
+        observe(took, jobs);
+    }
 }
 
 /// Best effort: a failed sync left the group's writes in sled's memory; take back new

@@ -561,6 +561,20 @@ impl Spool {
         )
     }
 
+    /// Registers `observe`, called on the commit thread after each group commit with its
+    /// flush + fsync time and the number of durable writes it carried. It must be quick.
+    /// Only the first registration takes effect; returns whether this one did.
+    pub fn observe_commits(
+        &self,
+        observe: impl Fn(std::time::Duration, usize) + Send + Sync + 'static,
+    ) -> bool {
+        self.inner
+            .commit_stats
+            .observer
+            .set(Box::new(observe))
+            .is_ok()
+    }
+
     /// Looks a queued message up by id.
     pub fn get(&self, id: MessageId) -> Result<Option<Message>> {
         let Some(queue) = self.index().find(id.0) else {
