@@ -292,8 +292,9 @@ struct InjectRecipient {
     metadata: Map<String, Value>,
 }
 
-/// KumoMTA's queue name: `[campaign:][tenant@]domain[!routing_domain]`, unless metadata
-/// `queue` names one outright.
+/// KumoMTA's queue name for a recipient domain and its metadata (`campaign`, `tenant`,
+/// `routing_domain`), written by [`policy::QueueName::format`], unless metadata `queue`
+/// names one outright.
 pub fn kumo_queue_name(domain: &str, meta: &Map<String, Value>) -> String {
     let text = |key: &str| {
         meta.get(key)
@@ -303,21 +304,13 @@ pub fn kumo_queue_name(domain: &str, meta: &Map<String, Value>) -> String {
     if let Some(queue) = text("queue") {
         return queue.to_owned();
     }
-    let mut name = String::new();
-    if let Some(campaign) = text("campaign") {
-        name.push_str(campaign);
-        name.push(':');
+    policy::QueueName {
+        domain: Some(domain.to_owned()),
+        tenant: text("tenant").map(str::to_owned),
+        campaign: text("campaign").map(str::to_owned),
+        routing_domain: text("routing_domain").map(str::to_owned),
     }
-    if let Some(tenant) = text("tenant") {
-        name.push_str(tenant);
-        name.push('@');
-    }
-    name.push_str(domain);
-    if let Some(routing) = text("routing_domain") {
-        name.push('!');
-        name.push_str(routing);
-    }
-    name
+    .format()
 }
 
 /// What an injection request turns into: the messages to spool, and the recipients that
@@ -489,6 +482,11 @@ mod tests {
         assert_eq!(
             kumo_queue_name("x", &meta(json!({"queue": "amqp", "tenant": "t"}))),
             "amqp"
+        );
+        // KumoMTA writes a campaign without a tenant as `campaign:@domain`.
+        assert_eq!(
+            kumo_queue_name("example.com", &meta(json!({"campaign": "c"}))),
+            "c:@example.com"
         );
     }
 

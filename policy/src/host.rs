@@ -12,7 +12,8 @@ use mlua::{Function, Lua, RegistryKey, Table, Value, Variadic};
 use crate::connection::Connection;
 use crate::error::PolicyError;
 use crate::outcome::Rejection;
-use crate::queue_config::{self, QueueConfig, QueueName};
+use crate::queue_config::{self, QueueConfig};
+use crate::queue_name::QueueName;
 use crate::worker::{
     deadline_error, install_limits, is_memory_error, Bounded, LuaThread, PolicyLimits, Setup, Stop,
     Watch,

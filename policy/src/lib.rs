@@ -90,6 +90,7 @@ mod log_hook;
 mod message;
 pub mod outcome;
 mod queue_config;
+mod queue_name;
 mod worker;
 
 pub use connection::Connection;
@@ -98,7 +99,8 @@ pub use host::{InitConfig, Policy};
 pub use log_hook::SHOULD_ENQUEUE as SHOULD_ENQUEUE_LOG_RECORD;
 pub use message::MessageView;
 pub use outcome::SendOutcome;
-pub use queue_config::{PermanentFailure, QueueConfig, QueueName, Rate};
+pub use queue_config::{PermanentFailure, QueueConfig, Rate};
+pub use queue_name::QueueName;
 pub use worker::{
     PolicyLimits, DEFAULT_EVENT_TIMEOUT, DEFAULT_MEMORY_LIMIT, HOOK_EVERY, REPORT_GRACE,
 };
