@@ -25,8 +25,8 @@ use serde_json::{json, Value};
 use spool::view::MessageView;
 use spool::{Message, MessageId, Spool, SpoolError, SpoolStats};
 
-use crate::dispatch::Suspensions;
 use crate::ingest::ApiError;
+use crate::suspensions::Suspensions;
 
 #[derive(Clone)]
 pub struct Admin {

@@ -9,27 +9,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::Args;
 use policy::{Policy, PolicyLimits};
 
 pub const DEFAULT_SPOOL: &str = "./spool";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8000";
 pub const DEFAULT_MAX_BODY: usize = 16 << 20;
-
-#[derive(Parser, Debug)]
-#[command(version, about, args_conflicts_with_subcommands = true)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    #[command(flatten)]
-    pub run: RunArgs,
-}
-
-#[derive(Subcommand, Debug)]
-pub enum Command {
-    /// Kafka end to end in one process: a mock broker, the daemon, N messages in and back out.
-    Demo(crate::demo::DemoArgs),
-}
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
@@ -248,6 +233,13 @@ fn spool_options_from_env() -> spool::SpoolOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
 
     #[test]
     fn limit_flags_default_to_limits_default() {

@@ -8,21 +8,23 @@
 //!   deadline; the spool is synced; a restart resumes where this run stopped.
 //!
 //! Around them, for operators: [`admin`] (`/api/admin/...`, what `spoolctl --url` talks
-//! to), [`metrics`] (`/metrics`), and the [`delivery_log`]; ingest and dispatch report
-//! outcomes to both through [`telemetry`].
+//! to), [`suspensions`] (the queues an operator suspended), [`metrics`] (`/metrics`), and
+//! the [`delivery_log`] (its Lua hook in [`log_hook`]); ingest and dispatch report
+//! outcomes to both through [`telemetry`]. [`config`] holds the flags, [`meta`] the
+//! request-metadata conversion.
 //!
 //! In front of ingest: [`server`] (the accept loop: header, body and idle time limits, a
 //! connection cap, a bounded shutdown grace), [`capacity`] (503 + `Retry-After` at
 //! `--max-spool-bytes` / `--min-free-disk`) and [`health`] (`/livez`, `/readyz`).
 //!
 //! [`start`] runs all of it in the current tokio runtime and returns once it is serving,
-//! so tests and the demo embed the daemon without a subprocess.
+//! so tests and the demo (`demo/`, part of the binary only) embed the daemon without a
+//! subprocess.
 
 pub mod admin;
 pub mod capacity;
 pub mod config;
 pub mod delivery_log;
-pub mod demo;
 pub mod dispatch;
 pub mod health;
 pub mod ingest;
@@ -31,6 +33,7 @@ pub mod meta;
 pub mod metrics;
 pub mod server;
 pub mod shutdown;
+pub mod suspensions;
 pub mod telemetry;
 
 use std::net::SocketAddr;
@@ -116,7 +119,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
     };
     tracing::info!(%addr, admin_api = config.admin_api, admin_token = config.admin_token.is_some(), "HTTP API listening");
 
-    let suspensions = dispatch::Suspensions::default();
+    let suspensions = suspensions::Suspensions::default();
     let limits = &config.limits;
     let capacity = capacity::Capacity::new(
         spool.clone(),

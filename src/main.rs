@@ -2,9 +2,27 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use spoolrelay::config::{Cli, Command, Config};
+use clap::{Parser, Subcommand};
+use spoolrelay::config::{Config, RunArgs};
 use spoolrelay::{shutdown, Shutdown};
+
+#[path = "../demo/mod.rs"]
+mod demo;
+
+#[derive(Parser, Debug)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Kafka end to end in one process: a mock broker, the daemon, N messages in and back out.
+    Demo(demo::DemoArgs),
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -33,7 +51,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Some(Command::Demo(args)) => spoolrelay::demo::run(args).await,
+            Some(Command::Demo(args)) => demo::run(args).await,
             None => serve(cli.run).await,
         }
     });
@@ -46,7 +64,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(args: spoolrelay::config::RunArgs) -> anyhow::Result<()> {
+async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let config = Config::resolve(args).await?;
     let stop = Shutdown::new();
     let daemon = spoolrelay::start(config, stop.clone()).await?;

@@ -25,7 +25,7 @@ use axum::Router;
 use spool::Spool;
 
 use crate::capacity::Capacity;
-use crate::dispatch::Suspensions;
+use crate::suspensions::Suspensions;
 
 /// Upper bounds (seconds) of the send latency buckets; `+Inf` is implied.
 const LATENCY_BUCKETS: [f64; 13] = [

@@ -5,9 +5,7 @@
 //! has none. A worker exits when its queue is empty and its connections are closed; the
 //! next message for that queue starts a new one. At shutdown the supervisor waits for every
 //! worker to drain.
-//!
-//! [`Suspensions`] is the operator's brake (admin API): a suspended queue's worker stops
-//! leasing, so its messages stay waiting while ingest keeps accepting new ones.
+//! A worker of a queue in [`Suspensions`](crate::suspensions::Suspensions) leases nothing.
 
 mod backoff;
 mod connection;
@@ -15,13 +13,11 @@ pub mod decide;
 mod deliver;
 mod queue;
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use policy::{Policy, QueueConfig};
 use spool::Spool;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use backoff::{ConnectBackoff, TokenBucket};
@@ -29,6 +25,7 @@ pub use decide::{decide, retry_delay, Event, Fate, Lease};
 pub use deliver::message_view;
 
 use crate::shutdown::Shutdown;
+use crate::suspensions::Suspensions;
 use crate::telemetry::Telemetry;
 
 pub struct Dispatcher {
@@ -82,55 +79,4 @@ fn token_bucket(cfg: &QueueConfig) -> Option<TokenBucket> {
     cfg.max_message_rate
         .as_ref()
         .map(|rate| TokenBucket::new(rate.limit, rate.per, spool::now_ms()))
-}
-
-/// Queues an operator suspended: their workers lease nothing until resumed. Memory only: a
-/// restart resumes every queue. Cheap to clone; every clone sees the same set.
-#[derive(Clone)]
-pub struct Suspensions {
-    set: Arc<Mutex<BTreeSet<String>>>,
-    /// Ticks on every change, so a resumed queue's worker wakes at once.
-    changed: Arc<watch::Sender<u64>>,
-}
-
-impl Default for Suspensions {
-    fn default() -> Self {
-        Suspensions {
-            set: Arc::default(),
-            changed: Arc::new(watch::channel(0).0),
-        }
-    }
-}
-
-impl Suspensions {
-    fn with_set<T>(&self, f: impl FnOnce(&mut BTreeSet<String>) -> T) -> T {
-        f(&mut self.set.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    /// Suspends `queue`; false if it already was.
-    pub fn suspend(&self, queue: &str) -> bool {
-        let new = self.with_set(|s| s.insert(queue.to_owned()));
-        self.changed.send_modify(|n| *n += 1);
-        new
-    }
-
-    /// Resumes `queue`; false if it was not suspended.
-    pub fn resume(&self, queue: &str) -> bool {
-        let was = self.with_set(|s| s.remove(queue));
-        self.changed.send_modify(|n| *n += 1);
-        was
-    }
-
-    pub fn is_suspended(&self, queue: &str) -> bool {
-        self.with_set(|s| s.contains(queue))
-    }
-
-    /// The suspended queues, sorted.
-    pub fn list(&self) -> Vec<String> {
-        self.with_set(|s| s.iter().cloned().collect())
-    }
-
-    pub fn watch(&self) -> watch::Receiver<u64> {
-        self.changed.subscribe()
-    }
 }

@@ -18,8 +18,8 @@ use super::backoff::{ConnectBackoff, TokenBucket};
 use super::connection::{self, Pool};
 use super::decide::{decide, Event, Fate};
 use super::deliver;
-use super::Suspensions;
 use crate::shutdown::Shutdown;
+use crate::suspensions::Suspensions;
 use crate::telemetry::QueueTelemetry;
 
 /// How often a queue's config is asked again of the policy.
