@@ -76,7 +76,8 @@
 //! ## Modules
 //!
 //! `worker` (the state threads, deadlines, limits), `host` (states, sandbox, `kumo.*`
-//! core, event registry), `queue_config` (`make_queue_config`),
+//! core, event registry), `queue_config` (`make_queue_config`), `queue_name` (KumoMTA queue
+//! names, read here and written by the daemon's ingest),
 //! `message` (the Message userdata), `outcome` (the result rule), `connection`
 //! (constructor, send, batch, close), `kafka`, `amqp`, `json`.
 
