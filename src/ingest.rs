@@ -15,8 +15,7 @@
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
@@ -24,12 +23,13 @@ use serde::de::{IgnoredAny, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
-use spool::{Meta, MetaValue, NewMessage, Spool, SpoolError};
+use spool::{Meta, MetaValue, NewMessage, Spool};
 
 use std::sync::Arc;
 
 use crate::capacity::Capacity;
 use crate::config::Limits;
+use crate::http_error::{check_queue, ApiError};
 use crate::meta;
 use crate::telemetry::Telemetry;
 
@@ -82,76 +82,6 @@ pub fn router(state: Ingest, max_body_bytes: usize, capacity: Arc<Capacity>) -> 
         .merge(ingest)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
-}
-
-/// The answer for a path no route serves (also a queue name with a raw `/` in it).
-pub async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError(
-        StatusCode::NOT_FOUND,
-        format!(
-            "no endpoint at {}: ingest is POST /api/v1/queues/{{queue}}/messages, \
-             /api/v1/queues/{{queue}}/batch or /api/inject/v1 (a queue name containing '/' \
-             must be percent-encoded as %2F); see docs/http-api.md",
-            uri.path()
-        ),
-    )
-}
-
-/// The answer for a known path asked with the wrong method.
-pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
-    ApiError(
-        StatusCode::METHOD_NOT_ALLOWED,
-        format!(
-            "{method} is not allowed on {}; see docs/http-api.md",
-            uri.path()
-        ),
-    )
-}
-
-/// An error answer: status plus a human-readable message, sent as JSON.
-#[derive(Debug)]
-pub struct ApiError(pub StatusCode, pub String);
-
-impl ApiError {
-    fn bad_request(msg: impl Into<String>) -> ApiError {
-        ApiError(StatusCode::BAD_REQUEST, msg.into())
-    }
-
-    fn too_large(msg: impl Into<String>) -> ApiError {
-        ApiError(StatusCode::PAYLOAD_TOO_LARGE, msg.into())
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
-    }
-}
-
-impl From<SpoolError> for ApiError {
-    fn from(e: SpoolError) -> ApiError {
-        let status = match e {
-            SpoolError::InvalidQueueName { .. } => StatusCode::BAD_REQUEST,
-            // NotDurable, WriterStopped, Storage, Io: nothing was accepted; try again later.
-            _ => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        if status.is_server_error() {
-            tracing::error!(error = %e, "enqueue failed; answering 503");
-        }
-        ApiError(status, e.to_string())
-    }
-}
-
-/// A body that failed to arrive (too large, aborted) keeps axum's status, JSON-shaped.
-impl From<BytesRejection> for ApiError {
-    fn from(r: BytesRejection) -> ApiError {
-        ApiError(r.status(), r.body_text())
-    }
-}
-
-fn check_queue(queue: &str) -> Result<(), ApiError> {
-    spool::keys::check_queue_name(queue)
-        .map_err(|why| ApiError::bad_request(format!("invalid queue name {queue:?}: {why}")))
 }
 
 async fn stats(State(ingest): State<Ingest>) -> Json<spool::SpoolStats> {
@@ -467,6 +397,7 @@ async fn inject(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::StatusCode;
 
     #[test]
     fn queue_names_follow_kumo_rules() {

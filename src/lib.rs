@@ -11,7 +11,7 @@
 //! to), [`suspensions`] (the queues an operator suspended), [`metrics`] (`/metrics`), and
 //! the [`delivery_log`] (its Lua hook in [`log_hook`]); ingest and dispatch report
 //! outcomes to both through [`telemetry`]. [`config`] holds the flags, [`meta`] the
-//! request-metadata conversion.
+//! request-metadata conversion, [`http_error`] the JSON error answers ingest and admin share.
 //!
 //! In front of ingest: [`server`] (the accept loop: header, body and idle time limits, a
 //! connection cap, a bounded shutdown grace), [`capacity`] (503 + `Retry-After` at
@@ -27,6 +27,7 @@ pub mod config;
 pub mod delivery_log;
 pub mod dispatch;
 pub mod health;
+pub mod http_error;
 pub mod ingest;
 pub mod log_hook;
 pub mod meta;
@@ -156,8 +157,8 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
     // Every body is read under the body deadline before any handler sees it.
     let http_limits = server::HttpLimits::new(limits, config.max_body_bytes);
     let app = app
-        .fallback(ingest::not_found)
-        .method_not_allowed_fallback(ingest::method_not_allowed)
+        .fallback(http_error::not_found)
+        .method_not_allowed_fallback(http_error::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             http_limits.clone(),
             server::read_body_within,

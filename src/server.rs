@@ -42,7 +42,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
 
 use crate::config::Limits;
-use crate::ingest::ApiError;
+use crate::http_error::ApiError;
 use crate::Shutdown;
 
 /// How many over-the-cap connections may be answered 503 at once.
