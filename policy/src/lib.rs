@@ -79,7 +79,11 @@
 //! core, event registry), `queue_config` (`make_queue_config`), `queue_name` (KumoMTA queue
 //! names, read here and written by the daemon's ingest),
 //! `message` (the Message userdata), `outcome` (the result rule), `connection`
-//! (constructor, send, batch, close), `kafka`, `amqp`, `json`.
+//! (constructor, send, batch, close), `log_hook` (`should_enqueue_log_record`), `error`
+//! ([`PolicyError`]), `kafka`, `amqp`, `json`. `#![warn(missing_docs)]`: every public item
+//! is documented.
+
+#![warn(missing_docs)]
 
 mod amqp;
 mod connection;

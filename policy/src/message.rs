@@ -5,14 +5,19 @@ use mlua::{LuaSerdeExt, UserData, UserDataMethods, Value};
 /// One message as the policy sees it. The daemon builds it from a spool record.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MessageView {
+    /// The spool's message id, as text (`message:id()`).
     pub id: String,
+    /// The queue the message is in (`message:queue_name()`).
     pub queue: String,
     /// The payload, any bytes.
     pub data: Vec<u8>,
+    /// The message's metadata (`message:get_meta(k)`).
     pub meta: serde_json::Map<String, serde_json::Value>,
     /// Earlier delivery attempts (0 on the first try).
     pub attempts: u32,
+    /// The envelope sender of an injected message (`message:sender()`).
     pub sender: Option<String>,
+    /// The envelope recipient of an injected message (`message:recipient()`).
     pub recipient: Option<String>,
 }
 

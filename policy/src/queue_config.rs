@@ -18,7 +18,9 @@ pub enum PermanentFailure {
 /// A message rate: at most `limit` messages per `per`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
+    /// How many messages.
     pub limit: u64,
+    /// In how long.
     pub per: Duration,
 }
 
@@ -56,15 +58,25 @@ pub struct QueueConfig {
     /// Event that builds a sender (`protocol.custom_lua.constructor`). `None`: the queue
     /// has no protocol, which is an error at connect time, not a crash.
     pub constructor: Option<String>,
+    /// Most messages per `send_batch` call (`protocol.custom_lua.batch_size`).
     pub batch_size: usize,
+    /// Fewest messages per batch (`protocol.custom_lua.min_batch_size`).
     pub min_batch_size: usize,
+    /// How long a batch may wait to fill (`protocol.custom_lua.max_batch_latency`).
     pub max_batch_latency: Duration,
+    /// Base retry delay, doubled per attempt (`retry_interval`).
     pub retry_interval: Duration,
+    /// Cap on the retry delay (`max_retry_interval`); `None`: no cap.
     pub max_retry_interval: Option<Duration>,
+    /// Age after which a message is dead-lettered (`max_age`).
     pub max_age: Duration,
+    /// Send rate limit for the queue (`max_message_rate`); `None`: unlimited.
     pub max_message_rate: Option<Rate>,
+    /// Most connections (senders) the queue opens at once (`connection_limit`).
     pub connection_limit: usize,
+    /// Limit for one `send`, `send_batch`, constructor or `close` (`send_timeout`).
     pub send_timeout: Duration,
+    /// What a permanent failure does to a message (`on_permanent_failure`).
     pub on_permanent_failure: PermanentFailure,
 }
 
