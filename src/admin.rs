@@ -28,9 +28,12 @@ use spool::{Message, MessageId, Spool, SpoolStats};
 use crate::http_error::{check_queue, ApiError};
 use crate::suspensions::Suspensions;
 
+/// What the admin handlers share.
 #[derive(Clone)]
 pub struct Admin {
+    /// The daemon's spool, for reads and operator writes.
     pub spool: Spool,
+    /// The operator's suspended queues.
     pub suspensions: Suspensions,
 }
 

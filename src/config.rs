@@ -12,10 +12,14 @@ use anyhow::Context;
 use clap::Args;
 use policy::{Policy, PolicyLimits};
 
+/// Spool directory when neither flag nor policy names one.
 pub const DEFAULT_SPOOL: &str = "./spool";
+/// HTTP listen address when neither flag nor policy names one.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8000";
+/// Default `--max-body-bytes` (16 MiB).
 pub const DEFAULT_MAX_BODY: usize = 16 << 20;
 
+/// The daemon's flags (`spoolrelay --policy FILE ...`).
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// The Lua policy (KumoMTA-compatible).
@@ -62,6 +66,7 @@ pub struct RunArgs {
     /// naming the limit and the state is rebuilt.
     #[arg(long, value_name = "MIB", default_value_t = (policy::DEFAULT_MEMORY_LIMIT >> 20) as u64, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub lua_memory_limit: u64,
+    /// Isolation and capacity bounds (`--max-*`, `--http-*`, `--lua-*`).
     #[command(flatten)]
     pub limits: Limits,
 }
@@ -127,10 +132,15 @@ impl Default for Limits {
 /// Everything the daemon needs, resolved.
 #[derive(Clone)]
 pub struct Config {
+    /// The loaded Lua policy.
     pub policy: Policy,
+    /// The spool directory.
     pub spool_dir: PathBuf,
+    /// HTTP listen address (`host:port`; port 0 picks one).
     pub listen: String,
+    /// Largest accepted request body; bigger requests get 413.
     pub max_body_bytes: usize,
+    /// How long in-flight sends may finish after shutdown is asked.
     pub drain_timeout: Duration,
     /// How the spool is opened; tests inject disk faults through it.
     pub spool_options: spool::SpoolOptions,
@@ -138,7 +148,9 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// Whether the admin API is served at all.
     pub admin_api: bool,
+    /// Where the delivery log is written (`None`: no log).
     pub delivery_log: Option<PathBuf>,
+    /// Size at which the delivery log is rotated.
     pub delivery_log_max_bytes: u64,
     /// Log hooks the policy declared in `init` (`kumo.configure_log_hook`).
     pub log_hooks: Vec<String>,

@@ -37,16 +37,22 @@ use crate::telemetry::Telemetry;
 /// request bounds.
 #[derive(Clone)]
 pub struct Ingest {
+    /// Where accepted messages go.
     pub spool: Spool,
+    /// Where accepted messages are reported.
     pub telemetry: Telemetry,
+    /// The request bounds.
     pub limits: IngestLimits,
 }
 
 /// The bounds the handlers enforce (from `--max-inject-*` and `--max-batch-lines`).
 #[derive(Clone, Copy, Debug)]
 pub struct IngestLimits {
+    /// `--max-inject-recipients`.
     pub max_inject_recipients: usize,
+    /// `--max-inject-expanded-bytes`: what an injection may expand to (413 above it).
     pub max_inject_expanded_bytes: u64,
+    /// `--max-batch-lines`.
     pub max_batch_lines: usize,
 }
 
@@ -246,8 +252,11 @@ pub fn kumo_queue_name(domain: &str, meta: &Map<String, Value>) -> String {
 /// What an injection request turns into: the messages to spool, and the recipients that
 /// could not be queued (no domain, bad queue name), with why.
 pub struct InjectPlan {
+    /// One message per recipient that could be queued.
     pub messages: Vec<NewMessage>,
+    /// The recipients that could not be queued.
     pub failed_recipients: Vec<String>,
+    /// Why each of them could not.
     pub errors: Vec<String>,
 }
 

@@ -37,6 +37,8 @@ pub struct LogHookSink {
 }
 
 impl LogHookSink {
+    /// Hands `record` to the hook task without waiting; counts it as dropped when the
+    /// task's queue is full.
     pub fn offer(&self, record: LogRecord) {
         if self.tx.try_send(record).is_err() {
             self.dropped.fetch_add(1, Relaxed);

@@ -46,6 +46,7 @@ impl Suspensions {
         was
     }
 
+    /// Whether `queue` is suspended.
     pub fn is_suspended(&self, queue: &str) -> bool {
         self.with_set(|s| s.contains(queue))
     }
@@ -55,6 +56,7 @@ impl Suspensions {
         self.with_set(|s| s.iter().cloned().collect())
     }
 
+    /// Ticks on every suspend and resume.
     pub fn watch(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }

@@ -1,11 +1,11 @@
-//! The dispatcher: one [`QueueWorker`](queue::QueueWorker) per queue that holds messages.
+//! The dispatcher: one `QueueWorker` (`queue.rs`) per queue that holds messages.
 //!
 //! The supervisor here only discovers queues (from `Spool::queue_names`, woken by the
 //! spool's change ticks and a one-second timer) and starts a worker for each queue that
 //! has none. A worker exits when its queue is empty and its connections are closed; the
 //! next message for that queue starts a new one. At shutdown the supervisor waits for every
 //! worker to drain.
-//! A worker of a queue in [`Suspensions`](crate::suspensions::Suspensions) leases nothing.
+//! A worker of a queue in [`Suspensions`] leases nothing.
 
 mod backoff;
 mod connection;
@@ -28,17 +28,24 @@ use crate::shutdown::Shutdown;
 use crate::suspensions::Suspensions;
 use crate::telemetry::Telemetry;
 
+/// The supervisor: starts a `QueueWorker` per queue that holds messages.
 pub struct Dispatcher {
+    /// The spool the workers lease from.
     pub spool: Spool,
+    /// The policy that configures queues and builds connections.
     pub policy: Policy,
+    /// Stops leasing when triggered.
     pub shutdown: Shutdown,
     /// How long in-flight sends may take to finish after shutdown was asked.
     pub drain_timeout: Duration,
+    /// Queues whose workers lease nothing.
     pub suspensions: Suspensions,
+    /// Where outcomes are reported (metrics, delivery log).
     pub telemetry: Telemetry,
 }
 
 impl Dispatcher {
+    /// Runs until shutdown, then waits for every worker to drain.
     pub async fn run(self) {
         let mut workers: HashMap<String, JoinHandle<()>> = HashMap::new();
         let mut changes = self.spool.watch_changes();
