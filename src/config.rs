@@ -56,7 +56,7 @@ pub struct RunArgs {
     /// Rotate the delivery log when it would pass this size (FILE.1 … FILE.5 are kept).
     #[arg(long, value_name = "BYTES", default_value_t = crate::delivery_log::DEFAULT_MAX_BYTES)]
     pub delivery_log_max_bytes: u64,
-    // -- Lua isolation (issue 10 A) --
+    // -- Lua isolation --
     /// Bound on each run of the policy chunk, `init`, `get_queue_config`, a constructor or
     /// a log hook; code past it is stopped (even a loop that never yields) and its Lua state
     /// rebuilt. Sends are bounded by the queue's own send_timeout.
@@ -71,7 +71,7 @@ pub struct RunArgs {
     pub limits: Limits,
 }
 
-/// Ingest bounds, HTTP time limits and spool capacity (issue 10, parts B and C). One
+/// Ingest bounds, HTTP time limits and spool capacity. One
 /// struct, flattened into the command line and carried whole in [`Config`], so the
 /// handlers, the server loop and the capacity gate read one value.
 #[derive(Args, Debug, Clone, PartialEq, Eq)]
@@ -154,7 +154,7 @@ pub struct Config {
     pub delivery_log_max_bytes: u64,
     /// Log hooks the policy declared in `init` (`kumo.configure_log_hook`).
     pub log_hooks: Vec<String>,
-    // -- Lua isolation (issue 10 A) --
+    // -- Lua isolation --
     /// The bounds the policy was loaded with (`--lua-event-timeout`, `--lua-memory-limit`).
     pub lua_limits: PolicyLimits,
     /// Ingest bounds, HTTP limits, spool capacity.

@@ -6,7 +6,7 @@
 //! group commit. Errors are JSON `{"error": "..."}` with 400 (the request is wrong),
 //! 413 (too large) or 503 (the spool could not make it durable: retry later).
 //!
-//! Bounds (issue 10): a request is measured before it is expanded. An NDJSON batch's
+//! Bounds: a request is measured before it is expanded. An NDJSON batch's
 //! lines are counted (one pass over the bytes, nothing allocated) before any is parsed;
 //! an injection's recipients are counted and its `content` and `metadata` measured as
 //! raw JSON before any recipient is built, so a small body that would expand into
