@@ -102,7 +102,7 @@ pub use connection::Connection;
 pub use error::PolicyError;
 pub use host::{InitConfig, Policy};
 pub use log_hook::SHOULD_ENQUEUE as SHOULD_ENQUEUE_LOG_RECORD;
-pub use message::MessageView;
+pub use message::PolicyMessage;
 pub use outcome::SendOutcome;
 pub use queue_config::{PermanentFailure, QueueConfig, Rate};
 pub use queue_name::QueueName;

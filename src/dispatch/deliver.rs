@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use policy::{MessageView, QueueConfig, SendOutcome};
+use policy::{PolicyMessage, QueueConfig, SendOutcome};
 use spool::{Message, Spool};
 
 use super::connection::PooledConnection;
@@ -16,8 +16,8 @@ use crate::meta;
 use crate::telemetry::QueueTelemetry;
 
 /// What the policy sees of a spooled message.
-pub fn message_view(msg: &Message) -> MessageView {
-    MessageView {
+pub fn policy_message(msg: &Message) -> PolicyMessage {
+    PolicyMessage {
         id: msg.id.to_string(),
         queue: msg.queue.clone(),
         data: msg.payload.clone(),
@@ -37,7 +37,7 @@ pub async fn deliver(
     cfg: Arc<QueueConfig>,
     msgs: Vec<Message>,
 ) {
-    let views: Vec<MessageView> = msgs.iter().map(message_view).collect();
+    let views: Vec<PolicyMessage> = msgs.iter().map(policy_message).collect();
     let started = std::time::Instant::now();
     let mark = conn.mark();
     // `Connection` bounds both calls with the queue's `send_timeout`, also for Lua code that

@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 
 pub use backoff::{ConnectBackoff, TokenBucket};
 pub use decide::{decide, retry_delay, Event, Fate, Lease};
-pub use deliver::message_view;
+pub use deliver::policy_message;
 
 use crate::shutdown::Shutdown;
 use crate::suspensions::Suspensions;
