@@ -10,7 +10,7 @@ use std::time::Duration;
 use policy::{PolicyMessage, QueueConfig, SendOutcome};
 use spool::{Message, Spool};
 
-use super::connection::PooledConnection;
+use super::connection::{PooledConnection, SendSign};
 use super::decide::{decide, Event, Fate};
 use crate::meta;
 use crate::telemetry::QueueTelemetry;
@@ -48,15 +48,7 @@ pub async fn deliver(
     } else {
         conn.send_batch(views).await
     };
-    // Only transient failures (raised errors, timeouts, 4xx) say anything about the
-    // connection; a 5xx is the policy's verdict on the message, given over a working one.
-    conn.judge(
-        mark,
-        outcomes.iter().any(SendOutcome::is_delivered),
-        outcomes
-            .iter()
-            .any(|o| matches!(o, SendOutcome::Transient { .. })),
-    );
+    conn.record_send(mark, SendSign::of(&outcomes));
     // The send is over: give the connection's in-flight slot back before the durable waits.
     drop(conn);
     telemetry.sent(started.elapsed(), msgs.len() as u64);
