@@ -23,14 +23,17 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use spool::view::MessageView;
-use spool::{Message, MessageId, Spool, SpoolError, SpoolStats};
+use spool::{Message, MessageId, Spool, SpoolStats};
 
-use crate::dispatch::Suspensions;
-use crate::ingest::ApiError;
+use crate::http_error::{check_queue, ApiError};
+use crate::suspensions::Suspensions;
 
+/// What the admin handlers share.
 #[derive(Clone)]
 pub struct Admin {
+    /// The daemon's spool, for reads and operator writes.
     pub spool: Spool,
+    /// The operator's suspended queues.
     pub suspensions: Suspensions,
 }
 
@@ -92,26 +95,6 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn spool_error(e: SpoolError) -> ApiError {
-    match e {
-        SpoolError::InvalidQueueName { .. } => ApiError(StatusCode::BAD_REQUEST, e.to_string()),
-        SpoolError::NotFound { .. } => ApiError(StatusCode::NOT_FOUND, e.to_string()),
-        _ => {
-            tracing::error!(error = %e, "admin request failed");
-            ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
-        }
-    }
-}
-
-fn check_queue(queue: &str) -> Result<(), ApiError> {
-    spool::keys::check_queue_name(queue).map_err(|why| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("invalid queue name {queue:?}: {why}"),
-        )
-    })
-}
-
 /// sled reads may touch the disk: off the async workers.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> spool::Result<T> + Send + 'static,
@@ -119,7 +102,7 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(spool_error)
+        .map_err(ApiError::from)
 }
 
 /// Runs a spool write where a client hanging up cannot cancel it: axum drops the handler's
@@ -131,7 +114,7 @@ async fn detached<T: Send + 'static>(
     tokio::spawn(op)
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(spool_error)
+        .map_err(ApiError::from)
 }
 
 /// An optional JSON body: empty means all defaults.

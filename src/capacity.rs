@@ -50,11 +50,14 @@ pub const RETRY_AFTER_SECS: u64 = 5;
 /// Which limit refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
+    /// `--max-spool-bytes`: the queued payload bytes would pass the cap.
     MaxSpoolBytes,
+    /// `--min-free-disk`: the spool's filesystem has too little free space.
     MinFreeDisk,
 }
 
 impl Limit {
+    /// The limit's name in metrics labels (`max_spool_bytes`, `min_free_disk`).
     pub fn name(self) -> &'static str {
         match self {
             Limit::MaxSpoolBytes => "max_spool_bytes",
@@ -66,7 +69,9 @@ impl Limit {
 /// A refusal: which limit, and a message for the client and the operator.
 #[derive(Debug, Clone)]
 pub struct OverCapacity {
+    /// The limit that refused.
     pub limit: Limit,
+    /// Why, for the client (503 body) and the operator (`/readyz`).
     pub reason: String,
 }
 
@@ -74,7 +79,9 @@ pub struct OverCapacity {
 pub struct Capacity {
     spool: Spool,
     dir: PathBuf,
+    /// `--max-spool-bytes` (`None`: no cap).
     pub max_spool_bytes: Option<u64>,
+    /// `--min-free-disk`, in bytes.
     pub min_free_disk: u64,
     /// Last `statvfs` reading; `u64::MAX` until the first one (or when it fails).
     free_disk: AtomicU64,
@@ -155,6 +162,7 @@ impl Capacity {
         self.wake.notify_one();
     }
 
+    /// The queued messages' payload bytes (what `--max-spool-bytes` bounds).
     pub fn spool_bytes(&self) -> u64 {
         self.spool.queued_bytes()
     }

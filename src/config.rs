@@ -9,25 +9,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::Args;
 use policy::{Policy, PolicyLimits};
 
+/// Spool directory when neither flag nor policy names one.
 pub const DEFAULT_SPOOL: &str = "./spool";
+/// HTTP listen address when neither flag nor policy names one.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8000";
+/// Default `--max-body-bytes` (16 MiB).
 pub const DEFAULT_MAX_BODY: usize = 16 << 20;
-
-#[derive(Parser, Debug)]
-#[command(version, about, args_conflicts_with_subcommands = true)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    /// Log lines on stderr: `text` (colours only when stderr is a terminal) or `json` (one
-    /// object per line, for log shippers). Which lines: `RUST_LOG` (see docs/operations.md).
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, env = "SPOOLRELAY_LOG_FORMAT")]
-    pub log_format: LogFormat,
-    #[command(flatten)]
-    pub run: RunArgs,
-}
 
 /// How log lines are written (`--log-format`).
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,12 +28,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Subcommand, Debug)]
-pub enum Command {
-    /// Kafka end to end in one process: a mock broker, the daemon, N messages in and back out.
-    Demo(crate::demo::DemoArgs),
-}
-
+/// The daemon's flags (`spoolrelay --policy FILE ...`).
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// The Lua policy (KumoMTA-compatible).
@@ -80,7 +65,7 @@ pub struct RunArgs {
     /// Rotate the delivery log when it would pass this size (FILE.1 … FILE.5 are kept).
     #[arg(long, value_name = "BYTES", default_value_t = crate::delivery_log::DEFAULT_MAX_BYTES)]
     pub delivery_log_max_bytes: u64,
-    // -- Lua isolation (issue 10 A) --
+    // -- Lua isolation --
     /// Bound on each run of the policy chunk, `init`, `get_queue_config`, a constructor or
     /// a log hook; code past it is stopped (even a loop that never yields) and its Lua state
     /// rebuilt. Sends are bounded by the queue's own send_timeout.
@@ -90,11 +75,12 @@ pub struct RunArgs {
     /// naming the limit and the state is rebuilt.
     #[arg(long, value_name = "MIB", default_value_t = (policy::DEFAULT_MEMORY_LIMIT >> 20) as u64, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub lua_memory_limit: u64,
+    /// Isolation and capacity bounds (`--max-*`, `--http-*`, `--lua-*`).
     #[command(flatten)]
     pub limits: Limits,
 }
 
-/// Ingest bounds, HTTP time limits and spool capacity (issue 10, parts B and C). One
+/// Ingest bounds, HTTP time limits and spool capacity. One
 /// struct, flattened into the command line and carried whole in [`Config`], so the
 /// handlers, the server loop and the capacity gate read one value.
 #[derive(Args, Debug, Clone, PartialEq, Eq)]
@@ -155,10 +141,15 @@ impl Default for Limits {
 /// Everything the daemon needs, resolved.
 #[derive(Clone)]
 pub struct Config {
+    /// The loaded Lua policy.
     pub policy: Policy,
+    /// The spool directory.
     pub spool_dir: PathBuf,
+    /// HTTP listen address (`host:port`; port 0 picks one).
     pub listen: String,
+    /// Largest accepted request body; bigger requests get 413.
     pub max_body_bytes: usize,
+    /// How long in-flight sends may finish after shutdown is asked.
     pub drain_timeout: Duration,
     /// How the spool is opened; tests inject disk faults through it.
     pub spool_options: spool::SpoolOptions,
@@ -166,11 +157,13 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// Whether the admin API is served at all.
     pub admin_api: bool,
+    /// Where the delivery log is written (`None`: no log).
     pub delivery_log: Option<PathBuf>,
+    /// Size at which the delivery log is rotated.
     pub delivery_log_max_bytes: u64,
     /// Log hooks the policy declared in `init` (`kumo.configure_log_hook`).
     pub log_hooks: Vec<String>,
-    // -- Lua isolation (issue 10 A) --
+    // -- Lua isolation --
     /// The bounds the policy was loaded with (`--lua-event-timeout`, `--lua-memory-limit`).
     pub lua_limits: PolicyLimits,
     /// Ingest bounds, HTTP limits, spool capacity.
@@ -261,6 +254,13 @@ fn spool_options_from_env() -> spool::SpoolOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
 
     #[test]
     fn limit_flags_default_to_limits_default() {

@@ -20,8 +20,11 @@ use crate::Shutdown;
 /// What readiness looks at.
 #[derive(Clone)]
 pub struct Health {
+    /// The spool (a poisoned spool is not ready).
     pub spool: spool::Spool,
+    /// The capacity gate (over a limit is not ready).
     pub capacity: Arc<Capacity>,
+    /// Shutting down is not ready.
     pub shutdown: Shutdown,
 }
 
@@ -41,6 +44,7 @@ pub fn not_ready_reasons(health: &Health) -> Vec<String> {
     reasons
 }
 
+/// The `/livez` and `/readyz` routes.
 pub fn router(health: Health) -> Router {
     Router::new()
         .route("/livez", get(live))

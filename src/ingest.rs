@@ -6,7 +6,7 @@
 //! group commit. Errors are JSON `{"error": "..."}` with 400 (the request is wrong),
 //! 413 (too large) or 503 (the spool could not make it durable: retry later).
 //!
-//! Bounds (issue 10): a request is measured before it is expanded. An NDJSON batch's
+//! Bounds: a request is measured before it is expanded. An NDJSON batch's
 //! lines are counted (one pass over the bytes, nothing allocated) before any is parsed;
 //! an injection's recipients are counted and its `content` and `metadata` measured as
 //! raw JSON before any recipient is built, so a small body that would expand into
@@ -15,8 +15,7 @@
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
@@ -24,12 +23,13 @@ use serde::de::{IgnoredAny, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
-use spool::{Meta, MetaValue, NewMessage, Spool, SpoolError};
+use spool::{Meta, MetaValue, NewMessage, Spool};
 
 use std::sync::Arc;
 
 use crate::capacity::Capacity;
 use crate::config::Limits;
+use crate::http_error::{check_queue, ApiError};
 use crate::meta;
 use crate::telemetry::Telemetry;
 
@@ -37,16 +37,22 @@ use crate::telemetry::Telemetry;
 /// request bounds.
 #[derive(Clone)]
 pub struct Ingest {
+    /// Where accepted messages go.
     pub spool: Spool,
+    /// Where accepted messages are reported.
     pub telemetry: Telemetry,
+    /// The request bounds.
     pub limits: IngestLimits,
 }
 
 /// The bounds the handlers enforce (from `--max-inject-*` and `--max-batch-lines`).
 #[derive(Clone, Copy, Debug)]
 pub struct IngestLimits {
+    /// `--max-inject-recipients`.
     pub max_inject_recipients: usize,
+    /// `--max-inject-expanded-bytes`: what an injection may expand to (413 above it).
     pub max_inject_expanded_bytes: u64,
+    /// `--max-batch-lines`.
     pub max_batch_lines: usize,
 }
 
@@ -82,76 +88,6 @@ pub fn router(state: Ingest, max_body_bytes: usize, capacity: Arc<Capacity>) -> 
         .merge(ingest)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
-}
-
-/// The answer for a path no route serves (also a queue name with a raw `/` in it).
-pub async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError(
-        StatusCode::NOT_FOUND,
-        format!(
-            "no endpoint at {}: ingest is POST /api/v1/queues/{{queue}}/messages, \
-             /api/v1/queues/{{queue}}/batch or /api/inject/v1 (a queue name containing '/' \
-             must be percent-encoded as %2F); see docs/http-api.md",
-            uri.path()
-        ),
-    )
-}
-
-/// The answer for a known path asked with the wrong method.
-pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
-    ApiError(
-        StatusCode::METHOD_NOT_ALLOWED,
-        format!(
-            "{method} is not allowed on {}; see docs/http-api.md",
-            uri.path()
-        ),
-    )
-}
-
-/// An error answer: status plus a human-readable message, sent as JSON.
-#[derive(Debug)]
-pub struct ApiError(pub StatusCode, pub String);
-
-impl ApiError {
-    fn bad_request(msg: impl Into<String>) -> ApiError {
-        ApiError(StatusCode::BAD_REQUEST, msg.into())
-    }
-
-    fn too_large(msg: impl Into<String>) -> ApiError {
-        ApiError(StatusCode::PAYLOAD_TOO_LARGE, msg.into())
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
-    }
-}
-
-impl From<SpoolError> for ApiError {
-    fn from(e: SpoolError) -> ApiError {
-        let status = match e {
-            SpoolError::InvalidQueueName { .. } => StatusCode::BAD_REQUEST,
-            // NotDurable, WriterStopped, Storage, Io: nothing was accepted; try again later.
-            _ => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        if status.is_server_error() {
-            tracing::error!(error = %e, "enqueue failed; answering 503");
-        }
-        ApiError(status, e.to_string())
-    }
-}
-
-/// A body that failed to arrive (too large, aborted) keeps axum's status, JSON-shaped.
-impl From<BytesRejection> for ApiError {
-    fn from(r: BytesRejection) -> ApiError {
-        ApiError(r.status(), r.body_text())
-    }
-}
-
-fn check_queue(queue: &str) -> Result<(), ApiError> {
-    spool::keys::check_queue_name(queue)
-        .map_err(|why| ApiError::bad_request(format!("invalid queue name {queue:?}: {why}")))
 }
 
 async fn stats(State(ingest): State<Ingest>) -> Json<spool::SpoolStats> {
@@ -292,8 +228,9 @@ struct InjectRecipient {
     metadata: Map<String, Value>,
 }
 
-/// KumoMTA's queue name: `[campaign:][tenant@]domain[!routing_domain]`, unless metadata
-/// `queue` names one outright.
+/// KumoMTA's queue name for a recipient domain and its metadata (`campaign`, `tenant`,
+/// `routing_domain`), written by [`policy::QueueName::format`], unless metadata `queue`
+/// names one outright.
 pub fn kumo_queue_name(domain: &str, meta: &Map<String, Value>) -> String {
     let text = |key: &str| {
         meta.get(key)
@@ -303,28 +240,23 @@ pub fn kumo_queue_name(domain: &str, meta: &Map<String, Value>) -> String {
     if let Some(queue) = text("queue") {
         return queue.to_owned();
     }
-    let mut name = String::new();
-    if let Some(campaign) = text("campaign") {
-        name.push_str(campaign);
-        name.push(':');
+    policy::QueueName {
+        domain: Some(domain.to_owned()),
+        tenant: text("tenant").map(str::to_owned),
+        campaign: text("campaign").map(str::to_owned),
+        routing_domain: text("routing_domain").map(str::to_owned),
     }
-    if let Some(tenant) = text("tenant") {
-        name.push_str(tenant);
-        name.push('@');
-    }
-    name.push_str(domain);
-    if let Some(routing) = text("routing_domain") {
-        name.push('!');
-        name.push_str(routing);
-    }
-    name
+    .format()
 }
 
 /// What an injection request turns into: the messages to spool, and the recipients that
 /// could not be queued (no domain, bad queue name), with why.
 pub struct InjectPlan {
+    /// One message per recipient that could be queued.
     pub messages: Vec<NewMessage>,
+    /// The recipients that could not be queued.
     pub failed_recipients: Vec<String>,
+    /// Why each of them could not.
     pub errors: Vec<String>,
 }
 
@@ -474,6 +406,7 @@ async fn inject(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::StatusCode;
 
     #[test]
     fn queue_names_follow_kumo_rules() {
@@ -489,6 +422,11 @@ mod tests {
         assert_eq!(
             kumo_queue_name("x", &meta(json!({"queue": "amqp", "tenant": "t"}))),
             "amqp"
+        );
+        // KumoMTA writes a campaign without a tenant as `campaign:@domain`.
+        assert_eq!(
+            kumo_queue_name("example.com", &meta(json!({"campaign": "c"}))),
+            "c:@example.com"
         );
     }
 

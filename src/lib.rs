@@ -8,29 +8,38 @@
 //!   deadline; the spool is synced; a restart resumes where this run stopped.
 //!
 //! Around them, for operators: [`admin`] (`/api/admin/...`, what `spoolctl --url` talks
-//! to), [`metrics`] (`/metrics`), and the [`delivery_log`]; ingest and dispatch report
-//! outcomes to both through [`telemetry`].
+//! to), [`suspensions`] (the queues an operator suspended), [`metrics`] (`/metrics`), and
+//! the [`delivery_log`] (its Lua hook in [`log_hook`]); ingest and dispatch report
+//! outcomes to both through [`telemetry`]. [`config`] holds the flags, [`meta`] the
+//! request-metadata conversion, [`http_error`] the JSON error answers ingest and admin share.
 //!
 //! In front of ingest: [`server`] (the accept loop: header, body and idle time limits, a
 //! connection cap, a bounded shutdown grace), [`capacity`] (503 + `Retry-After` at
 //! `--max-spool-bytes` / `--min-free-disk`) and [`health`] (`/livez`, `/readyz`).
 //!
 //! [`start`] runs all of it in the current tokio runtime and returns once it is serving,
-//! so tests and the demo embed the daemon without a subprocess.
+//! so tests and the demo (`src/demo/`, part of the binary only: `main.rs` declares it, `lib.rs` does not) embed the daemon without a
+//! subprocess.
+
+#![warn(missing_docs)]
 
 pub mod admin;
 pub mod capacity;
 pub mod config;
+#[allow(missing_docs)] // issue 12: engineer E reworks the delivery log (rotation)
 pub mod delivery_log;
-pub mod demo;
 pub mod dispatch;
 pub mod health;
+pub mod http_error;
 pub mod ingest;
 pub mod log_hook;
 pub mod meta;
+#[allow(missing_docs)] // issue 12: metrics.rs is being rewritten on a crate (engineer E)
 pub mod metrics;
 pub mod server;
 pub mod shutdown;
+pub mod suspensions;
+#[allow(missing_docs)] // issue 12: engineer E adds histograms here
 pub mod telemetry;
 
 use std::net::SocketAddr;
@@ -117,7 +126,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
     };
     tracing::info!(%addr, admin_api = config.admin_api, admin_token = config.admin_token.is_some(), "HTTP API listening");
 
-    let suspensions = dispatch::Suspensions::default();
+    let suspensions = suspensions::Suspensions::default();
     let limits = &config.limits;
     let capacity = capacity::Capacity::new(
         spool.clone(),
@@ -154,8 +163,8 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
     // Every body is read under the body deadline before any handler sees it.
     let http_limits = server::HttpLimits::new(limits, config.max_body_bytes);
     let app = app
-        .fallback(ingest::not_found)
-        .method_not_allowed_fallback(ingest::method_not_allowed)
+        .fallback(http_error::not_found)
+        .method_not_allowed_fallback(http_error::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             http_limits.clone(),
             server::read_body_within,

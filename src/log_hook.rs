@@ -14,7 +14,7 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use policy::{MessageView, Policy};
+use policy::{Policy, PolicyMessage};
 use serde_json::{Map, Value};
 use spool::{NewMessage, Spool};
 use tokio::sync::mpsc;
@@ -37,6 +37,8 @@ pub struct LogHookSink {
 }
 
 impl LogHookSink {
+    /// Hands `record` to the hook task without waiting; counts it as dropped when the
+    /// task's queue is full.
     pub fn offer(&self, record: LogRecord) {
         if self.tx.try_send(record).is_err() {
             self.dropped.fetch_add(1, Relaxed);
@@ -85,12 +87,12 @@ async fn offer(
     record: &LogRecord,
     hook: &str,
 ) -> anyhow::Result<Option<NewMessage>> {
-    let view = MessageView {
+    let view = PolicyMessage {
         id: record.id.clone(),
         queue: record.queue.clone(),
         data: serde_json::to_vec(record)?,
         meta: record_meta(record),
-        ..MessageView::default()
+        ..PolicyMessage::default()
     };
     let Some(mut taken) = policy.should_enqueue_log_record(view, hook).await? else {
         return Ok(None);

@@ -2,9 +2,30 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use spoolrelay::config::{Cli, Command, Config, LogFormat};
+use clap::{Parser, Subcommand};
+use spoolrelay::config::{Config, LogFormat, RunArgs};
 use spoolrelay::{shutdown, Shutdown};
+
+mod demo;
+
+#[derive(Parser, Debug)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Log lines on stderr: `text` (colours only when stderr is a terminal) or `json` (one
+    /// object per line, for log shippers). Which lines: `RUST_LOG` (see docs/operations.md).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, env = "SPOOLRELAY_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Kafka end to end in one process: a mock broker, the daemon, N messages in and back out.
+    Demo(demo::DemoArgs),
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -28,7 +49,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Some(Command::Demo(args)) => spoolrelay::demo::run(args).await,
+            Some(Command::Demo(args)) => demo::run(args).await,
             None => serve(cli.run).await,
         }
     });
@@ -41,7 +62,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(args: spoolrelay::config::RunArgs) -> anyhow::Result<()> {
+async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let config = Config::resolve(args).await?;
     let stop = Shutdown::new();
     let daemon = spoolrelay::start(config, stop.clone()).await?;

@@ -34,7 +34,7 @@ pub fn meta_from_map(map: Map<String, Value>) -> Meta {
     map.into_iter().map(|(k, v)| (k, from_json(v))).collect()
 }
 
-/// Spool metadata as a JSON object, for the policy's `MessageView`.
+/// Spool metadata as a JSON object, for the policy's `PolicyMessage`.
 pub fn meta_to_map(meta: &Meta) -> Map<String, Value> {
     spool::view::meta_json(meta)
 }

@@ -30,7 +30,7 @@ use prometheus_client::registry::Registry;
 use spool::Spool;
 
 use crate::capacity::Capacity;
-use crate::dispatch::Suspensions;
+use crate::suspensions::Suspensions;
 
 /// The one label of per-queue metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

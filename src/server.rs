@@ -42,7 +42,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
 
 use crate::config::Limits;
-use crate::ingest::ApiError;
+use crate::http_error::ApiError;
 use crate::Shutdown;
 
 /// How many over-the-cap connections may be answered 503 at once.
@@ -51,15 +51,22 @@ pub const REFUSERS: usize = 64;
 /// The HTTP limits of one listener.
 #[derive(Clone, Debug)]
 pub struct HttpLimits {
+    /// `--http-header-timeout`: time to receive a request's headers.
     pub header_timeout: Duration,
+    /// `--http-body-timeout`: time to receive a request's body.
     pub body_timeout: Duration,
+    /// `--http-idle-timeout`: how long a kept-alive connection may wait for its next request.
     pub idle_timeout: Duration,
+    /// `--max-connections`: connections served at once; above it one gets a 503 and is closed.
     pub max_connections: usize,
+    /// `--http-shutdown-grace`: how long in-flight requests may finish after shutdown is asked.
     pub shutdown_grace: Duration,
+    /// `--max-body-bytes`.
     pub max_body_bytes: usize,
 }
 
 impl HttpLimits {
+    /// The limits from the flags.
     pub fn new(limits: &Limits, max_body_bytes: usize) -> HttpLimits {
         HttpLimits {
             header_timeout: limits.http_header_timeout,

@@ -5,6 +5,7 @@
 
 use tokio::sync::watch;
 
+/// The shutdown signal: cheap to clone; every clone sees the trigger.
 #[derive(Clone, Debug)]
 pub struct Shutdown {
     tx: std::sync::Arc<watch::Sender<bool>>,
@@ -18,6 +19,7 @@ impl Default for Shutdown {
 }
 
 impl Shutdown {
+    /// A signal not yet triggered.
     pub fn new() -> Shutdown {
         let (tx, rx) = watch::channel(false);
         Shutdown {
@@ -31,6 +33,7 @@ impl Shutdown {
         self.tx.send_replace(true);
     }
 
+    /// Whether shutdown was asked.
     pub fn is_triggered(&self) -> bool {
         *self.rx.borrow()
     }

@@ -13,7 +13,7 @@ use mlua::{Function, Lua, Table, Value};
 
 use crate::host::function_location;
 use crate::host::SENDER_KEY;
-use crate::message::{LuaMessage, MessageView};
+use crate::message::{LuaMessage, PolicyMessage};
 use crate::outcome::{classify_error, classify_value, SendOutcome};
 use crate::queue_config::QueueConfig;
 use crate::worker::{deadline_error, is_memory_error, LuaThread, Stop};
@@ -79,7 +79,7 @@ impl Connection {
     }
 
     /// Calls `sender:send(message)` and applies the result rule, within `send_timeout`.
-    pub async fn send(&self, msg: MessageView) -> SendOutcome {
+    pub async fn send(&self, msg: PolicyMessage) -> SendOutcome {
         let ids = msg.id.clone();
         let who = self.send_who.clone();
         let result = self
@@ -100,7 +100,7 @@ impl Connection {
     ///
     /// `send_batch` returns either one value for the whole batch (a `'250 ...'` string)
     /// or an array with one result per message; raising (or `kumo.reject`) fails all.
-    pub async fn send_batch(&self, msgs: Vec<MessageView>) -> Vec<SendOutcome> {
+    pub async fn send_batch(&self, msgs: Vec<PolicyMessage>) -> Vec<SendOutcome> {
         let n = msgs.len();
         let ids = msgs
             .iter()
@@ -209,7 +209,7 @@ impl Connection {
 }
 
 /// On the state's thread: `sender:send(message)`, its value classified there.
-async fn call_send(lua: &Lua, msg: MessageView, who: &str) -> mlua::Result<SendOutcome> {
+async fn call_send(lua: &Lua, msg: PolicyMessage, who: &str) -> mlua::Result<SendOutcome> {
     let Some((sender, send)) = method(lua, "send")? else {
         return Ok(SendOutcome::transient(format!(
             "{who}: sender has no send method"
@@ -223,7 +223,7 @@ async fn call_send(lua: &Lua, msg: MessageView, who: &str) -> mlua::Result<SendO
 /// On the state's thread: `sender:send_batch(messages)`, or `send` for each.
 async fn call_send_batch(
     lua: &Lua,
-    msgs: Vec<MessageView>,
+    msgs: Vec<PolicyMessage>,
     who: &str,
 ) -> Vec<mlua::Result<SendOutcome>> {
     let n = msgs.len();

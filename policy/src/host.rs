@@ -12,7 +12,8 @@ use mlua::{Function, Lua, RegistryKey, Table, Value, Variadic};
 use crate::connection::Connection;
 use crate::error::PolicyError;
 use crate::outcome::Rejection;
-use crate::queue_config::{self, QueueConfig, QueueName};
+use crate::queue_config::{self, QueueConfig};
+use crate::queue_name::QueueName;
 use crate::worker::{
     deadline_error, install_limits, is_memory_error, Bounded, LuaThread, PolicyLimits, Setup, Stop,
     Watch,
@@ -25,7 +26,9 @@ const MULTI_HANDLER_EVENT: &str = "get_queue_config";
 /// `kumo.start_http_listener{listen=...}`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InitConfig {
+    /// `kumo.define_spool{path=...}`: the spool directory.
     pub spool_path: Option<PathBuf>,
+    /// `kumo.start_http_listener{listen=...}`: the HTTP listen address.
     pub listen: Option<String>,
     /// Names declared with `kumo.configure_log_hook{ name = ... }`.
     pub log_hooks: Vec<String>,

@@ -76,9 +76,14 @@
 //! ## Modules
 //!
 //! `worker` (the state threads, deadlines, limits), `host` (states, sandbox, `kumo.*`
-//! core, event registry), `queue_config` (`make_queue_config`),
+//! core, event registry), `queue_config` (`make_queue_config`), `queue_name` (KumoMTA queue
+//! names, read here and written by the daemon's ingest),
 //! `message` (the Message userdata), `outcome` (the result rule), `connection`
-//! (constructor, send, batch, close), `kafka`, `amqp`, `json`.
+//! (constructor, send, batch, close), `log_hook` (`should_enqueue_log_record`), `error`
+//! ([`PolicyError`]), `kafka`, `amqp`, `json`. `#![warn(missing_docs)]`: every public item
+//! is documented.
+
+#![warn(missing_docs)]
 
 mod amqp;
 mod connection;
@@ -90,15 +95,17 @@ mod log_hook;
 mod message;
 pub mod outcome;
 mod queue_config;
+mod queue_name;
 mod worker;
 
 pub use connection::Connection;
 pub use error::PolicyError;
 pub use host::{InitConfig, Policy};
 pub use log_hook::SHOULD_ENQUEUE as SHOULD_ENQUEUE_LOG_RECORD;
-pub use message::MessageView;
+pub use message::PolicyMessage;
 pub use outcome::SendOutcome;
-pub use queue_config::{PermanentFailure, QueueConfig, QueueName, Rate};
+pub use queue_config::{PermanentFailure, QueueConfig, Rate};
+pub use queue_name::QueueName;
 pub use worker::{
     PolicyLimits, DEFAULT_EVENT_TIMEOUT, DEFAULT_MEMORY_LIMIT, HOOK_EVERY, REPORT_GRACE,
 };

@@ -11,7 +11,7 @@ use mlua::{AnyUserData, Function, Lua, Table, Value};
 
 use crate::error::PolicyError;
 use crate::host::{event_error, single_handler, Shared};
-use crate::message::{LuaMessage, MessageView};
+use crate::message::{LuaMessage, PolicyMessage};
 use crate::Policy;
 
 /// The event asked about every log record.
@@ -44,9 +44,9 @@ impl Policy {
     /// false/nil or there is no handler.
     pub async fn should_enqueue_log_record(
         &self,
-        record: MessageView,
+        record: PolicyMessage,
         hook: &str,
-    ) -> Result<Option<MessageView>, PolicyError> {
+    ) -> Result<Option<PolicyMessage>, PolicyError> {
         let chunk = self.chunk_name().to_string();
         let hook = hook.to_owned();
         let what = format!("event '{SHOULD_ENQUEUE}' for log hook '{hook}'");
@@ -61,9 +61,9 @@ impl Policy {
 async fn offer(
     lua: &Lua,
     chunk: &str,
-    record: MessageView,
+    record: PolicyMessage,
     hook: String,
-) -> Result<Option<MessageView>, PolicyError> {
+) -> Result<Option<PolicyMessage>, PolicyError> {
     let Some(handler) = single_handler(chunk, lua, SHOULD_ENQUEUE)? else {
         return Ok(None);
     };

@@ -2,23 +2,29 @@
 
 use mlua::{LuaSerdeExt, UserData, UserDataMethods, Value};
 
-/// One message as the policy sees it. The daemon builds it from a spool record.
+/// One message as the policy sees it (`send(message)`). The daemon builds it from a spool
+/// record; not to be confused with `spool::view::MessageView`, the operator's JSON view.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct MessageView {
+pub struct PolicyMessage {
+    /// The spool's message id, as text (`message:id()`).
     pub id: String,
+    /// The queue the message is in (`message:queue_name()`).
     pub queue: String,
     /// The payload, any bytes.
     pub data: Vec<u8>,
+    /// The message's metadata (`message:get_meta(k)`).
     pub meta: serde_json::Map<String, serde_json::Value>,
     /// Earlier delivery attempts (0 on the first try).
     pub attempts: u32,
+    /// The envelope sender of an injected message (`message:sender()`).
     pub sender: Option<String>,
+    /// The envelope recipient of an injected message (`message:recipient()`).
     pub recipient: Option<String>,
 }
 
-/// Lua face of a [`MessageView`]: `id()`, `get_data()`, `get_meta(k)`, `set_meta(k, v)`,
+/// Lua face of a [`PolicyMessage`]: `id()`, `get_data()`, `get_meta(k)`, `set_meta(k, v)`,
 /// `queue_name()`, `num_attempts()`, `sender()`, `recipient()`.
-pub(crate) struct LuaMessage(pub MessageView);
+pub(crate) struct LuaMessage(pub PolicyMessage);
 
 impl UserData for LuaMessage {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {

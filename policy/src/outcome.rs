@@ -14,14 +14,28 @@ pub const TRANSIENT_CODE: u16 = 451;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SendOutcome {
     /// The broker has it. `response` is what the policy returned (`'250 ...'`).
-    Delivered { response: String },
+    Delivered {
+        /// What the policy returned.
+        response: String,
+    },
     /// Try again later.
-    Transient { code: u16, response: String },
+    Transient {
+        /// The SMTP-style code (`kumo.reject`'s, or [`TRANSIENT_CODE`]).
+        code: u16,
+        /// The text that goes with it.
+        response: String,
+    },
     /// Retrying will not help (the policy said so with `kumo.reject(5xx, ...)`).
-    Permanent { code: u16, response: String },
+    Permanent {
+        /// The SMTP-style code (`kumo.reject`'s, or [`TRANSIENT_CODE`]).
+        code: u16,
+        /// The text that goes with it.
+        response: String,
+    },
 }
 
 impl SendOutcome {
+    /// Whether the broker has the message.
     pub fn is_delivered(&self) -> bool {
         matches!(self, SendOutcome::Delivered { .. })
     }

@@ -1,5 +1,5 @@
-//! `kumo.make_queue_config{...}`: validation of queue settings, durations and rates,
-//! and KumoMTA queue-name parsing.
+//! `kumo.make_queue_config{...}`: validation of queue settings, durations and rates.
+//! Queue names are parsed in [`crate::QueueName`].
 
 use std::time::Duration;
 
@@ -18,7 +18,9 @@ pub enum PermanentFailure {
 /// A message rate: at most `limit` messages per `per`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
+    /// How many messages.
     pub limit: u64,
+    /// In how long.
     pub per: Duration,
 }
 
@@ -56,15 +58,25 @@ pub struct QueueConfig {
     /// Event that builds a sender (`protocol.custom_lua.constructor`). `None`: the queue
     /// has no protocol, which is an error at connect time, not a crash.
     pub constructor: Option<String>,
+    /// Most messages per `send_batch` call (`protocol.custom_lua.batch_size`).
     pub batch_size: usize,
+    /// Fewest messages per batch (`protocol.custom_lua.min_batch_size`).
     pub min_batch_size: usize,
+    /// How long a batch may wait to fill (`protocol.custom_lua.max_batch_latency`).
     pub max_batch_latency: Duration,
+    /// Base retry delay, doubled per attempt (`retry_interval`).
     pub retry_interval: Duration,
+    /// Cap on the retry delay (`max_retry_interval`); `None`: no cap.
     pub max_retry_interval: Option<Duration>,
+    /// Age after which a message is dead-lettered (`max_age`).
     pub max_age: Duration,
+    /// Send rate limit for the queue (`max_message_rate`); `None`: unlimited.
     pub max_message_rate: Option<Rate>,
+    /// Most connections (senders) the queue opens at once (`connection_limit`).
     pub connection_limit: usize,
+    /// Limit for one `send`, `send_batch`, constructor or `close` (`send_timeout`).
     pub send_timeout: Duration,
+    /// What a permanent failure does to a message (`on_permanent_failure`).
     pub on_permanent_failure: PermanentFailure,
 }
 
@@ -316,95 +328,9 @@ fn bounded(d: Duration, given: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// The parts of a KumoMTA queue name: `campaign:tenant@domain!routing_domain`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct QueueName {
-    pub domain: Option<String>,
-    pub tenant: Option<String>,
-    pub campaign: Option<String>,
-    pub routing_domain: Option<String>,
-}
-
-impl QueueName {
-    /// Splits a queue name; a bare name (`kafka`) is all domain. Empty parts are `None`.
-    pub fn parse(name: &str) -> QueueName {
-        let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
-        let (name, routing_domain) = match name.split_once('!') {
-            Some((n, r)) => (n, some(r)),
-            None => (name, None),
-        };
-        let (campaign, tenant, domain) = match name.split_once('@') {
-            None => (None, None, some(name)),
-            Some((prefix, domain)) => match prefix.split_once(':') {
-                Some((campaign, tenant)) => (some(campaign), some(tenant), some(domain)),
-                None => (None, some(prefix), some(domain)),
-            },
-        };
-        QueueName {
-            domain,
-            tenant,
-            campaign,
-            routing_domain,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn qn(d: Option<&str>, t: Option<&str>, c: Option<&str>, r: Option<&str>) -> QueueName {
-        let s = |x: Option<&str>| x.map(str::to_string);
-        QueueName {
-            domain: s(d),
-            tenant: s(t),
-            campaign: s(c),
-            routing_domain: s(r),
-        }
-    }
-
-    #[test]
-    fn bare_name_is_domain_only() {
-        assert_eq!(
-            QueueName::parse("kafka"),
-            qn(Some("kafka"), None, None, None)
-        );
-    }
-
-    #[test]
-    fn full_name_has_all_parts() {
-        assert_eq!(
-            QueueName::parse("camp:ten@example.com!mx.example.net"),
-            qn(
-                Some("example.com"),
-                Some("ten"),
-                Some("camp"),
-                Some("mx.example.net")
-            )
-        );
-    }
-
-    #[test]
-    fn tenant_without_campaign() {
-        assert_eq!(
-            QueueName::parse("ten@example.com"),
-            qn(Some("example.com"), Some("ten"), None, None)
-        );
-    }
-
-    #[test]
-    fn routing_domain_without_tenant() {
-        assert_eq!(
-            QueueName::parse("amqp!rabbit"),
-            qn(Some("amqp"), None, None, Some("rabbit"))
-        );
-    }
-
-    #[test]
-    fn empty_parts_are_none() {
-        assert_eq!(QueueName::parse(":@d"), qn(Some("d"), None, None, None));
-        assert_eq!(QueueName::parse(""), qn(None, None, None, None));
-    }
 
     #[test]
     fn rates_parse() {

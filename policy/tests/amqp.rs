@@ -10,7 +10,7 @@ use futures::future::join_all;
 use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, ConnectionProperties};
-use policy::{MessageView, Policy, PolicyError, SendOutcome};
+use policy::{Policy, PolicyError, PolicyMessage, SendOutcome};
 
 fn amqp_url() -> String {
     std::env::var("SPOOLRELAY_TEST_AMQP_URL")
@@ -154,7 +154,7 @@ end)
     Policy::from_source("steer.lua", &src).unwrap()
 }
 
-fn steer(routing_key: &str, mandatory: bool, close_first: bool) -> MessageView {
+fn steer(routing_key: &str, mandatory: bool, close_first: bool) -> PolicyMessage {
     let mut m = common::message(1, b"hello".to_vec());
     m.meta.insert("routing_key".into(), routing_key.into());
     m.meta.insert("mandatory".into(), mandatory.into());

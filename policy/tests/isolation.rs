@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use policy::{MessageView, Policy, PolicyError, PolicyLimits, SendOutcome};
+use policy::{Policy, PolicyError, PolicyLimits, PolicyMessage, SendOutcome};
 
 /// Runs `body` on its own thread and runtime; panics if it takes longer than `secs`.
 fn within<F, Fut>(secs: u64, body: F)
@@ -41,8 +41,8 @@ fn limits(event_ms: u64, memory_mib: usize) -> PolicyLimits {
     }
 }
 
-fn msg(id: &str) -> MessageView {
-    MessageView {
+fn msg(id: &str) -> PolicyMessage {
+    PolicyMessage {
         id: id.into(),
         ..Default::default()
     }

@@ -293,7 +293,7 @@ async fn log_hooks_are_declared_in_init_and_offered_records_come_back_rerouted()
     let record = |kind: &str| {
         let mut meta = serde_json::Map::new();
         meta.insert("type".into(), kind.into());
-        policy::MessageView {
+        policy::PolicyMessage {
             id: "1".into(),
             data: b"{}".to_vec(),
             meta,

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use policy::{MessageView, Policy};
+use policy::{Policy, PolicyMessage};
 
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);
@@ -49,7 +49,7 @@ async fn log_lines_carry_the_policy_location() {
     let policy = Policy::from_source("log.lua", SRC).unwrap();
     let conn = policy.connect("q").await.unwrap();
     let out = conn
-        .send(MessageView {
+        .send(PolicyMessage {
             id: "m1".into(),
             ..Default::default()
         })

@@ -5,7 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::message;
-use policy::{MessageView, Policy, PolicyError, SendOutcome};
+use policy::{Policy, PolicyError, PolicyMessage, SendOutcome};
 
 const POLICY: &str = r#"
 kumo.on('get_queue_config', function(domain, tenant, campaign, routing_domain)
@@ -109,7 +109,7 @@ fn line_of(needle: &str) -> usize {
         + 1
 }
 
-fn with_mode(id: usize, mode: &str) -> MessageView {
+fn with_mode(id: usize, mode: &str) -> PolicyMessage {
     let mut m = message(id, b"payload".to_vec());
     m.meta.insert("mode".into(), mode.into());
     m

@@ -14,7 +14,9 @@ pub struct ConnectBackoff {
 }
 
 impl ConnectBackoff {
+    /// Wait after the first failed connect.
     pub const FIRST: Duration = Duration::from_secs(1);
+    /// Longest wait between connects.
     pub const MAX: Duration = Duration::from_secs(30);
 
     /// Records a failure and returns how long to wait before the next try.
@@ -26,6 +28,7 @@ impl ConnectBackoff {
         delay
     }
 
+    /// Records a successful connect: the next failure starts again at [`Self::FIRST`].
     pub fn succeeded(&mut self) {
         self.failures = 0;
     }
@@ -42,6 +45,7 @@ pub struct TokenBucket {
 }
 
 impl TokenBucket {
+    /// A full bucket of `count` tokens, refilled at `count` per `per`.
     pub fn new(count: u64, per: Duration, now_ms: u64) -> TokenBucket {
         let capacity = count.max(1) as f64;
         TokenBucket {

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use policy::Connection;
+use policy::{Connection, SendOutcome};
 
 /// Sends in flight per connection. Pipelining is what makes brokers fast (Kafka: ~185
 /// msg/s one at a time with the default linger, 500k+ pipelined); 256 keeps a producer
@@ -60,25 +60,58 @@ impl std::ops::Deref for PooledConnection {
     }
 }
 
+/// What one send's outcomes say about the connection it went over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendSign {
+    /// At least one message was delivered: the connection works.
+    Works,
+    /// Nothing was delivered and something failed transiently (a raised error, a timeout,
+    /// a 4xx): the connection may be broken.
+    Suspect,
+    /// Only permanent verdicts (5xx): the policy judged the messages over a working
+    /// connection; nothing to learn about it.
+    Silent,
+}
+
+impl SendSign {
+    /// The sign of one send (or batch) from its outcomes.
+    pub fn of(outcomes: &[SendOutcome]) -> SendSign {
+        if outcomes.iter().any(SendOutcome::is_delivered) {
+            SendSign::Works
+        } else if outcomes
+            .iter()
+            .any(|o| matches!(o, SendOutcome::Transient { .. }))
+        {
+            SendSign::Suspect
+        } else {
+            SendSign::Silent
+        }
+    }
+}
+
 impl PooledConnection {
-    /// A mark to take before a send, for [`judge`](Self::judge).
+    /// A mark to take before a send, for [`record_send`](Self::record_send).
     pub fn mark(&self) -> u64 {
         self.delivered.load(Ordering::Relaxed)
     }
 
-    /// Records how a send that began at `mark` went: a transient failure while no send on this
-    /// connection was delivered since `mark` retires the connection (it is probably broken:
-    /// the broker went away, or the socket hangs). One good send in between keeps it (a
-    /// message-specific rejection says nothing about the connection).
-    pub fn judge(&self, mark: u64, delivered: bool, failed: bool) {
-        if delivered {
-            self.delivered.fetch_add(1, Ordering::Relaxed);
-        } else if failed && self.delivered.load(Ordering::Relaxed) == mark {
-            self.retired.store(true, Ordering::Relaxed);
+    /// Records how a send that began at `mark` went: a [`SendSign::Suspect`] send while no
+    /// send on this connection was delivered since `mark` retires the connection (it is
+    /// probably broken: the broker went away, or the socket hangs). One good send in between
+    /// keeps it (a message-specific rejection says nothing about the connection).
+    pub fn record_send(&self, mark: u64, sign: SendSign) {
+        match sign {
+            SendSign::Works => {
+                self.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+            SendSign::Suspect if self.delivered.load(Ordering::Relaxed) == mark => {
+                self.retired.store(true, Ordering::Relaxed);
+            }
+            SendSign::Suspect | SendSign::Silent => {}
         }
     }
 
-    /// Retired by [`judge`](Self::judge), or broken by the policy host (a call ran out of
+    /// Retired by [`record_send`](Self::record_send), or broken by the policy host (a call ran out of
     /// time or memory: its Lua state is thrown away).
     fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Relaxed) || self.conn.is_broken()
@@ -262,4 +295,28 @@ fn close_in_background(conn: Connection) {
             tracing::warn!("connection close took over 10 s; abandoned");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_send_signs_by_its_best_outcome() {
+        let ok = SendOutcome::Delivered {
+            response: "250 ok".into(),
+        };
+        let later = SendOutcome::Transient {
+            code: 451,
+            response: "later".into(),
+        };
+        let no = SendOutcome::Permanent {
+            code: 550,
+            response: "no".into(),
+        };
+        assert_eq!(SendSign::of(&[later.clone(), ok]), SendSign::Works);
+        assert_eq!(SendSign::of(&[no.clone(), later]), SendSign::Suspect);
+        assert_eq!(SendSign::of(&[no]), SendSign::Silent);
+        assert_eq!(SendSign::of(&[]), SendSign::Silent);
+    }
 }

@@ -59,9 +59,13 @@ pub enum Fate {
     /// Hand it to a connection.
     Send,
     /// Delivered: delete it. `response` is the policy's 2xx result.
-    Ack { response: String },
+    Ack {
+        /// The policy's 2xx result.
+        response: String,
+    },
     /// Keep it, with one more attempt recorded, due again at `due_ms`.
     Retry {
+        /// When the message is due again (ms since the epoch).
         due_ms: u64,
         /// The code of the failure (for counters and the delivery log).
         code: u16,
@@ -72,6 +76,7 @@ pub enum Fate {
     DeadLetter {
         /// The code of the failure that ended it, if a send ended it.
         code: Option<u16>,
+        /// Why, stored with the dead letter.
         reason: String,
     },
 }

@@ -7,17 +7,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use policy::{MessageView, QueueConfig, SendOutcome};
+use policy::{PolicyMessage, QueueConfig, SendOutcome};
 use spool::{Message, Spool};
 
-use super::connection::PooledConnection;
+use super::connection::{PooledConnection, SendSign};
 use super::decide::{decide, Event, Fate};
 use crate::meta;
 use crate::telemetry::QueueTelemetry;
 
 /// What the policy sees of a spooled message.
-pub fn message_view(msg: &Message) -> MessageView {
-    MessageView {
+pub fn policy_message(msg: &Message) -> PolicyMessage {
+    PolicyMessage {
         id: msg.id.to_string(),
         queue: msg.queue.clone(),
         data: msg.payload.clone(),
@@ -37,7 +37,7 @@ pub async fn deliver(
     cfg: Arc<QueueConfig>,
     msgs: Vec<Message>,
 ) {
-    let views: Vec<MessageView> = msgs.iter().map(message_view).collect();
+    let views: Vec<PolicyMessage> = msgs.iter().map(policy_message).collect();
     let started = std::time::Instant::now();
     let mark = conn.mark();
     // `Connection` bounds both calls with the queue's `send_timeout`, also for Lua code that
@@ -48,15 +48,7 @@ pub async fn deliver(
     } else {
         conn.send_batch(views).await
     };
-    // Only transient failures (raised errors, timeouts, 4xx) say anything about the
-    // connection; a 5xx is the policy's verdict on the message, given over a working one.
-    conn.judge(
-        mark,
-        outcomes.iter().any(SendOutcome::is_delivered),
-        outcomes
-            .iter()
-            .any(|o| matches!(o, SendOutcome::Transient { .. })),
-    );
+    conn.record_send(mark, SendSign::of(&outcomes));
     // The send is over: give the connection's in-flight slot back before the durable waits.
     drop(conn);
     telemetry.sent(started.elapsed(), msgs.len() as u64);

@@ -1,13 +1,11 @@
-//! The dispatcher: one [`QueueWorker`](queue::QueueWorker) per queue that holds messages.
+//! The dispatcher: one `QueueWorker` (`queue.rs`) per queue that holds messages.
 //!
 //! The supervisor here only discovers queues (from `Spool::queue_names`, woken by the
 //! spool's change ticks and a one-second timer) and starts a worker for each queue that
 //! has none. A worker exits when its queue is empty and its connections are closed; the
 //! next message for that queue starts a new one. At shutdown the supervisor waits for every
 //! worker to drain.
-//!
-//! [`Suspensions`] is the operator's brake (admin API): a suspended queue's worker stops
-//! leasing, so its messages stay waiting while ingest keeps accepting new ones.
+//! A worker of a queue in [`Suspensions`] leases nothing.
 
 mod backoff;
 mod connection;
@@ -15,33 +13,39 @@ pub mod decide;
 mod deliver;
 mod queue;
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use policy::{Policy, QueueConfig};
 use spool::Spool;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use backoff::{ConnectBackoff, TokenBucket};
 pub use decide::{decide, retry_delay, Event, Fate, Lease};
-pub use deliver::message_view;
+pub use deliver::policy_message;
 
 use crate::shutdown::Shutdown;
+use crate::suspensions::Suspensions;
 use crate::telemetry::Telemetry;
 
+/// The supervisor: starts a `QueueWorker` per queue that holds messages.
 pub struct Dispatcher {
+    /// The spool the workers lease from.
     pub spool: Spool,
+    /// The policy that configures queues and builds connections.
     pub policy: Policy,
+    /// Stops leasing when triggered.
     pub shutdown: Shutdown,
     /// How long in-flight sends may take to finish after shutdown was asked.
     pub drain_timeout: Duration,
+    /// Queues whose workers lease nothing.
     pub suspensions: Suspensions,
+    /// Where outcomes are reported (metrics, delivery log).
     pub telemetry: Telemetry,
 }
 
 impl Dispatcher {
+    /// Runs until shutdown, then waits for every worker to drain.
     pub async fn run(self) {
         let mut workers: HashMap<String, JoinHandle<()>> = HashMap::new();
         let mut changes = self.spool.watch_changes();
@@ -82,55 +86,4 @@ fn token_bucket(cfg: &QueueConfig) -> Option<TokenBucket> {
     cfg.max_message_rate
         .as_ref()
         .map(|rate| TokenBucket::new(rate.limit, rate.per, spool::now_ms()))
-}
-
-/// Queues an operator suspended: their workers lease nothing until resumed. Memory only: a
-/// restart resumes every queue. Cheap to clone; every clone sees the same set.
-#[derive(Clone)]
-pub struct Suspensions {
-    set: Arc<Mutex<BTreeSet<String>>>,
-    /// Ticks on every change, so a resumed queue's worker wakes at once.
-    changed: Arc<watch::Sender<u64>>,
-}
-
-impl Default for Suspensions {
-    fn default() -> Self {
-        Suspensions {
-            set: Arc::default(),
-            changed: Arc::new(watch::channel(0).0),
-        }
-    }
-}
-
-impl Suspensions {
-    fn with_set<T>(&self, f: impl FnOnce(&mut BTreeSet<String>) -> T) -> T {
-        f(&mut self.set.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    /// Suspends `queue`; false if it already was.
-    pub fn suspend(&self, queue: &str) -> bool {
-        let new = self.with_set(|s| s.insert(queue.to_owned()));
-        self.changed.send_modify(|n| *n += 1);
-        new
-    }
-
-    /// Resumes `queue`; false if it was not suspended.
-    pub fn resume(&self, queue: &str) -> bool {
-        let was = self.with_set(|s| s.remove(queue));
-        self.changed.send_modify(|n| *n += 1);
-        was
-    }
-
-    pub fn is_suspended(&self, queue: &str) -> bool {
-        self.with_set(|s| s.contains(queue))
-    }
-
-    /// The suspended queues, sorted.
-    pub fn list(&self) -> Vec<String> {
-        self.with_set(|s| s.iter().cloned().collect())
-    }
-
-    pub fn watch(&self) -> watch::Receiver<u64> {
-        self.changed.subscribe()
-    }
 }

@@ -18,8 +18,8 @@ use super::backoff::{ConnectBackoff, TokenBucket};
 use super::connection::{self, Pool};
 use super::decide::{decide, Event, Fate};
 use super::deliver;
-use super::Suspensions;
 use crate::shutdown::Shutdown;
+use crate::suspensions::Suspensions;
 use crate::telemetry::QueueTelemetry;
 
 /// How often a queue's config is asked again of the policy.
@@ -51,7 +51,7 @@ pub struct QueueWorker {
 }
 
 /// What one fill pass found: sleep at most until `wake`.
-struct Nap {
+struct NextWake {
     wake: Instant,
 }
 
@@ -124,9 +124,9 @@ impl QueueWorker {
     }
 
     /// Fills the connections with due messages; returns when there is nothing more to do.
-    async fn fill(&mut self) -> Nap {
+    async fn fill(&mut self) -> NextWake {
         let now = Instant::now();
-        let later = |d: Duration| Nap {
+        let later = |d: Duration| NextWake {
             wake: now + d.min(MAX_NAP),
         };
         if self.suspensions.is_suspended(&self.queue) {
@@ -135,12 +135,12 @@ impl QueueWorker {
         }
         if let Some(until) = self.blocked_until {
             if until > now {
-                return Nap { wake: until };
+                return NextWake { wake: until };
             }
             self.blocked_until = None;
         }
         let Some(cfg) = self.config().await else {
-            return Nap {
+            return NextWake {
                 wake: self.blocked_until.unwrap_or(now + MAX_NAP),
             };
         };
@@ -158,7 +158,7 @@ impl QueueWorker {
             // finished send is replaced at once.
             if self.pool.all_busy() && self.pool.may_grow(cfg.connection_limit) {
                 if !self.connect().await {
-                    return Nap {
+                    return NextWake {
                         wake: self.blocked_until.unwrap_or(now + MAX_NAP),
                     };
                 }
@@ -168,7 +168,7 @@ impl QueueWorker {
                 Some(found) => found,
                 None if self.pool.may_grow(cfg.connection_limit) => {
                     if !self.connect().await {
-                        return Nap {
+                        return NextWake {
                             wake: self.blocked_until.unwrap_or(now + MAX_NAP),
                         };
                     }
@@ -283,7 +283,7 @@ impl QueueWorker {
                     *at = Instant::now();
                     return Some(cfg.clone());
                 }
-                self.block(format_args!("get_queue_config failed: {e}"));
+                self.back_off(format_args!("get_queue_config failed: {e}"));
                 None
             }
         }
@@ -304,11 +304,11 @@ impl QueueWorker {
                 true
             }
             Ok(Err(e)) => {
-                self.block(format_args!("cannot connect: {e}"));
+                self.back_off(format_args!("cannot connect: {e}"));
                 false
             }
             Err(_) => {
-                self.block(format_args!(
+                self.back_off(format_args!(
                     "cannot connect: constructor took over {}",
                     humantime::format_duration(limit)
                 ));
@@ -317,7 +317,8 @@ impl QueueWorker {
         }
     }
 
-    fn block(&mut self, why: std::fmt::Arguments<'_>) {
+    /// Logs `why` and stops leasing for the next connect-backoff delay.
+    fn back_off(&mut self, why: std::fmt::Arguments<'_>) {
         let delay = self.backoff.failed();
         tracing::error!(queue = %self.queue, retry_in = %humantime::format_duration(delay), "{why}");
         self.blocked_until = Some(Instant::now() + delay);

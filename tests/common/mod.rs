@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use spoolrelay::{Config, Daemon, Shutdown};
 
-pub use spoolrelay::demo::{consume, MockKafka};
+#[path = "../../src/demo/mock_kafka.rs"]
+mod mock_kafka;
+pub use mock_kafka::{consume, MockKafka};
 
 #[path = "../../spool/tests/common/dirs.rs"]
 pub mod dirs;

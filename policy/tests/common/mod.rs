@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use policy::MessageView;
+use policy::PolicyMessage;
 
 /// The seed documents: `shared/seeds` beside the repository (where every developer and CI
 /// run has them), else the byte-identical copies in `policy/tests/seeds`, so a clone
@@ -78,8 +78,8 @@ pub fn kafka_seed_lua() -> String {
     blocks.join("\n")
 }
 
-pub fn message(id: usize, data: Vec<u8>) -> MessageView {
-    MessageView {
+pub fn message(id: usize, data: Vec<u8>) -> PolicyMessage {
+    PolicyMessage {
         id: format!("m{id}"),
         queue: "test".to_string(),
         data,
