@@ -79,8 +79,17 @@
 //! sled itself can lose data without saying so: its recovery treats a damaged frame as
 //! the end of the log. The [`ledger`] catches that (sled's last commit mark behind the one
 //! recorded outside it) and the open refuses until an operator accepts the loss.
+//!
+//! ## Operator API
+//! Listing, re-routing (`rebind`, `expedite`), purging, dead-letter requeue and
+//! export/import live in `operator.rs`. They go through the same commit thread as the
+//! dispatcher's writes, touch waiting messages only (a leased one belongs to the
+//! dispatcher until settled), and commit in chunks so a large rewrite never builds one
+//! giant job.
 
-mod admin;
+#![warn(missing_docs)]
+
+mod operator;
 mod commit;
 pub mod durability;
 pub mod error;
