@@ -64,6 +64,8 @@ impl SyncFaults {
         self.skipping.load(Ordering::SeqCst)
     }
 
+    /// Ends what [`fail_with`](Self::fail_with) and [`skip_syncs`](Self::skip_syncs) started:
+    /// syncs are real and succeed again (a poisoned spool still needs a reopen).
     pub fn heal(&self) {
         *self.failing.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.skipping.store(false, Ordering::SeqCst);
@@ -141,6 +143,8 @@ pub struct DiskSync {
 }
 
 impl DiskSync {
+    /// Opens sled's log file in `sled_dir` for fsync; the blobs directory is listed lazily at
+    /// each sync. `faults` is the test seam: production passes `SyncFaults::default()`.
     pub fn new(sled_dir: &Path, faults: SyncFaults) -> io::Result<DiskSync> {
         let log_path = sled_dir.join("db");
         Ok(DiskSync {

@@ -10,8 +10,11 @@ use std::collections::{BTreeMap, HashMap};
 /// What the index keeps per message besides its id and due time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Slot {
+    /// When the message was first enqueued (ms since the epoch), for the oldest-message figure.
     pub created_ms: u64,
+    /// Its size as recorded at enqueue, summed for the capacity gate without reading sled.
     pub bytes: u32,
+    /// Failed delivery attempts so far, for the per-queue attempts histogram.
     pub attempts: u32,
 }
 
@@ -26,9 +29,13 @@ struct QueueIndex {
 /// Figures for one queue, as shown by stats and `spoolctl summary`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueStats {
+    /// Messages in the queue, waiting and leased.
     pub count: u64,
+    /// Their total size in bytes, as recorded at enqueue.
     pub bytes: u64,
+    /// Messages handed to the dispatcher and not yet settled.
     pub leased: u64,
+    /// Waiting messages whose due time has come: the backlog a dispatcher could take now.
     pub due_now: u64,
     /// Creation time of the oldest message, ms since the epoch.
     pub oldest_created_ms: Option<u64>,
@@ -38,6 +45,8 @@ pub struct QueueStats {
     pub attempts: BTreeMap<u32, u64>,
 }
 
+/// The schedule of every queue plus the running byte total. The spool keeps it behind one
+/// lock and changes it only after the disk change it mirrors is durable.
 #[derive(Debug, Default)]
 pub struct Index {
     queues: HashMap<String, QueueIndex>,
@@ -47,6 +56,8 @@ pub struct Index {
 }
 
 impl Index {
+    /// Schedules `id` in `queue` at `due_ms`, replacing a lease or an earlier schedule of the
+    /// same id (a retry or a rebind) so the byte total counts each message once.
     pub fn insert(&mut self, queue: &str, id: u64, due_ms: u64, slot: Slot) {
         let q = match self.queues.get_mut(queue) {
             Some(q) => q,
@@ -119,6 +130,7 @@ impl Index {
             .collect()
     }
 
+    /// Whether `id` is in flight from `queue`: settlements check it before touching disk.
     pub fn is_leased(&self, queue: &str, id: u64) -> bool {
         self.queues
             .get(queue)
@@ -158,6 +170,7 @@ impl Index {
         slot
     }
 
+    /// Names of every queue holding at least one message, sorted (an empty queue is dropped).
     pub fn queue_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.queues.keys().cloned().collect();
         names.sort();
@@ -178,6 +191,7 @@ impl Index {
             .map(|(name, _)| name.clone())
     }
 
+    /// The figures of one queue at `now_ms`; all zero for an unknown queue.
     pub fn stats(&self, queue: &str, now_ms: u64) -> QueueStats {
         let mut stats = QueueStats::default();
         let Some(q) = self.queues.get(queue) else {

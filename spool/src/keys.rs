@@ -13,7 +13,9 @@
 
 use crate::record::MessageId;
 
+/// The byte between a queue name and the id in a messages-tree key; refused in queue names.
 pub const SEPARATOR: u8 = 0;
+/// Meta-tree key of the highest id ever committed, so ids are never reused after deletes.
 pub const ID_HWM: &[u8] = b"id_hwm";
 /// The last group commit's mark (see `ledger.rs`).
 pub const COMMIT_MARK: &[u8] = b"commit_mark";
@@ -33,6 +35,8 @@ pub fn check_queue_name(name: &str) -> Result<(), &'static str> {
     }
 }
 
+/// The messages-tree key of message `id` in `queue`: queue-prefixed so each queue is one
+/// contiguous range in id (FIFO) order.
 pub fn message_key(queue: &str, id: MessageId) -> Vec<u8> {
     let mut key = Vec::with_capacity(queue.len() + 9);
     key.extend_from_slice(queue.as_bytes());
@@ -61,10 +65,12 @@ pub fn parse_message_key(key: &[u8]) -> Option<(&str, MessageId)> {
     Some((queue, MessageId(id)))
 }
 
+/// The dead-letter and quarantine trees' key: big-endian so they iterate in id order.
 pub fn id_key(id: u64) -> [u8; 8] {
     id.to_be_bytes()
 }
 
+/// Reads an [`id_key`]; `None` if the key is not 8 bytes.
 pub fn parse_id_key(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key.try_into().ok()?))
 }

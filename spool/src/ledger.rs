@@ -84,6 +84,7 @@ impl CommitMark {
         out
     }
 
+    /// Reads the form [`to_bytes`](Self::to_bytes) writes; `None` if it is not 16 bytes.
     pub fn from_bytes(raw: &[u8]) -> Option<CommitMark> {
         let raw: &[u8; 16] = raw.try_into().ok()?;
         Some(CommitMark {
@@ -163,6 +164,7 @@ struct SyncState {
 
 /// What reading the ledger at open found.
 pub enum Found {
+    /// The last commit mark written, checksum intact.
     Mark(CommitMark),
     /// No ledger yet: a new spool, or one written before ledgers existed.
     Missing,
@@ -205,6 +207,7 @@ impl Ledger {
         Ok((ledger, decode(&raw)))
     }
 
+    /// The ledger file, for error messages and the operator.
     pub fn path(&self) -> &Path {
         &self.path
     }

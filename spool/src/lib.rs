@@ -89,7 +89,6 @@
 
 #![warn(missing_docs)]
 
-mod operator;
 mod commit;
 pub mod durability;
 pub mod error;
@@ -97,6 +96,7 @@ pub mod index;
 pub mod keys;
 pub mod ledger;
 mod lock;
+mod operator;
 pub mod record;
 pub mod recovery;
 mod sled_files;
@@ -116,11 +116,15 @@ pub use spool::{NewMessage, Spool, SpoolOptions, SpoolStats};
 pub struct QuarantineEntry {
     /// The tree the record was found in.
     pub tree: String,
+    /// The record's key in that tree, so a repair can put it back where it was.
     #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    /// The record's bytes exactly as found: nothing is lost by setting it aside.
     #[serde(with = "serde_bytes")]
     pub raw: Vec<u8>,
+    /// Why it could not be read (checksum, version, decoding or key), for the operator.
     pub reason: String,
+    /// When it was quarantined (ms since the Unix epoch).
     pub at_ms: u64,
 }
 

@@ -53,10 +53,15 @@ impl std::str::FromStr for MessageId {
 /// bound. Arrays and objects travel as JSON text in [`MetaValue::Json`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum MetaValue {
+    /// JSON `null`.
     Null,
+    /// A JSON boolean.
     Bool(bool),
+    /// A JSON number that fits an `i64`, kept exact.
     Int(i64),
+    /// Any other JSON number.
     Float(f64),
+    /// A JSON string.
     Str(String),
     /// A JSON array or object, as compact JSON text.
     Json(String),
@@ -68,7 +73,9 @@ pub type Meta = BTreeMap<String, MetaValue>;
 /// A spooled message with its delivery state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
+    /// The spool-assigned id: the message's identity from enqueue to delivery.
     pub id: MessageId,
+    /// The queue it waits in (KumoMTA-style name); decides which dispatcher sends it.
     pub queue: String,
     /// Milliseconds since the Unix epoch when the spool accepted it.
     pub created_ms: u64,
@@ -78,7 +85,9 @@ pub struct Message {
     pub due_ms: u64,
     /// The last failure (or the dead-letter reason), for operators.
     pub last_error: Option<String>,
+    /// Metadata from ingest and policy (headers, routing hints), handed to the sender.
     pub meta: Meta,
+    /// The message body, opaque to the spool.
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
 }
@@ -86,12 +95,22 @@ pub struct Message {
 /// Why bytes could not be read back as a record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
+    /// Fewer bytes than the header: a torn or truncated write. Holds the length found.
     #[error("record is {0} bytes, shorter than its 5-byte header")]
     Truncated(usize),
+    /// A version byte this build does not read. Holds the byte found.
     #[error("unknown record version {0} (this build reads version {RECORD_VERSION})")]
     Version(u8),
+    /// The CRC-32 does not match: the bytes changed after they were written.
     #[error("checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
-    Checksum { stored: u32, computed: u32 },
+    Checksum {
+        /// The checksum in the header.
+        stored: u32,
+        /// The checksum of the bytes as read.
+        computed: u32,
+    },
+    /// The checksum holds but bincode cannot decode the body (a writer bug or a foreign
+    /// record). Holds bincode's message.
     #[error("body does not decode: {0}")]
     Body(String),
 }

@@ -20,6 +20,7 @@ use crate::{now_ms, QuarantineEntry};
 pub struct RecoveryReport {
     /// Queue name → (messages, payload bytes).
     pub queues: BTreeMap<String, (u64, u64)>,
+    /// Messages in the dead-letter tree.
     pub dead_letter: u64,
     /// Records moved to quarantine by this open.
     pub quarantined_now: u64,
@@ -27,6 +28,7 @@ pub struct RecoveryReport {
     pub quarantine_total: u64,
     /// Messages found both queued and dead-lettered; the queued copy was removed.
     pub duplicates_resolved: u64,
+    /// The highest id found or recorded; new ids continue above it.
     pub highest_id: u64,
     /// Every record that failed its checks, whether or not it was moved (see
     /// `SpoolOptions::repair`).
@@ -38,19 +40,29 @@ pub struct RecoveryReport {
 /// A record that failed its checksum, decoding, or key check.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct DamagedRecord {
+    /// The tree it sits in (`messages`, `dead_letter`, ...).
     pub tree: String,
+    /// Its key there, so `verify` can point at it and a repair can move it.
     pub key: Vec<u8>,
+    /// What check it failed.
     pub reason: String,
 }
 
 /// The outcome of a scan: the index, and the writes that put corrupt records aside.
 pub struct Scan {
+    /// The schedule rebuilt from every readable message.
     pub index: Index,
+    /// The quarantine moves and duplicate removals that repair what was found; an open
+    /// that may repair commits them before anything can be leased.
     pub repairs: Vec<Op>,
+    /// What was found, for the log line at start and for `spoolctl verify`.
     pub report: RecoveryReport,
+    /// The key the next quarantined record gets, above every one already there.
     pub next_quarantine_seq: u64,
 }
 
+/// Reads every tree once and builds a [`Scan`]: the index, the report, and the repairs for
+/// what does not decode. Only sled's own errors stop it; damaged records never do.
 pub fn scan(trees: &Trees) -> Result<Scan, sled::Error> {
     let mut scan = Scan {
         index: Index::default(),
@@ -130,6 +142,7 @@ pub fn check_message(key: &[u8], raw: &[u8]) -> Result<Message, String> {
     }
 }
 
+/// What the index keeps of `msg`: the numbers the capacity gate and stats need, no payload.
 pub fn slot_of(msg: &Message) -> Slot {
     Slot {
         created_ms: msg.created_ms,

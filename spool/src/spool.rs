@@ -53,16 +53,22 @@ impl Default for SpoolOptions {
 /// A message to be spooled; the spool assigns its id and times.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewMessage {
+    /// The queue it goes to; checked against the key rules before anything is written.
     pub queue: String,
+    /// Metadata kept with it and handed to the sender.
     pub meta: Meta,
+    /// The body, stored as is.
     pub payload: Vec<u8>,
 }
 
 /// Totals across the spool.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SpoolStats {
+    /// Per queue, by name; queues with no message are absent.
     pub queues: std::collections::BTreeMap<String, QueueStats>,
+    /// Messages in the dead-letter tree, waiting for an operator.
     pub dead_letter: u64,
+    /// Records in quarantine (unreadable, kept with their raw bytes).
     pub quarantine: u64,
 }
 
@@ -245,6 +251,7 @@ impl Spool {
         Ok((spool, scan.report))
     }
 
+    /// The spool directory this handle opened, for messages and tools.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
     }
@@ -523,6 +530,8 @@ impl Spool {
         self.inner.changed.clone()
     }
 
+    /// Every queue's figures at `now_ms` plus the dead-letter and quarantine counts, from memory
+    /// (no disk read), for `/stats`, metrics and `spoolctl summary`.
     pub fn stats(&self, now_ms: u64) -> SpoolStats {
         let queues = {
             let index = self.index();

@@ -18,13 +18,19 @@ use crate::record::{Message, Meta, MetaValue};
 pub struct MessageView {
     /// Decimal string: ids are u64 and JSON numbers lose precision past 2^53.
     pub id: String,
+    /// The queue it waits in.
     pub queue: String,
+    /// When the spool accepted it (ms since the Unix epoch).
     pub created_ms: u64,
+    /// Failed delivery attempts so far.
     pub attempts: u32,
+    /// Not to be delivered before this time (ms since the Unix epoch).
     pub due_ms: u64,
+    /// The last failure, or the dead-letter reason.
     pub last_error: Option<String>,
     /// Payload size in bytes.
     pub bytes: usize,
+    /// The metadata as JSON, nested values parsed back from their stored JSON text.
     pub meta: Map<String, Value>,
     /// The payload in standard base64, only when it was asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -32,6 +38,8 @@ pub struct MessageView {
 }
 
 impl MessageView {
+    /// The view of `msg`; the payload is included (base64) only when `with_data` is set, as
+    /// listings of large queues should not carry every body.
     pub fn of(msg: &Message, with_data: bool) -> MessageView {
         MessageView {
             id: msg.id.to_string(),
