@@ -35,7 +35,7 @@
 //! #1333, #1484); queue-prefixed keys keep each queue contiguous and FIFO by id.
 //!
 //! ## Writing: group commit
-//! All durable writes go through one commit thread ([`commit`]). It takes every job that
+//! All durable writes go through one commit thread (`commit.rs`). It takes every job that
 //! queued up while its previous fsync ran, applies them atomically (a sled batch or
 //! transaction), flushes, fsyncs, updates the index, then answers all callers at once. Many concurrent HTTP
 //! requests therefore share one fsync: throughput grows with concurrency while latency
