@@ -24,6 +24,8 @@ use serde::{Deserialize, Serialize};
 const CHANNEL_CAPACITY: usize = 16 * 1024;
 /// Rotated files kept besides the live one.
 pub const KEEP_ROTATED: usize = 5;
+/// Size at which the live file is rotated unless `--delivery-log-max-bytes` says otherwise
+/// (64 MiB: six files bound the log at about 384 MiB).
 pub const DEFAULT_MAX_BYTES: u64 = 64 << 20;
 
 /// What happened to a message. Names follow KumoMTA's log record types where one exists.
@@ -45,8 +47,10 @@ pub enum RecordType {
 /// One line of the delivery log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogRecord {
+    /// What happened; serialized as `type`, KumoMTA's field name.
     #[serde(rename = "type")]
     pub kind: RecordType,
+    /// The queue the message was in.
     pub queue: String,
     /// Decimal string, like everywhere else in the API.
     pub id: String,
@@ -54,6 +58,7 @@ pub struct LogRecord {
     pub attempt: u32,
     /// The response code, when the outcome had one.
     pub code: Option<u16>,
+    /// The broker's or policy's response text (empty for `Reception`).
     pub response: String,
     /// Seconds since the Unix epoch (KumoMTA's unit).
     pub timestamp: u64,
@@ -62,6 +67,8 @@ pub struct LogRecord {
 }
 
 impl LogRecord {
+    /// A record about message `id` of `queue`, stamped with the current time. `attempt` is
+    /// 1-based (0 for `Reception`), as in the [`attempt`](Self::attempt) field.
     pub fn new(
         kind: RecordType,
         queue: &str,
@@ -116,6 +123,7 @@ impl DeliveryLog {
         Ok((log, LogWriter { tx, thread }))
     }
 
+    /// Whether a file is being written; a disabled log (`Default`) drops every record unmade.
     pub fn is_enabled(&self) -> bool {
         self.tx.is_some()
     }

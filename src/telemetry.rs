@@ -17,7 +17,9 @@ use prometheus_client::metrics::counter::Counter;
 /// The daemon-wide sinks. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct Telemetry {
+    /// The Prometheus registry and families that `/metrics` renders.
     pub metrics: Arc<Metrics>,
+    /// The JSONL delivery log (disabled unless `--delivery-log` is given).
     pub log: DeliveryLog,
     /// Set when the policy configured log hooks.
     pub hooks: Option<LogHookSink>,
@@ -85,6 +87,8 @@ impl QueueTelemetry {
         publish(&self.log, hooks, make);
     }
 
+    /// The broker accepted `msg` and it left the spool: counts it, observes its time from
+    /// ingest to delivery, and logs a `Delivery` record with the response's leading code.
     pub fn delivered(&self, msg: &Message, response: &str) {
         let code = leading_code(response);
         let in_spool_ms = spool::now_ms().saturating_sub(msg.created_ms);
@@ -94,6 +98,7 @@ impl QueueTelemetry {
         self.record(|c| &c.delivered, RecordType::Delivery, msg, code, response);
     }
 
+    /// A send of `msg` failed for now (`code`, `response`); it stays spooled for a retry.
     pub fn transient(&self, msg: &Message, code: u16, response: &str) {
         self.record(
             |c| &c.transient_failures,
@@ -104,6 +109,8 @@ impl QueueTelemetry {
         );
     }
 
+    /// The broker refused `msg` for good; the policy's `on_permanent_failure` decides its fate,
+    /// which is reported separately (dead letter, or retry).
     pub fn permanent(&self, msg: &Message, code: u16, response: &str) {
         self.record(
             |c| &c.permanent_failures,
@@ -133,6 +140,7 @@ impl QueueTelemetry {
         self.counters.send_batch_size.observe(n as f64);
     }
 
+    /// Sets the queue's open-broker-connections gauge to `n`.
     pub fn set_connections(&self, n: usize) {
         self.counters.connections.set(n as i64);
     }
