@@ -166,7 +166,8 @@ struct SyncState {
 pub enum Found {
     /// The last commit mark written, checksum intact.
     Mark(CommitMark),
-    /// No ledger yet: a new spool, or one written before ledgers existed.
+    /// No ledger file: a new spool, or one whose ledger was never written or was removed;
+    /// the open starts it at sled's own mark.
     Missing,
     /// The file exists but does not check out; its raw bytes.
     Damaged(Vec<u8>),

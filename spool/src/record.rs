@@ -85,7 +85,7 @@ pub struct Message {
     pub due_ms: u64,
     /// The last failure (or the dead-letter reason), for operators.
     pub last_error: Option<String>,
-    /// Metadata from ingest and policy (headers, routing hints), handed to the sender.
+    /// Metadata set at ingest or by the policy, handed to the sender with the payload.
     pub meta: Meta,
     /// The message body, opaque to the spool.
     #[serde(with = "serde_bytes")]

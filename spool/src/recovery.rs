@@ -3,9 +3,10 @@
 //!
 //! Every record of every tree is decoded once. What does not decode, or whose key does
 //! not match its contents, is moved to quarantine with its raw bytes (never dropped). A
-//! message found both queued and dead-lettered (a crash between the two halves of a move
-//! that a newer writer would do atomically) keeps its dead-letter copy: the dead-letter
-//! area is the one an operator looks at.
+//! message found both queued and dead-lettered keeps its dead-letter copy: the dead-letter
+//! area is the one an operator looks at. The commit thread moves a message to dead letter
+//! in one transaction, so only a spool written some other way can hold both copies; the
+//! scan still resolves it rather than deliver a message an operator set aside.
 
 use std::collections::{BTreeMap, HashSet};
 
