@@ -11,7 +11,15 @@ cargo fuzz build -O
 for target in $(cargo fuzz list); do
   echo "== fuzz $target for ${secs}s"
   mkdir -p "corpus/$target"
+  # Only the summary lines are shown; a crash must still fail the run, so the fuzzer's own
+  # exit status is taken from the pipe (grep's "no line matched" is not a failure).
+  set +e
   cargo fuzz run -O "$target" "corpus/$target" -- -max_total_time="$secs" -timeout=20 -rss_limit_mb=2048 2>&1 |
-    grep -E '^(Done|INFO: Seed|==[0-9]+==|SUMMARY|thread .* panicked)' || true
-  # cargo fuzz exits non-zero on a crash; pipefail carries it here.
+    grep -E '^(Done|INFO: Seed|==[0-9]+==|SUMMARY|thread .* panicked)'
+  status=${PIPESTATUS[0]}
+  set -e
+  if [ "$status" -ne 0 ]; then
+    echo "fuzz target $target failed (exit $status); the input is under fuzz/artifacts/$target/" >&2
+    exit "$status"
+  fi
 done
