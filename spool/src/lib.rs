@@ -88,6 +88,7 @@ pub mod index;
 pub mod keys;
 pub mod ledger;
 mod lock;
+pub mod meta_json;
 pub mod record;
 pub mod recovery;
 mod sled_files;

@@ -9,8 +9,9 @@
 //! session.
 //!
 //! A connection on which a send failed transiently (an error, a timeout, a 4xx) while
-//! nothing was delivered since that send began is *retired* (see [`PooledConnection::judge`]): it takes no new sends and is closed once
-//! its in-flight sends end, and the next fill opens a fresh one (with connect backoff if the
+//! nothing was delivered since that send began is *retired* (see
+//! [`PooledConnection::record_send`]): it takes no new sends and is closed once its
+//! in-flight sends end, and the next fill opens a fresh one (with connect backoff if the
 //! broker is still away). Without this, a connection whose broker went away (RabbitMQ
 //! restarted, a socket that hangs) stayed in the pool while traffic kept it from going
 //! idle, and every send on it failed until the daemon restarted.
