@@ -30,7 +30,6 @@ use std::sync::Arc;
 use crate::capacity::Capacity;
 use crate::config::Limits;
 use crate::http_error::{check_queue, ApiError};
-use crate::meta;
 use crate::telemetry::Telemetry;
 
 /// What the handlers share: the spool, where accepted messages are reported, and the
@@ -159,7 +158,7 @@ pub fn parse_batch(queue: &str, body: &[u8]) -> Result<Vec<NewMessage>, ApiError
         };
         out.push(NewMessage {
             queue: queue.to_owned(),
-            meta: meta::meta_from_map(parsed.meta),
+            meta: spool::meta_json::meta_from_json(parsed.meta),
             payload,
         });
     }
@@ -364,11 +363,17 @@ pub fn plan_inject(body: &[u8], limits: &IngestLimits) -> Result<InjectPlan, Api
             plan.failed_recipients.push(rcpt.email);
             continue;
         }
-        map.insert("sender".into(), Value::String(req.envelope_sender.clone()));
-        map.insert("recipient".into(), Value::String(rcpt.email));
+        map.insert(
+            spool::meta_json::SENDER_KEY.into(),
+            Value::String(req.envelope_sender.clone()),
+        );
+        map.insert(
+            spool::meta_json::RECIPIENT_KEY.into(),
+            Value::String(rcpt.email),
+        );
         plan.messages.push(NewMessage {
             queue,
-            meta: meta::meta_from_map(map),
+            meta: spool::meta_json::meta_from_json(map),
             payload: content.clone().into_bytes(),
         });
     }

@@ -7,11 +7,12 @@
 //! - [`shutdown`]: SIGTERM/SIGINT stop HTTP first, then leasing; in-flight sends get a
 //!   deadline; the spool is synced; a restart resumes where this run stopped.
 //!
-//! Around them, for operators: [`admin`] (`/api/admin/...`, what `spoolctl --url` talks
+//! Around them, for operators: [`admin_api`] (`/api/admin/...`, what `spoolctl --url` talks
 //! to), [`suspensions`] (the queues an operator suspended), [`metrics`] (`/metrics`), and
-//! the [`delivery_log`] (its Lua hook in [`log_hook`]); ingest and dispatch report
-//! outcomes to both through [`telemetry`]. [`config`] holds the flags, [`meta`] the
-//! request-metadata conversion, [`http_error`] the JSON error answers ingest and admin share.
+//! the [`delivery_log`] (its Lua hook's task in [`log_hook_task`]); ingest and dispatch
+//! report outcomes to both through [`telemetry`]. [`config`] holds the flags,
+//! [`http_error`] the JSON error answers ingest and admin share. Metadata is converted
+//! between JSON and the spool by [`spool::meta_json`].
 //!
 //! In front of ingest: [`server`] (the accept loop: header, body and idle time limits, a
 //! connection cap, a bounded shutdown grace), [`capacity`] (503 + `Retry-After` at
@@ -23,7 +24,7 @@
 
 #![warn(missing_docs)]
 
-pub mod admin;
+pub mod admin_api;
 pub mod capacity;
 pub mod config;
 pub mod delivery_log;
@@ -31,8 +32,7 @@ pub mod dispatch;
 pub mod health;
 pub mod http_error;
 pub mod ingest;
-pub mod log_hook;
-pub mod meta;
+pub mod log_hook_task;
 pub mod metrics;
 pub mod server;
 pub mod shutdown;
@@ -90,7 +90,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     if config.admin_api {
-        admin::check_exposure(addr, config.admin_token.as_deref())?;
+        admin_api::check_exposure(addr, config.admin_token.as_deref())?;
     }
     let mut telemetry = telemetry::Telemetry::default();
     spool.observe_commits(telemetry.metrics.commit_observer());
@@ -111,7 +111,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
     let hook_task = if config.log_hooks.is_empty() {
         None
     } else {
-        let (sink, task) = log_hook::start(
+        let (sink, task) = log_hook_task::start(
             config.policy.clone(),
             spool.clone(),
             config.log_hooks.clone(),
@@ -150,11 +150,11 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
             shutdown: shutdown.clone(),
         }));
     if config.admin_api {
-        let state = admin::Admin {
+        let state = admin_api::Admin {
             spool: spool.clone(),
             suspensions: suspensions.clone(),
         };
-        app = app.merge(admin::router(state, config.admin_token.clone()));
+        app = app.merge(admin_api::router(state, config.admin_token.clone()));
     }
     // Wrong paths and methods get the same JSON error shape as every other refusal.
     // Every body is read under the body deadline before any handler sees it.

@@ -10,7 +10,7 @@ use spool::{Message, MessageId};
 use policy::outcome::leading_code;
 
 use crate::delivery_log::{DeliveryLog, LogRecord, RecordType};
-use crate::log_hook::{self, LogHookSink};
+use crate::log_hook_task::{self, LogHookSink};
 use crate::metrics::{Metrics, QueueCounters};
 use prometheus_client::metrics::counter::Counter;
 
@@ -82,7 +82,7 @@ impl QueueTelemetry {
         let hooks = self
             .hooks
             .as_ref()
-            .filter(|_| !msg.meta.contains_key(log_hook::META_KEY));
+            .filter(|_| !msg.meta.contains_key(log_hook_task::META_KEY));
         let make = || LogRecord::new(kind, &msg.queue, msg.id, msg.attempts + 1, code, response);
         publish(&self.log, hooks, make);
     }

@@ -96,6 +96,7 @@ pub mod index;
 pub mod keys;
 pub mod ledger;
 mod lock;
+pub mod meta_json;
 mod operator;
 pub mod record;
 pub mod recovery;

@@ -4,14 +4,14 @@
 //! It lives here, not in `spoolctl` or the daemon, because both must print the same thing
 //! and `spoolctl` must not depend on the daemon (Lua, brokers, HTTP server). It is a plain
 //! `Serialize`/`Deserialize` struct, so `spoolctl --url` reads the daemon's answer back into
-//! the same type it renders offline. Interpreting [`MetaValue::Json`] (JSON text the spool
-//! stores for nested metadata) belongs to the spool's record format, hence `serde_json`.
+//! the same type it renders offline. Metadata is turned into JSON by [`crate::meta_json`].
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Number, Value};
+use serde_json::{Map, Value};
 
-use crate::record::{Message, Meta, MetaValue};
+use crate::meta_json::meta_to_json;
+use crate::record::Message;
 
 /// A message for people and scripts: everything but the payload, unless asked for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -49,7 +49,7 @@ impl MessageView {
             due_ms: msg.due_ms,
             last_error: msg.last_error.clone(),
             bytes: msg.payload.len(),
-            meta: meta_json(&msg.meta),
+            meta: meta_to_json(&msg.meta),
             data_b64: with_data
                 .then(|| base64::engine::general_purpose::STANDARD.encode(&msg.payload)),
         }
@@ -63,32 +63,10 @@ impl MessageView {
     }
 }
 
-/// A metadata value as JSON. `Json` text that no longer parses (only a bug or a
-/// hand-edited spool gets there) is shown as a string rather than dropped.
-pub fn meta_value_json(value: &MetaValue) -> Value {
-    match value {
-        MetaValue::Null => Value::Null,
-        MetaValue::Bool(b) => Value::Bool(*b),
-        MetaValue::Int(i) => Value::Number((*i).into()),
-        MetaValue::Float(f) => Number::from_f64(*f).map_or(Value::Null, Value::Number),
-        MetaValue::Str(s) => Value::String(s.clone()),
-        MetaValue::Json(text) => {
-            serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.clone()))
-        }
-    }
-}
-
-/// All of a message's metadata as one JSON object.
-pub fn meta_json(meta: &Meta) -> Map<String, Value> {
-    meta.iter()
-        .map(|(k, v)| (k.clone(), meta_value_json(v)))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::MessageId;
+    use crate::record::{MessageId, Meta, MetaValue};
 
     #[test]
     fn view_round_trips_through_json_and_keeps_the_payload() {

@@ -9,11 +9,12 @@
 //! session.
 //!
 //! A connection on which a send failed transiently (an error, a timeout, a 4xx) while
-//! nothing was delivered since that send began is *retired* (see [`PooledConnection::judge`]): it takes no new sends and is closed once
-//! its in-flight sends end, and the next fill opens a fresh one (with connect backoff if the
+//! nothing was delivered since that send began is *retired* (see
+//! [`PooledConnection::record_send`]): it takes no new sends and is closed once its
+//! in-flight sends end, and the next fill opens a fresh one (with connect backoff if the
 //! broker is still away). Without this, a connection whose broker went away (RabbitMQ
-//! restarted, a socket that hangs) stayed in the pool while traffic kept it from going
-//! idle, and every send on it failed until the daemon restarted.
+//! restarted, a socket that hangs) would stay in the pool while traffic keeps it from going
+//! idle, and every send on it would fail until the daemon restarts.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -27,9 +28,9 @@ use policy::{Connection, SendOutcome};
 pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 256;
 
 /// Messages in flight per connection, whatever the batch size. Without this bound a
-/// `batch_size = 100` queue had 256 x 100 messages in the air per connection, and a
-/// million-message backlog drained at 1.3 GB RSS (docs/performance.md, P4); it is also
-/// what a crash can deliver twice.
+/// `batch_size = 100` queue would have 256 x 100 messages in the air per connection, and a
+/// million-message backlog drains at 1.3 GB RSS (measured: docs/performance.md, P4); it is
+/// also what a crash can deliver twice.
 pub const MAX_MESSAGES_IN_FLIGHT_PER_CONNECTION: usize = 1024;
 
 /// How many sends of `per_send` messages one connection carries at once.

@@ -8,11 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use policy::{PolicyMessage, QueueConfig, SendOutcome};
-use spool::{Message, Spool};
+use spool::{meta_json, Message, Spool};
 
 use super::connection::{PooledConnection, SendSign};
 use super::decide::{decide, Event, Fate};
-use crate::meta;
 use crate::telemetry::QueueTelemetry;
 
 /// What the policy sees of a spooled message.
@@ -21,10 +20,10 @@ pub fn policy_message(msg: &Message) -> PolicyMessage {
         id: msg.id.to_string(),
         queue: msg.queue.clone(),
         data: msg.payload.clone(),
-        meta: meta::meta_to_map(&msg.meta),
+        meta: meta_json::meta_to_json(&msg.meta),
         attempts: msg.attempts,
-        sender: meta::as_str(&msg.meta, "sender"),
-        recipient: meta::as_str(&msg.meta, "recipient"),
+        sender: meta_json::sender(&msg.meta),
+        recipient: meta_json::recipient(&msg.meta),
     }
 }
 

@@ -21,7 +21,6 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::delivery_log::LogRecord;
-use crate::meta;
 
 /// Metadata that marks a message spooled by a log hook (its value is the hook's name).
 pub const META_KEY: &str = "log_hook";
@@ -110,7 +109,7 @@ async fn offer(
         .insert(META_KEY.into(), Value::String(hook.to_owned()));
     Ok(Some(NewMessage {
         queue,
-        meta: meta::meta_from_map(taken.meta),
+        meta: spool::meta_json::meta_from_json(taken.meta),
         payload: taken.data,
     }))
 }
