@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use spoolrelay::config::{Config, LogFormat, RunArgs};
 use spoolrelay::{shutdown, Shutdown};
 
+#[cfg(feature = "demo")]
 mod demo;
 
 #[derive(Parser, Debug)]
@@ -24,6 +25,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Kafka end to end in one process: a mock broker, the daemon, N messages in and back out.
+    #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
 }
 
@@ -49,6 +51,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
+            #[cfg(feature = "demo")]
             Some(Command::Demo(args)) => demo::run(args).await,
             None => serve(cli.run).await,
         }
