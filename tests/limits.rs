@@ -135,6 +135,46 @@ async fn error_json(resp: reqwest::Response) -> (u16, Value) {
     (status, body)
 }
 
+/// Suspends or resumes (`action`) the queue `held` through the admin API.
+async fn held_queue(http: &reqwest::Client, daemon: &spoolrelay::Daemon, action: &str) {
+    let resp = http
+        .post(common::url(
+            daemon,
+            &format!("/api/admin/queues/held/{action}"),
+        ))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        resp.status().is_success(),
+        "{action} held: {}",
+        resp.status()
+    );
+}
+
+/// Posts `size`-byte bodies to `url` until one is refused: how many were accepted, and the
+/// refusal. More than `max` acceptances fail the test.
+async fn fill_until_refused(
+    http: &reqwest::Client,
+    url: &str,
+    size: usize,
+    max: usize,
+) -> (usize, reqwest::Response) {
+    let mut accepted = 0;
+    loop {
+        let resp = http.post(url).body(vec![b'm'; size]).send().await.unwrap();
+        if !resp.status().is_success() {
+            return (accepted, resp);
+        }
+        accepted += 1;
+        assert!(
+            accepted <= max,
+            "accepted {accepted} requests without a refusal"
+        );
+    }
+}
+
 /// The bomb: one 16 MiB request, 7 MiB of content, 250 000 recipients. With the
 /// default bounds it is a 413 naming the limit, quickly, and the daemon's memory stays
 /// small (it would have to copy the content 250 000 times to build the messages).
@@ -482,30 +522,10 @@ async fn full_spool_refuses_with_503_then_accepts_after_a_drain() {
         error_json(r).await
     };
     assert_eq!(ready().await.0, 200);
-    let suspend = http
-        .post(common::url(&daemon, "/api/admin/queues/held/suspend"))
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
-    assert!(suspend.status().is_success());
+    held_queue(&http, &daemon, "suspend").await;
 
     // 1 KiB messages into a suspended queue until the spool is full.
-    let mut accepted = 0;
-    let refusal = loop {
-        let resp = http
-            .post(post("held"))
-            .body(vec![b'm'; 1024])
-            .send()
-            .await
-            .unwrap();
-        if resp.status().is_success() {
-            accepted += 1;
-            assert!(accepted <= 9, "accepted past --max-spool-bytes");
-            continue;
-        }
-        break resp;
-    };
+    let (accepted, refusal) = fill_until_refused(&http, &post("held"), 1024, 9).await;
     assert_eq!(refusal.status(), 503);
     assert_eq!(refusal.headers()["retry-after"], "5");
     let (_, body) = error_json(refusal).await;
@@ -573,13 +593,7 @@ async fn full_spool_refuses_with_503_then_accepts_after_a_drain() {
     assert_eq!(other.status(), 503);
 
     // Deliveries are not gated: resume, the queue drains, ingest accepts again.
-    let resume = http
-        .post(common::url(&daemon, "/api/admin/queues/held/resume"))
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
-    assert!(resume.status().is_success());
+    held_queue(&http, &daemon, "resume").await;
     common::wait_until("the held queue to drain", Duration::from_secs(20), || {
         common::queued(&daemon) == 0
     })
@@ -678,28 +692,9 @@ async fn min_free_disk_refuses_before_enospc_and_clears_after_a_drain() {
     .await;
     let http = reqwest::Client::new();
     let post = common::url(&daemon, "/api/v1/queues/held/messages");
-    let suspend = http
-        .post(common::url(&daemon, "/api/admin/queues/held/suspend"))
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
-    assert!(suspend.status().is_success());
+    held_queue(&http, &daemon, "suspend").await;
     let free = || spoolrelay::capacity::free_bytes(&spool_dir).unwrap();
-    let mut accepted = 0;
-    let refusal = loop {
-        let resp = http
-            .post(&post)
-            .body(vec![b'd'; 8 << 10])
-            .send()
-            .await
-            .unwrap();
-        if !resp.status().is_success() {
-            break resp;
-        }
-        accepted += 1;
-        assert!(accepted < 10_000, "never refused");
-    };
+    let (accepted, refusal) = fill_until_refused(&http, &post, 8 << 10, 10_000).await;
     let (status, body) = error_json(refusal).await;
     println!(
         "min-free-disk: {accepted} accepted, then {status} {body}; free now {} KiB",
@@ -715,13 +710,7 @@ async fn min_free_disk_refuses_before_enospc_and_clears_after_a_drain() {
         "the reserve left almost no room: {accepted}"
     );
 
-    let resume = http
-        .post(common::url(&daemon, "/api/admin/queues/held/resume"))
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
-    assert!(resume.status().is_success());
+    held_queue(&http, &daemon, "resume").await;
     common::wait_until("the held queue to drain", Duration::from_secs(30), || {
         common::queued(&daemon) == 0
     })
@@ -763,27 +752,8 @@ async fn min_free_disk_refuses_before_enospc_and_clears_after_a_drain() {
 
     // A second fill reuses the space the first one left: refused by the gate again, at
     // about the same point, and never by ENOSPC.
-    let suspend = http
-        .post(common::url(&daemon, "/api/admin/queues/held/suspend"))
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
-    assert!(suspend.status().is_success());
-    let mut again = 0;
-    let refusal = loop {
-        let resp = http
-            .post(&post)
-            .body(vec![b'd'; 8 << 10])
-            .send()
-            .await
-            .unwrap();
-        if !resp.status().is_success() {
-            break resp;
-        }
-        again += 1;
-        assert!(again < 10_000, "never refused");
-    };
+    held_queue(&http, &daemon, "suspend").await;
+    let (again, refusal) = fill_until_refused(&http, &post, 8 << 10, 10_000).await;
     let (status, body) = error_json(refusal).await;
     println!(
         "min-free-disk: second fill: {again} accepted, then {status} {}; free now {} KiB",
