@@ -48,14 +48,6 @@ end)
 
 const DRAIN: Duration = Duration::from_secs(2);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Relay(Child);
 
 impl Drop for Relay {
@@ -173,7 +165,7 @@ async fn runaway_policies_cost_only_their_own_queues() {
     let spool_dir = dir.path().join("spool");
     let policy = dir.path().join("runaway.lua");
     std::fs::write(&policy, POLICY).unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let mut relay = spawn(&policy, &spool_dir, port, "2s");
     let http = client();
     wait_healthy(&http, port).await;
@@ -269,7 +261,7 @@ end)
     let spool_dir = dir.path().join("spool");
     let policy = dir.path().join("stuck.lua");
     std::fs::write(&policy, STUCK).unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let mut relay = spawn(&policy, &spool_dir, port, "120s");
     let http = client();
     wait_healthy(&http, port).await;

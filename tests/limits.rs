@@ -36,14 +36,6 @@ kumo.on('make.sink', function()
 end)
 "#;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The binary on `port` with the hold policy and `args`, its open-file limit set to
 /// `nofile` and its address space to 4 GiB (so a memory bomb aborts it rather than the
 /// machine).
@@ -181,7 +173,7 @@ async fn fill_until_refused(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inject_bomb_gets_413_and_memory_stays_small() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let mut relay = Reap(spawn_relay(dir.path(), port, &[], 4096));
     wait_live(port).await;
 
@@ -293,7 +285,7 @@ fn slow_clients(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_do_not_lock_out_a_normal_request() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let args = [
         "--max-connections",
         "100",
@@ -355,7 +347,7 @@ async fn slow_clients_do_not_lock_out_a_normal_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_does_not_wait_for_trickling_clients() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let args = [
         "--http-header-timeout",
         "120s",

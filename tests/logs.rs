@@ -8,14 +8,6 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Kills the child when the test ends, whatever happened.
 struct Reap(Child);
 
@@ -33,7 +25,7 @@ async fn logs_of_a_run(dir: &Path, args: &[&str]) -> String {
     std::fs::write(&policy, common::hold_policy("held")).unwrap();
     let log_path = dir.join("stderr.log");
     let log = std::fs::File::create(&log_path).unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let mut cmd = common::relay_command(&policy, &dir.join("spool"), port);
     cmd.args(args)
         .env("RUST_LOG", "info")
@@ -107,7 +99,7 @@ async fn log_format_json_writes_one_object_per_line() {
 fn log_format_json_reports_a_fatal_start_error_as_json() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-policy.lua");
-    let out = common::relay_command(&missing, &dir.path().join("spool"), free_port())
+    let out = common::relay_command(&missing, &dir.path().join("spool"), common::free_port())
         .arg("--log-format")
         .arg("json")
         .output()

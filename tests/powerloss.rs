@@ -26,20 +26,6 @@ use rand::Rng;
 
 const PARTITIONS: i32 = 4;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind a free port")
-        .local_addr()
-        .expect("local addr")
-        .port()
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 /// The daemon under test; SIGKILLed on drop.
 struct Relay {
     child: Child,
@@ -108,12 +94,15 @@ async fn wait_healthy(
             }
         }
         if let Some(status) = relay.exited() {
-            return Err(format!("daemon exited ({status}); log:\n{}", tail(log, 20)));
+            return Err(format!(
+                "daemon exited ({status}); log:\n{}",
+                common::tail(log, 20)
+            ));
         }
         assert!(
             start.elapsed() < Duration::from_secs(60),
             "daemon did not come up in 60 s; log:\n{}",
-            tail(log, 40)
+            common::tail(log, 40)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -182,7 +171,7 @@ async fn run_mounted(skip_fsync: bool, cycles: usize) -> Outcome {
         "relay.powerloss"
     };
     let kafka = common::MockKafka::start(topic, PARTITIONS).expect("mock kafka");
-    let unreachable = format!("127.0.0.1:{}", free_port());
+    let unreachable = format!("127.0.0.1:{}", common::free_port());
     let tmp = tempfile::tempdir().expect("tempdir");
     let (disk, mnt) = (tmp.path().join("disk"), tmp.path().join("mnt"));
     std::fs::create_dir(&disk).unwrap();
@@ -193,7 +182,7 @@ async fn run_mounted(skip_fsync: bool, cycles: usize) -> Outcome {
     let http = reqwest::Client::new();
     let mut rng = rand::thread_rng();
 
-    let port = Arc::new(AtomicU64::new(free_port() as u64));
+    let port = Arc::new(AtomicU64::new(common::free_port() as u64));
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(Mutex::new(Vec::new()));
     let brokers_for = |cycle: usize| {
@@ -224,7 +213,7 @@ async fn run_mounted(skip_fsync: bool, cycles: usize) -> Outcome {
         if let Some(status) = relay.exited() {
             panic!(
                 "daemon exited on its own ({status}); log:\n{}",
-                tail(&log, 40)
+                common::tail(&log, 40)
             );
         }
         relay.kill9();
@@ -233,7 +222,7 @@ async fn run_mounted(skip_fsync: bool, cycles: usize) -> Outcome {
             "cycle {cycle}: kill -9 + power cut, {} acknowledged so far, cut dropped {dropped:?}",
             acked.lock().unwrap().len()
         );
-        let next = free_port();
+        let next = common::free_port();
         port.store(next as u64, Ordering::Relaxed);
         // The last restart gets the real broker, to drain.
         let brokers = if cycle + 1 == cycles {
@@ -268,13 +257,13 @@ async fn run_mounted(skip_fsync: bool, cycles: usize) -> Outcome {
         assert!(
             relay.exited().is_none(),
             "daemon exited while draining; log:\n{}",
-            tail(&log, 40)
+            common::tail(&log, 40)
         );
         assert!(
             drain.elapsed() < Duration::from_secs(60),
             "spool not drained in 60 s: {:?} left; log:\n{}",
             spooled(&http, port).await,
-            tail(&log, 40)
+            common::tail(&log, 40)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -307,7 +296,12 @@ async fn run_mounted(skip_fsync: bool, cycles: usize) -> Outcome {
         acked.len(),
         got.len()
     );
-    assert_eq!(panics, 0, "the daemon panicked; log:\n{}", tail(&log, 40));
+    assert_eq!(
+        panics,
+        0,
+        "the daemon panicked; log:\n{}",
+        common::tail(&log, 40)
+    );
     drop(relay);
     drop(layer);
     Outcome {

@@ -75,14 +75,6 @@ fn payload(i: usize) -> Vec<u8> {
 
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Kills the daemon if the test fails before it exited, so no process outlives the test.
 struct Relay(Child);
 
@@ -127,7 +119,7 @@ async fn acked_messages_survive_a_full_disk() {
     let policy = work.path().join("hold.lua");
     std::fs::write(&policy, common::hold_policy("held for the disk-full test")).unwrap();
     let log = work.path().join("daemon.log");
-    let port = free_port();
+    let port = common::free_port();
     let mut relay = Relay(
         common::relay_command(&policy, &spool_dir, port)
             .arg("--drain-timeout")

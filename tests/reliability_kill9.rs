@@ -42,14 +42,6 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind a free port")
-        .local_addr()
-        .expect("local addr")
-        .port()
-}
-
 /// The daemon under test; SIGKILLed on drop so a failing test leaves no process behind.
 struct Relay {
     child: Child,
@@ -83,7 +75,7 @@ impl Relay {
         if let Ok(Some(status)) = self.child.try_wait() {
             panic!(
                 "daemon exited on its own ({status}); log:\n{}",
-                tail(log, 40)
+                common::tail(log, 40)
             );
         }
     }
@@ -93,12 +85,6 @@ impl Drop for Relay {
     fn drop(&mut self) {
         self.kill9();
     }
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 async fn wait_healthy(http: &reqwest::Client, port: u16, relay: &mut Relay, log: &Path) {
@@ -117,7 +103,7 @@ async fn wait_healthy(http: &reqwest::Client, port: u16, relay: &mut Relay, log:
         assert!(
             start.elapsed() < Duration::from_secs(60),
             "daemon did not come up in 60 s; log:\n{}",
-            tail(log, 40)
+            common::tail(log, 40)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -216,7 +202,7 @@ async fn acked_messages_survive_repeated_sigkill() {
     let http = reqwest::Client::new();
     let mut rng = rand::thread_rng();
 
-    let port = Arc::new(AtomicU64::new(free_port() as u64));
+    let port = Arc::new(AtomicU64::new(common::free_port() as u64));
     let stop = Arc::new(AtomicBool::new(false));
     let ledger = Arc::new(Ledger::default());
     let mut relay = Relay::spawn(&spool, port.load(Ordering::Relaxed) as u16, &kafka, &log);
@@ -246,7 +232,7 @@ async fn acked_messages_survive_repeated_sigkill() {
         );
         // Restart on the same spool, sometimes on a new port (a fresh listener each time).
         let next = if cycle % 2 == 0 {
-            free_port()
+            common::free_port()
         } else {
             port.load(Ordering::Relaxed) as u16
         };
@@ -272,7 +258,7 @@ async fn acked_messages_survive_repeated_sigkill() {
             drain_start.elapsed() < Duration::from_secs(120),
             "spool not drained after 120 s: {:?} left; log:\n{}",
             spooled(&http, port).await,
-            tail(&log, 40)
+            common::tail(&log, 40)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -345,7 +331,12 @@ async fn acked_messages_survive_repeated_sigkill() {
         big_acked > 0,
         "no payload over 128 KiB was acknowledged: the blob path was not exercised"
     );
-    assert_eq!(panics, 0, "the daemon panicked; log:\n{}", tail(&log, 40));
+    assert_eq!(
+        panics,
+        0,
+        "the daemon panicked; log:\n{}",
+        common::tail(&log, 40)
+    );
     // Duplicates come only from what was in flight (leased, or delivered with its delete
     // not yet on disk) at a kill. A loose bound: 256 sends in flight per connection, plus a
     // second of unflushed deletes at the observed rate, per kill.

@@ -32,14 +32,6 @@ async fn wait_healthy(port: u16) {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn sigterm_and_wait(child: &mut Child) -> std::process::ExitStatus {
     let ok = Command::new("kill")
         .arg("-TERM")
@@ -83,7 +75,7 @@ async fn backlog_survives_sigterm_and_is_delivered_after_restart() {
     )
     .unwrap();
 
-    let port = free_port();
+    let port = common::free_port();
     let mut first = spawn(&rejecting, &spool, port);
     wait_healthy(port).await;
     let payloads: Vec<String> = (0..1000).map(|i| format!("backlog {i}")).collect();
@@ -105,7 +97,7 @@ async fn backlog_survives_sigterm_and_is_delivered_after_restart() {
     let status = sigterm_and_wait(&mut first);
     assert!(status.success(), "SIGTERM should exit 0, got {status}");
 
-    let port = free_port();
+    let port = common::free_port();
     let mut second = spawn(&delivering, &spool, port);
     wait_healthy(port).await;
     let got = common::consume_sorted(&kafka, payloads.len()).await;

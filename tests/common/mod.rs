@@ -14,6 +14,22 @@ pub use mock_kafka::{consume, MockKafka};
 #[path = "../../spool/tests/common/dirs.rs"]
 pub mod dirs;
 
+/// A port nobody listens on right now (the OS's choice), for a daemon started as a process.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind a free port")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+/// The last `lines` lines of a log file (empty if it cannot be read), for failure messages.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 /// A policy whose sender never delivers: every send is a 451 with `reason`, retried an
 /// hour later, so whatever is spooled stays there.
 pub fn hold_policy(reason: &str) -> String {
