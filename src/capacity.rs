@@ -12,8 +12,10 @@
 //!   kept off the request path: a background task refreshes it every [`REFRESH`] and
 //!   right after a request was accepted ([`Capacity::accepted`] wakes it).
 //!
-//! A request is refused whole when it would cross a limit (its body size is added to
-//! the used bytes), so nothing is ever accepted in part.
+//! A request is refused whole when it would cross a limit, so nothing is ever accepted in
+//! part: the gate reserves its body size ([`Capacity::reserve`]) until it is answered, so
+//! requests in flight together count against the limits together, and an injection
+//! reserves what its recipients expand to before anything is spooled.
 //!
 //! sled never returns disk space when messages leave (its files keep their size; freed
 //! segments are reused for new writes), and acks themselves append to its log: after a
@@ -85,9 +87,9 @@ pub struct Capacity {
     pub min_free_disk: u64,
     /// Last `statvfs` reading; `u64::MAX` until the first one (or when it fails).
     free_disk: AtomicU64,
-    /// Size of sled's files at the last reading (`Spool::disk_bytes` lists `blobs/`, so
-    /// it is read in the background with free disk, never per request).
-    disk_bytes: AtomicU64,
+    /// Bytes of requests that passed the gate and are not spooled yet: counted as used,
+    /// so concurrent requests cannot all pass against the same reading.
+    pending: AtomicU64,
     refused_spool_bytes: AtomicU64,
     refused_free_disk: AtomicU64,
     /// Queued bytes when free disk first fell below `--min-free-disk` ([`NO_WATERMARK`]
@@ -114,7 +116,7 @@ impl Capacity {
             max_spool_bytes,
             min_free_disk,
             free_disk: AtomicU64::new(u64::MAX),
-            disk_bytes: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
             refused_spool_bytes: AtomicU64::new(0),
             refused_free_disk: AtomicU64::new(0),
             full_at: AtomicU64::new(NO_WATERMARK),
@@ -125,12 +127,8 @@ impl Capacity {
         capacity
     }
 
-    /// Reads free disk space (and the size of the spool's files, for `/metrics`) now.
+    /// Reads free disk space now.
     pub fn refresh(&self) {
-        match self.spool.disk_bytes() {
-            Ok(bytes) => self.disk_bytes.store(bytes, Relaxed),
-            Err(e) => tracing::debug!(error = %e, "cannot read the spool's size on disk"),
-        }
         match free_bytes(&self.dir) {
             Ok(free) => self.free_disk.store(free, Relaxed),
             Err(e) => {
@@ -174,7 +172,29 @@ impl Capacity {
 
     /// Whether `incoming` more bytes would cross a limit, and which.
     pub fn check(&self, incoming: u64) -> Result<(), OverCapacity> {
-        let used = self.spool_bytes();
+        self.check_with(self.pending.load(Relaxed), incoming)
+    }
+
+    /// Reserves `bytes` for a request about to be spooled, or says which limit it would
+    /// cross. The reservation counts as used until it is dropped (after the enqueue
+    /// answered), so requests in flight together cannot overshoot a limit together.
+    pub fn reserve(self: &Arc<Self>, bytes: u64) -> Result<Reservation, OverCapacity> {
+        let others = self.pending.fetch_add(bytes, Relaxed);
+        match self.check_with(others, bytes) {
+            Ok(()) => Ok(Reservation {
+                capacity: self.clone(),
+                bytes,
+            }),
+            Err(over) => {
+                self.pending.fetch_sub(bytes, Relaxed);
+                Err(over)
+            }
+        }
+    }
+
+    /// Like [`check`](Self::check), with `pending` bytes of other requests counted as used.
+    fn check_with(&self, pending: u64, incoming: u64) -> Result<(), OverCapacity> {
+        let used = self.spool_bytes().saturating_add(pending);
         if let Some(max) = self.max_spool_bytes {
             // At the limit exactly, the spool is full (and /readyz, asking with 0, says so).
             if used >= max || used.saturating_add(incoming) > max {
@@ -235,12 +255,28 @@ impl Capacity {
         Ok(())
     }
 
-    fn count_refusal(&self, limit: Limit) {
-        match limit {
+    /// Counts and logs a refusal and builds its 503 (`Retry-After`, JSON naming the limit).
+    pub fn refuse(&self, over: OverCapacity) -> Response {
+        match over.limit {
             Limit::MaxSpoolBytes => &self.refused_spool_bytes,
             Limit::MinFreeDisk => &self.refused_free_disk,
         }
         .fetch_add(1, Relaxed);
+        // One line when refusing starts, not one per request.
+        if !self.refusing.swap(true, Relaxed) {
+            tracing::warn!(
+                limit = over.limit.name(),
+                reason = %over.reason,
+                "ingest refused: over capacity (further refusals are counted in \
+                 spoolrelay_ingest_refused_total)"
+            );
+        }
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, RETRY_AFTER_SECS.to_string())],
+            Json(json!({ "error": over.reason, "limit": over.limit.name() })),
+        )
+            .into_response()
     }
 
     /// The capacity part of `/metrics`.
@@ -263,8 +299,8 @@ impl Capacity {
         );
         gauge(
             "spoolrelay_spool_disk_bytes",
-            "Size of the spool's sled files at the last reading (they do not shrink as messages leave)",
-            self.disk_bytes.load(Relaxed) as i64,
+            "Size of the spool's sled files (they do not shrink as messages leave)",
+            self.spool.disk_bytes().map_or(-1, |b| b as i64),
         );
         gauge(
             "spoolrelay_disk_free_bytes",
@@ -301,33 +337,32 @@ impl Capacity {
     }
 }
 
+/// Bytes reserved by [`Capacity::reserve`]; given back when dropped.
+pub struct Reservation {
+    capacity: Arc<Capacity>,
+    bytes: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.capacity.pending.fetch_sub(self.bytes, Relaxed);
+    }
+}
+
 /// Middleware on the ingest routes: refuses a request that would cross a limit, before
 /// its handler runs; wakes the refresher after an accepted one. Runs after
 /// `server::read_body_within`, so the body is here and its size is exact.
 pub async fn gate(State(capacity): State<Arc<Capacity>>, req: Request, next: Next) -> Response {
     let incoming = req.body().size_hint().exact().unwrap_or(0);
-    if let Err(over) = capacity.check(incoming) {
-        capacity.count_refusal(over.limit);
-        // One line when refusing starts, not one per request.
-        if !capacity.refusing.swap(true, Relaxed) {
-            tracing::warn!(
-                limit = over.limit.name(),
-                reason = %over.reason,
-                "ingest refused: over capacity (further refusals are counted in \
-                 spoolrelay_ingest_refused_total)"
-            );
-        }
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, RETRY_AFTER_SECS.to_string())],
-            Json(json!({ "error": over.reason, "limit": over.limit.name() })),
-        )
-            .into_response();
-    }
+    let reservation = match capacity.reserve(incoming) {
+        Ok(reservation) => reservation,
+        Err(over) => return capacity.refuse(over),
+    };
     if capacity.refusing.swap(false, Relaxed) {
         tracing::info!("ingest below the capacity limits again; accepting");
     }
     let response = next.run(req).await;
+    drop(reservation);
     if response.status().is_success() {
         capacity.accepted();
     }

@@ -16,6 +16,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
@@ -42,6 +43,8 @@ pub struct Ingest {
     pub telemetry: Telemetry,
     /// The request bounds.
     pub limits: IngestLimits,
+    /// The capacity gate: an injection reserves what it expands to.
+    pub capacity: Arc<Capacity>,
 }
 
 /// The bounds the handlers enforce (from `--max-inject-*` and `--max-batch-lines`).
@@ -191,6 +194,7 @@ async fn post_batch(
         spool,
         telemetry,
         limits,
+        ..
     }): State<Ingest>,
     Path(queue): Path<String>,
     body: Result<Bytes, BytesRejection>,
@@ -388,14 +392,24 @@ async fn inject(
         spool,
         telemetry,
         limits,
+        capacity,
     }): State<Ingest>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let plan = plan_inject(&body?, &limits)?;
+) -> Result<Json<Value>, Response> {
+    let body = body.map_err(|e| ApiError::from(e).into_response())?;
+    let plan = plan_inject(&body, &limits).map_err(IntoResponse::into_response)?;
+    // The gate reserved the body; the recipients' copies of the content are the rest.
+    let expanded: u64 = plan.messages.iter().map(|m| m.payload.len() as u64).sum();
+    let _reservation = capacity
+        .reserve(expanded.saturating_sub(body.len() as u64))
+        .map_err(|over| capacity.refuse(over))?;
     let accepted = plan.messages.len();
     if accepted > 0 {
         let queues: Vec<String> = plan.messages.iter().map(|m| m.queue.clone()).collect();
-        let ids = spool.enqueue(plan.messages).await?;
+        let ids = spool
+            .enqueue(plan.messages)
+            .await
+            .map_err(|e| ApiError::from(e).into_response())?;
         for (queue, id) in queues.iter().zip(ids) {
             telemetry.accepted(queue, &[id]);
         }

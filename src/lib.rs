@@ -136,6 +136,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
         spool: spool.clone(),
         telemetry: telemetry.clone(),
         limits: ingest::IngestLimits::from(limits),
+        capacity: capacity.clone(),
     };
     let mut app = ingest::router(ingest, config.max_body_bytes, capacity.clone())
         .merge(metrics::router(
@@ -180,7 +181,8 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
     let task = tokio::spawn(async move {
         http.await.context("HTTP task failed")?;
         dispatch.await.context("dispatcher task failed")?;
-        let _ = refresher.await;
+        // Not awaited: a statvfs stuck on a sick filesystem must not hold the exit.
+        refresher.abort();
         if let Some(mut task) = hook_task {
             // Every producer is gone, so the hook task ends once it spooled what it has.
             if tokio::time::timeout(HOOK_DRAIN, &mut task).await.is_err() {

@@ -804,3 +804,37 @@ async fn a_header_that_trickles_is_cut_off() {
     );
     daemon.stop().await.unwrap();
 }
+
+/// An injection is charged what its recipients expand to, not its body: a 1 KiB content
+/// for 20 recipients (a body of about 2 KiB) does not fit under a 9 KiB cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_injection_is_charged_what_it_expands_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = common::start_with(&hold(), dir.path(), |c| {
+        c.limits.max_spool_bytes = Some(9 * 1024);
+    })
+    .await;
+    let recipients: Vec<_> = (0..20)
+        .map(|i| json!({ "email": format!("r{i}@example.com") }))
+        .collect();
+    let request = json!({
+        "envelope_sender": "s@example.com",
+        "recipients": recipients,
+        "content": "c".repeat(1024),
+    });
+    let resp = reqwest::Client::new()
+        .post(common::url(&daemon, "/api/inject/v1"))
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = error_json(resp).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["limit"], "max_spool_bytes", "{body}");
+    assert_eq!(
+        common::queued(&daemon),
+        0,
+        "part of the injection was spooled"
+    );
+    daemon.stop().await.unwrap();
+}

@@ -108,24 +108,6 @@ async fn wait_healthy(
     }
 }
 
-async fn spooled(http: &reqwest::Client, port: u16) -> Option<u64> {
-    let stats: serde_json::Value = http
-        .get(format!("http://127.0.0.1:{port}/api/v1/stats"))
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
-    Some(
-        stats["queues"]
-            .as_object()?
-            .values()
-            .map(|q| q["count"].as_u64().unwrap_or(0))
-            .sum(),
-    )
-}
-
 /// One client: posts unique payloads until `stop`, records each one answered with a 2xx.
 async fn client(
     n: usize,
@@ -253,7 +235,7 @@ async fn run_mounted(skip_fsync: bool, cycles: usize) -> Outcome {
 
     let port = port.load(Ordering::Relaxed) as u16;
     let drain = Instant::now();
-    while spooled(&http, port).await != Some(0) {
+    while common::spooled(&http, port).await != Some(0) {
         assert!(
             relay.exited().is_none(),
             "daemon exited while draining; log:\n{}",
@@ -262,7 +244,7 @@ async fn run_mounted(skip_fsync: bool, cycles: usize) -> Outcome {
         assert!(
             drain.elapsed() < Duration::from_secs(60),
             "spool not drained in 60 s: {:?} left; log:\n{}",
-            spooled(&http, port).await,
+            common::spooled(&http, port).await,
             common::tail(&log, 40)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -109,25 +109,6 @@ async fn wait_healthy(http: &reqwest::Client, port: u16, relay: &mut Relay, log:
     }
 }
 
-/// Messages the daemon still holds (queued or leased), from `/api/v1/stats`.
-async fn spooled(http: &reqwest::Client, port: u16) -> Option<u64> {
-    let stats: serde_json::Value = http
-        .get(format!("http://127.0.0.1:{port}/api/v1/stats"))
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
-    Some(
-        stats["queues"]
-            .as_object()?
-            .values()
-            .map(|q| q["count"].as_u64().unwrap_or(0))
-            .sum(),
-    )
-}
-
 #[derive(Default)]
 struct Ledger {
     /// Payloads answered with a 2xx.
@@ -223,7 +204,7 @@ async fn acked_messages_survive_repeated_sigkill() {
         };
         tokio::time::sleep(Duration::from_millis(life)).await;
         relay.assert_running(&log);
-        backlog_at_kill.push(spooled(&http, port.load(Ordering::Relaxed) as u16).await);
+        backlog_at_kill.push(common::spooled(&http, port.load(Ordering::Relaxed) as u16).await);
         relay.kill9();
         let acked = ledger.acked.lock().unwrap().len();
         println!(
@@ -251,13 +232,13 @@ async fn acked_messages_survive_repeated_sigkill() {
     let drain_start = Instant::now();
     loop {
         relay.assert_running(&log);
-        if spooled(&http, port).await == Some(0) {
+        if common::spooled(&http, port).await == Some(0) {
             break;
         }
         assert!(
             drain_start.elapsed() < Duration::from_secs(120),
             "spool not drained after 120 s: {:?} left; log:\n{}",
-            spooled(&http, port).await,
+            common::spooled(&http, port).await,
             common::tail(&log, 40)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -30,6 +30,26 @@ pub fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// Messages a daemon process still holds (queued or leased), from its `/api/v1/stats`;
+/// `None` while it does not answer.
+pub async fn spooled(http: &reqwest::Client, port: u16) -> Option<u64> {
+    let stats: serde_json::Value = http
+        .get(format!("http://127.0.0.1:{port}/api/v1/stats"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    Some(
+        stats["queues"]
+            .as_object()?
+            .values()
+            .map(|q| q["count"].as_u64().unwrap_or(0))
+            .sum(),
+    )
+}
+
 /// A policy whose sender never delivers: every send is a 451 with `reason`, retried an
 /// hour later, so whatever is spooled stays there.
 pub fn hold_policy(reason: &str) -> String {
