@@ -10,7 +10,7 @@
 //! (an HTTP client hangs up) after its messages became durable: they must still be sent.
 
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -82,29 +82,25 @@ pub type Reply = Result<(), Refusal>;
 /// open (a daemon restart) reads the disk again.
 #[derive(Debug, Default)]
 pub struct Poison {
-    state: Mutex<Option<(u64, String)>>,
+    /// Write-once: checking it (every write, lease and ack) is one atomic load.
+    state: OnceLock<(u64, String)>,
 }
 
 impl Poison {
     /// Records the first durability error; later ones keep the first cause.
     pub fn set(&self, cause: &str) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if state.is_none() {
-            *state = Some((crate::now_ms(), cause.to_owned()));
-        }
-    }
-
-    pub fn get(&self) -> Option<(u64, String)> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        let _ = self.state.set((crate::now_ms(), cause.to_owned()));
     }
 
     pub fn is_set(&self) -> bool {
-        self.get().is_some()
+        self.state.get().is_some()
     }
 
     pub fn refusal(&self) -> Option<Refusal> {
-        self.get()
-            .map(|(since_ms, cause)| Refusal::Poisoned { since_ms, cause })
+        self.state.get().map(|(since_ms, cause)| Refusal::Poisoned {
+            since_ms: *since_ms,
+            cause: cause.clone(),
+        })
     }
 }
 

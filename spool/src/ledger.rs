@@ -263,9 +263,11 @@ fn sync_in_background(shared: &Shared, path: &Path, every: Duration) {
     let mut failing = false;
     let mut state = shared.lock();
     loop {
+        // Waits on the flag, not on the notification: a stop asked while this thread was
+        // syncing (or before it first waited) is seen at once, not one interval later.
         state = shared
             .wake
-            .wait_timeout(state, every)
+            .wait_timeout_while(state, every, |s| !s.stop)
             .unwrap_or_else(|e| e.into_inner())
             .0;
         if state.stop {

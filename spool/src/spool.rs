@@ -378,7 +378,7 @@ impl Spool {
             let key = keys::message_key(&msg.queue, msg.id);
             self.inner.trees[TreeId::Messages as usize]
                 .remove(key)
-                .map_err(|e| self.storage(e))
+                .map_err(|e| self.write_failed(e))
         });
         match removed {
             Ok(_) => {
@@ -422,7 +422,7 @@ impl Spool {
         let applied = self.check_poison().and_then(|()| {
             self.inner.trees[TreeId::Messages as usize]
                 .apply_batch(batch)
-                .map_err(|e| self.storage(e))
+                .map_err(|e| self.write_failed(e))
         });
         if let Err(e) = applied {
             acked.into_iter().for_each(|m| self.release(m));
@@ -692,6 +692,15 @@ impl Spool {
 
     pub(crate) fn index(&self) -> MutexGuard<'_, Index> {
         self.inner.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A sled write outside the commit thread (an ack's delete) failed: like a failed
+    /// commit, it may have left sled wedged (see `commit::Poison`), so the spool is
+    /// poisoned before the error is returned.
+    fn write_failed(&self, source: sled::Error) -> SpoolError {
+        let e = self.storage(source);
+        self.inner.poison.set(&e.to_string());
+        e
     }
 
     pub(crate) fn storage(&self, source: sled::Error) -> SpoolError {
