@@ -126,8 +126,12 @@ fn body<T: for<'de> Deserialize<'de> + Default>(bytes: &Bytes) -> Result<T, ApiE
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
 }
 
-async fn queues(State(admin): State<Admin>) -> Json<SpoolStats> {
-    Json(admin.spool.stats(spool::now_ms()))
+async fn queues(State(admin): State<Admin>) -> Result<Json<SpoolStats>, ApiError> {
+    // Counting the dead-letter and quarantine trees reads sled: off the async workers.
+    let store = admin.spool.clone();
+    blocking(move || Ok(store.stats(spool::now_ms())))
+        .await
+        .map(Json)
 }
 
 #[derive(Deserialize)]

@@ -92,8 +92,13 @@ pub fn router(state: Ingest, max_body_bytes: usize, capacity: Arc<Capacity>) -> 
         .with_state(state)
 }
 
-async fn stats(State(ingest): State<Ingest>) -> Json<spool::SpoolStats> {
-    Json(ingest.spool.stats(spool::now_ms()))
+async fn stats(State(ingest): State<Ingest>) -> Result<Json<spool::SpoolStats>, ApiError> {
+    // Counting the dead-letter and quarantine trees reads sled: off the async workers.
+    let store = ingest.spool.clone();
+    tokio::task::spawn_blocking(move || store.stats(spool::now_ms()))
+        .await
+        .map(Json)
+        .map_err(|e| ApiError(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 /// One message: the body verbatim, `X-Meta-<name>` headers as string metadata.
