@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
@@ -374,8 +374,10 @@ pub async fn read_body_within(
     }
     let deadline = Instant::now() + limits.body_timeout;
     let mut stream = body.into_data_stream();
-    let mut chunks: Vec<Bytes> = Vec::new();
-    let mut len = 0usize;
+    // One buffer, grown as data arrives (not sized from Content-Length: an idle client
+    // must not claim --max-body-bytes per connection), instead of a list of chunks: a
+    // body trickled in tiny segments would cost a list entry per segment.
+    let mut buf: Vec<u8> = Vec::new();
     loop {
         match tokio::time::timeout_at(deadline, stream.next()).await {
             Err(_) => {
@@ -383,8 +385,9 @@ pub async fn read_body_within(
                     StatusCode::REQUEST_TIMEOUT,
                     format!(
                         "the request body did not arrive within {:?} (--http-body-timeout); \
-                         {len} bytes came; nothing was accepted",
-                        limits.body_timeout
+                         {} bytes came; nothing was accepted",
+                        limits.body_timeout,
+                        buf.len()
                     ),
                 )
                 .into_response();
@@ -401,18 +404,13 @@ pub async fn read_body_within(
                 .into_response()
             }
             Ok(Some(Ok(chunk))) => {
-                len += chunk.len();
+                let len = buf.len() + chunk.len();
                 if len > max {
                     return too_large(format!("at least {len} bytes"));
                 }
-                chunks.push(chunk);
+                buf.extend_from_slice(&chunk);
             }
         }
     }
-    let body = match chunks.len() {
-        0 => Body::empty(),
-        1 => Body::from(chunks.pop().unwrap_or_default()),
-        _ => Body::from(chunks.concat()),
-    };
-    next.run(Request::from_parts(parts, body)).await
+    next.run(Request::from_parts(parts, Body::from(buf))).await
 }
