@@ -89,7 +89,7 @@ impl Index {
 
     /// Leases up to `max` messages due at `now_ms`, earliest first.
     pub fn take_due(&mut self, queue: &str, now_ms: u64, max: usize) -> Vec<(u64, u64, Slot)> {
-        let Some(q) = self.queues.get_mut(queue) else {
+        let Some(q) = self.queues.get(queue) else {
             return Vec::new();
         };
         let keys: Vec<(u64, u64)> = q
@@ -98,13 +98,7 @@ impl Index {
             .take(max)
             .map(|(k, _)| *k)
             .collect();
-        keys.into_iter()
-            .map(|(due, id)| {
-                let slot = q.scheduled.remove(&(due, id)).expect("key just seen");
-                q.leased.insert(id, (due, slot));
-                (id, due, slot)
-            })
-            .collect()
+        self.take_keys(queue, &keys)
     }
 
     /// The waiting (not leased) messages of `queue` as (due, id), earliest due first.
