@@ -11,7 +11,11 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(plan) = plan_inject(data, &spoolrelay::ingest::IngestLimits::default()) {
         for m in &plan.messages {
-            assert!(spool::keys::check_queue_name(&m.queue).is_ok(), "{:?}", m.queue);
+            assert!(
+                spool::keys::check_queue_name(&m.queue).is_ok(),
+                "{:?}",
+                m.queue
+            );
         }
     }
 });

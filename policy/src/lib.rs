@@ -88,6 +88,8 @@
 mod amqp;
 mod connection;
 mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod host;
 mod json;
 mod kafka;

@@ -240,6 +240,10 @@ const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 pub struct Committer {
     tx: Option<mpsc::Sender<Job>>,
     thread: Option<JoinHandle<()>>,
+    /// Disconnected when the thread ends (its sender is dropped on the way out, panics
+    /// included), so `stop` waits on it with a timeout instead of polling `is_finished`.
+    /// (The mutex only makes the spool `Sync`; `stop` owns it.)
+    finished: Option<Mutex<mpsc::Receiver<()>>>,
 }
 
 pub struct WriterState {
@@ -261,12 +265,17 @@ pub struct WriterState {
 impl Committer {
     pub fn start(state: WriterState) -> std::io::Result<Committer> {
         let (tx, rx) = mpsc::channel();
+        let (finished_tx, finished) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("spool-commit".into())
-            .spawn(move || run(state, rx))?;
+            .spawn(move || {
+                let _finished = finished_tx;
+                run(state, rx)
+            })?;
         Ok(Committer {
             tx: Some(tx),
             thread: Some(thread),
+            finished: Some(Mutex::new(finished)),
         })
     }
 
@@ -283,17 +292,23 @@ impl Committer {
         let Some(thread) = self.thread.take() else {
             return;
         };
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while !thread.is_finished() {
-            if Instant::now() >= deadline {
-                tracing::error!(
-                    waited = ?STOP_TIMEOUT,
-                    "the spool's commit thread is stuck (in a sled flush after a disk error?); \
-                     leaving it behind: everything acknowledged was fsynced before its answer"
-                );
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
+        let ended = match self.finished.take() {
+            Some(finished) => matches!(
+                finished
+                    .into_inner()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .recv_timeout(STOP_TIMEOUT),
+                Err(mpsc::RecvTimeoutError::Disconnected)
+            ),
+            None => true,
+        };
+        if !ended {
+            tracing::error!(
+                waited = ?STOP_TIMEOUT,
+                "the spool's commit thread is stuck (in a sled flush after a disk error?); \
+                 leaving it behind: everything acknowledged was fsynced before its answer"
+            );
+            return;
         }
         let _ = thread.join();
     }

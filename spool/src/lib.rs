@@ -92,6 +92,8 @@
 mod commit;
 pub mod durability;
 pub mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod index;
 pub mod keys;
 pub mod ledger;

@@ -62,21 +62,44 @@ pub struct Scan {
     pub next_quarantine_seq: u64,
 }
 
+/// What a scan reads: the spool's sled trees, or plain maps in the fuzz harness
+/// (`spool::fuzzing`), which runs this code on millions of inputs without sled's files.
+pub trait ScanSource {
+    /// Calls `f` with every (key, value) of `tree`, in key order.
+    fn for_each(&self, tree: TreeId, f: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), sled::Error>;
+    /// The value under `key` in `tree`.
+    fn get(&self, tree: TreeId, key: &[u8]) -> Result<Option<Vec<u8>>, sled::Error>;
+}
+
+impl ScanSource for Trees {
+    fn for_each(&self, tree: TreeId, f: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), sled::Error> {
+        for item in self[tree as usize].iter() {
+            let (key, value) = item?;
+            f(&key, &value);
+        }
+        Ok(())
+    }
+
+    fn get(&self, tree: TreeId, key: &[u8]) -> Result<Option<Vec<u8>>, sled::Error> {
+        Ok(self[tree as usize].get(key)?.map(|v| v.to_vec()))
+    }
+}
+
 /// Reads every tree once and builds a [`Scan`]: the index, the report, and the repairs for
 /// what does not decode. Only sled's own errors stop it; damaged records never do.
-pub fn scan(trees: &Trees) -> Result<Scan, sled::Error> {
+pub fn scan(trees: &impl ScanSource) -> Result<Scan, sled::Error> {
     let mut scan = Scan {
         index: Index::default(),
         repairs: Vec::new(),
         report: RecoveryReport::default(),
         next_quarantine_seq: 0,
     };
-    for item in trees[TreeId::Quarantine as usize].iter().keys() {
-        let seq = keys::parse_id_key(&item?).unwrap_or(0);
+    trees.for_each(TreeId::Quarantine, &mut |key, _| {
+        let seq = keys::parse_id_key(key).unwrap_or(0);
         scan.next_quarantine_seq = scan.next_quarantine_seq.max(seq + 1);
         scan.report.quarantine_total += 1;
-    }
-    if let Some(hwm) = trees[TreeId::Meta as usize].get(keys::ID_HWM)? {
+    })?;
+    if let Some(hwm) = trees.get(TreeId::Meta, keys::ID_HWM)? {
         scan.report.highest_id = keys::parse_id_key(&hwm).unwrap_or(0);
     }
     let dead = scan_dead_letters(trees, &mut scan)?;
@@ -84,13 +107,15 @@ pub fn scan(trees: &Trees) -> Result<Scan, sled::Error> {
     Ok(scan)
 }
 
-fn scan_dead_letters(trees: &Trees, scan: &mut Scan) -> Result<HashSet<u64>, sled::Error> {
+fn scan_dead_letters(
+    trees: &impl ScanSource,
+    scan: &mut Scan,
+) -> Result<HashSet<u64>, sled::Error> {
     let mut dead = HashSet::new();
-    for item in trees[TreeId::DeadLetter as usize].iter() {
-        let (key, raw) = item?;
-        let checked = record::decode::<Message>(&raw)
+    trees.for_each(TreeId::DeadLetter, &mut |key, raw| {
+        let checked = record::decode::<Message>(raw)
             .map_err(|e| e.to_string())
-            .and_then(|m| match keys::parse_id_key(&key) {
+            .and_then(|m| match keys::parse_id_key(key) {
                 Some(id) if id == m.id.0 => Ok(m),
                 _ => Err("dead-letter key does not match the record's id".into()),
             });
@@ -100,35 +125,37 @@ fn scan_dead_letters(trees: &Trees, scan: &mut Scan) -> Result<HashSet<u64>, sle
                 scan.report.highest_id = scan.report.highest_id.max(msg.id.0);
                 scan.report.dead_letter += 1;
             }
-            Err(reason) => quarantine(scan, TreeId::DeadLetter, &key, &raw, reason),
+            Err(reason) => quarantine(scan, TreeId::DeadLetter, key, raw, reason),
         }
-    }
+    })?;
     Ok(dead)
 }
 
-fn scan_messages(trees: &Trees, dead: &HashSet<u64>, scan: &mut Scan) -> Result<(), sled::Error> {
-    for item in trees[TreeId::Messages as usize].iter() {
-        let (key, raw) = item?;
-        let msg = match check_message(&key, &raw) {
+fn scan_messages(
+    trees: &impl ScanSource,
+    dead: &HashSet<u64>,
+    scan: &mut Scan,
+) -> Result<(), sled::Error> {
+    trees.for_each(TreeId::Messages, &mut |key, raw| {
+        let msg = match check_message(key, raw) {
             Ok(msg) => msg,
             Err(reason) => {
-                quarantine(scan, TreeId::Messages, &key, &raw, reason);
-                continue;
+                quarantine(scan, TreeId::Messages, key, raw, reason);
+                return;
             }
         };
         scan.report.highest_id = scan.report.highest_id.max(msg.id.0);
         if dead.contains(&msg.id.0) {
             scan.repairs.push(Op::Del(TreeId::Messages, key.to_vec()));
             scan.report.duplicates_resolved += 1;
-            continue;
+            return;
         }
         let counts = scan.report.queues.entry(msg.queue.clone()).or_default();
         counts.0 += 1;
         counts.1 += msg.payload.len() as u64;
         let slot = slot_of(&msg);
         scan.index.insert(&msg.queue, msg.id.0, msg.due_ms, slot);
-    }
-    Ok(())
+    })
 }
 
 /// Decodes a messages-tree record and checks it belongs under its key.

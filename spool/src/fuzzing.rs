@@ -1,0 +1,107 @@
+//! The recovery scan without the filesystem, for the `spool_recovery` fuzz target
+//! (feature `fuzzing`; not part of the spool's API).
+//!
+//! Opening a real spool costs milliseconds (sled reads its files, threads start and stop),
+//! which caps a file-level fuzz target at tens of inputs a second. The decisions that
+//! matter for the contract (what is indexed, what is quarantined with which bytes, which
+//! copy of a duplicate wins, where ids continue) are all made by [`crate::recovery::scan`]
+//! over the spool's trees ([`ScanSource`]). This harness hands it ordered maps the target
+//! fills with any keys and values, so millions of inputs reach that code. The file-level target (`spool_files`) still covers sled's own parsing.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+use crate::commit::{Op, TreeId};
+use crate::recovery::{self, RecoveryReport, ScanSource};
+
+/// The trees a scan reads, by name, in the order [`ScanHarness::insert`] takes them.
+pub const TREES: [&str; 4] = ["messages", "dead_letter", "quarantine", "meta"];
+
+type Tree = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// The spool's four trees as ordered maps: what sled's trees are to the scan, minus the
+/// files (sled's own iteration is covered by the `spool_files` target and the tests).
+#[derive(Default)]
+pub struct ScanHarness {
+    trees: RefCell<[Tree; 4]>,
+}
+
+/// What one scan found and did.
+#[derive(Debug)]
+pub struct ScanOutcome {
+    /// The report an open would log.
+    pub report: RecoveryReport,
+    /// Per queue, how many messages the rebuilt index hands out when everything is due.
+    pub leasable: BTreeMap<String, usize>,
+}
+
+impl ScanSource for ScanHarness {
+    fn for_each(&self, tree: TreeId, f: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), sled::Error> {
+        for (key, value) in &self.trees.borrow()[tree as usize] {
+            f(key, value);
+        }
+        Ok(())
+    }
+
+    fn get(&self, tree: TreeId, key: &[u8]) -> Result<Option<Vec<u8>>, sled::Error> {
+        Ok(self.trees.borrow()[tree as usize].get(key).cloned())
+    }
+}
+
+impl ScanHarness {
+    /// Empty trees.
+    pub fn new() -> ScanHarness {
+        ScanHarness::default()
+    }
+
+    /// Stores `value` under `key` in tree number `tree` (an index into [`TREES`]).
+    pub fn insert(&self, tree: usize, key: &[u8], value: &[u8]) {
+        self.trees.borrow_mut()[tree % TREES.len()].insert(key.to_vec(), value.to_vec());
+    }
+
+    /// Every entry of tree number `tree`, in key order.
+    pub fn entries(&self, tree: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let trees = self.trees.borrow();
+        trees[tree % TREES.len()]
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Runs the recovery scan, applies its repairs as an open does, and reports what the
+    /// rebuilt index would lease.
+    pub fn scan_and_repair(&self) -> sled::Result<ScanOutcome> {
+        let mut scan = recovery::scan(self)?;
+        let mut trees = self.trees.borrow_mut();
+        for op in &scan.repairs {
+            match op {
+                Op::Put(tree, key, value) => {
+                    trees[*tree as usize].insert(key.clone(), value.clone());
+                }
+                Op::Del(tree, key) => {
+                    trees[*tree as usize].remove(key);
+                }
+            }
+        }
+        let mut leasable = BTreeMap::new();
+        for queue in scan.index.queue_names() {
+            let taken = scan.index.take_due(&queue, u64::MAX, usize::MAX).len();
+            leasable.insert(queue, taken);
+        }
+        Ok(ScanOutcome {
+            report: scan.report,
+            leasable,
+        })
+    }
+}
+
+/// The name a damaged record's `tree` field carries for tree number `tree`.
+pub fn tree_label(tree: usize) -> String {
+    let id = [
+        TreeId::Messages,
+        TreeId::DeadLetter,
+        TreeId::Quarantine,
+        TreeId::Meta,
+    ][tree % TREES.len()];
+    format!("{id:?}")
+}
