@@ -3,8 +3,10 @@
 //!
 //! Structure-aware: the input is a list of 8-byte entries `[tree, kind, queue, id, a, b,
 //! c, d]`. `kind` picks a valid message under its own key, one under a key that does not
-//! match it, a valid record with a flipped byte or cut short, bytes of no record at all, or
-//! a dead-letter copy of a queued message; the rest pick queue, id and mutation offsets.
+//! match it, a valid record with a flipped byte or cut short, bytes of no record at all, a
+//! large message, or (in meta) an id high-water mark or a large-message marker; the rest
+//! pick queue, id and mutation offsets. Ids collide on purpose (queued and dead-lettered
+//! copies, markers of messages that are or are not there).
 //! The trees are ordered maps (`spool::fuzzing`), so the target runs tens of
 //! thousands of inputs a second; `spool_files` damages the real files instead.
 #![no_main]
@@ -61,8 +63,17 @@ fn entry(e: &[u8]) -> (usize, Vec<u8>, Vec<u8>) {
         }
         5 => (key, e[4..].to_vec()),
         6 => (e[2..].to_vec(), valid),
-        _ if tree == META => (keys::ID_HWM.to_vec(), e[..usize::from(e[4] % 9)].to_vec()),
-        _ => (key, valid),
+        7 if tree == META && e[4] % 2 == 0 => {
+            (keys::ID_HWM.to_vec(), e[..usize::from(e[4] % 9)].to_vec())
+        }
+        // A large-message marker, with or without its message.
+        7 if tree == META => (keys::large_marker(id), queue.as_bytes().to_vec()),
+        // A large message (it gets a marker if it has none).
+        _ => {
+            let mut big = msg;
+            big.payload = vec![e[7]; keys::LARGE_RECORD];
+            (key, record::encode(&big))
+        }
     };
     (tree, key, value)
 }

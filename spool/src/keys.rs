@@ -6,6 +6,7 @@
 //! quarantine:  <seq: u64 big-endian>                         -> record v1 (QuarantineEntry)
 //! meta:        "id_hwm"                                      -> u64 big-endian
 //!              "commit_mark"                                 -> u64 seq, u64 highest id (BE)
+//!              "large/" <id: u64 big-endian>                 -> queue name (a large message)
 //! ```
 //!
 //! Big-endian ids sort numerically, so a prefix scan of one queue walks it in id (FIFO)
@@ -68,6 +69,29 @@ pub fn parse_message_key(key: &[u8]) -> Option<(&str, MessageId)> {
 /// The dead-letter and quarantine trees' key: big-endian so they iterate in id order.
 pub fn id_key(id: u64) -> [u8; 8] {
     id.to_be_bytes()
+}
+
+/// Records this long or longer get a large-message marker. sled writes a log item over
+/// `segment_size / 4` (128 KiB with the spool's 512 KiB segments) to a blob file of its
+/// own, and if that file is gone at open, sled skips the update without a word
+/// (`LogRead::DanglingBlob`). The marker is small, so it stays in the log: a marker whose
+/// message is nowhere at open is a message lost with its blob, and is reported. Half the
+/// threshold leaves room for keys and sled's framing.
+pub const LARGE_RECORD: usize = 64 * 1024;
+
+const LARGE_PREFIX: &[u8] = b"large/";
+
+/// The meta-tree key of message `id`'s large-message marker.
+pub fn large_marker(id: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(LARGE_PREFIX.len() + 8);
+    key.extend_from_slice(LARGE_PREFIX);
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
+/// The id a [`large_marker`] key names; `None` for any other meta key.
+pub fn parse_large_marker(key: &[u8]) -> Option<u64> {
+    parse_id_key(key.strip_prefix(LARGE_PREFIX)?)
 }
 
 /// Reads an [`id_key`]; `None` if the key is not 8 bytes.

@@ -128,7 +128,10 @@ impl Spool {
     /// Deletes every waiting message of `queue`. Returns how many.
     pub async fn purge(&self, queue: &str) -> Result<u64> {
         self.rewrite_waiting(queue, |msg| {
-            let ops = vec![Op::Del(TreeId::Messages, keys::message_key(queue, msg.id))];
+            let mut ops = vec![Op::Del(TreeId::Messages, keys::message_key(queue, msg.id))];
+            if record::encoded_len(msg) >= keys::LARGE_RECORD {
+                ops.push(Op::Del(TreeId::Meta, keys::large_marker(msg.id.0)));
+            }
             (
                 ops,
                 vec![Effect::Forget {
@@ -246,17 +249,21 @@ impl Spool {
             self.inner
                 .next_id
                 .fetch_max(msg.id.0 + 1, Ordering::Relaxed);
+            let record = record::encode(&msg);
+            if record.len() >= keys::LARGE_RECORD {
+                job.ops.push(crate::spool::mark_large(&msg));
+            }
             if is_dead {
                 job.ops.push(Op::Put(
                     TreeId::DeadLetter,
                     keys::id_key(msg.id.0).to_vec(),
-                    record::encode(&msg),
+                    record,
                 ));
             } else {
                 job.ops.push(Op::Put(
                     TreeId::Messages,
                     keys::message_key(&msg.queue, msg.id),
-                    record::encode(&msg),
+                    record,
                 ));
                 job.effects.push(schedule(&msg));
             }

@@ -138,6 +138,14 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     out
 }
 
+/// The length [`encode`] gives `value`, without encoding it.
+pub fn encoded_len<T: Serialize>(value: &T) -> usize {
+    let body = bincode_options()
+        .serialized_size(value)
+        .expect("bincode sizing of owned spool types cannot fail");
+    HEADER_LEN + body as usize
+}
+
 /// Reads a v1 record back, checking version and checksum before decoding.
 pub fn decode<T: for<'de> Deserialize<'de>>(raw: &[u8]) -> Result<T, DecodeError> {
     if raw.len() < HEADER_LEN {

@@ -8,7 +8,7 @@
 //! in one transaction, so only a spool written some other way can hold both copies; the
 //! scan still resolves it rather than deliver a message an operator set aside.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::commit::{Op, TreeId, Trees};
 use crate::index::{Index, Slot};
@@ -34,6 +34,9 @@ pub struct RecoveryReport {
     /// Every record that failed its checks, whether or not it was moved (see
     /// `SpoolOptions::repair`).
     pub damaged: Vec<DamagedRecord>,
+    /// Large messages lost with their sled blob file (ids; see [`keys::LARGE_RECORD`]),
+    /// each also quarantined with its marker.
+    pub lost_large: Vec<u64>,
     /// Group commits sled lost (found by the ledger check), when the open accepted them.
     pub lost_writes: Option<crate::ledger::LostWrites>,
 }
@@ -60,6 +63,8 @@ pub struct Scan {
     pub report: RecoveryReport,
     /// The key the next quarantined record gets, above every one already there.
     pub next_quarantine_seq: u64,
+    /// Ids of the messages this scan quarantined (their large-message markers go too).
+    quarantined_ids: HashSet<u64>,
 }
 
 /// What a scan reads: the spool's sled trees, or plain maps in the fuzz harness
@@ -93,6 +98,7 @@ pub fn scan(trees: &impl ScanSource) -> Result<Scan, sled::Error> {
         repairs: Vec::new(),
         report: RecoveryReport::default(),
         next_quarantine_seq: 0,
+        quarantined_ids: HashSet::new(),
     };
     trees.for_each(TreeId::Quarantine, &mut |key, _| {
         let seq = keys::parse_id_key(key).unwrap_or(0);
@@ -102,14 +108,17 @@ pub fn scan(trees: &impl ScanSource) -> Result<Scan, sled::Error> {
     if let Some(hwm) = trees.get(TreeId::Meta, keys::ID_HWM)? {
         scan.report.highest_id = keys::parse_id_key(&hwm).unwrap_or(0);
     }
-    let dead = scan_dead_letters(trees, &mut scan)?;
-    scan_messages(trees, &dead, &mut scan)?;
+    let mut large = HashMap::new();
+    let dead = scan_dead_letters(trees, &mut scan, &mut large)?;
+    scan_messages(trees, &dead, &mut scan, &mut large)?;
+    check_large_markers(trees, &mut scan, &dead, large)?;
     Ok(scan)
 }
 
 fn scan_dead_letters(
     trees: &impl ScanSource,
     scan: &mut Scan,
+    large: &mut HashMap<u64, LargeRecord>,
 ) -> Result<HashSet<u64>, sled::Error> {
     let mut dead = HashSet::new();
     trees.for_each(TreeId::DeadLetter, &mut |key, raw| {
@@ -121,6 +130,7 @@ fn scan_dead_letters(
             });
         match checked {
             Ok(msg) => {
+                note_large(large, &msg, raw.len());
                 dead.insert(msg.id.0);
                 scan.report.highest_id = scan.report.highest_id.max(msg.id.0);
                 scan.report.dead_letter += 1;
@@ -135,6 +145,7 @@ fn scan_messages(
     trees: &impl ScanSource,
     dead: &HashSet<u64>,
     scan: &mut Scan,
+    large: &mut HashMap<u64, LargeRecord>,
 ) -> Result<(), sled::Error> {
     trees.for_each(TreeId::Messages, &mut |key, raw| {
         let msg = match check_message(key, raw) {
@@ -150,12 +161,78 @@ fn scan_messages(
             scan.report.duplicates_resolved += 1;
             return;
         }
+        note_large(large, &msg, raw.len());
         let counts = scan.report.queues.entry(msg.queue.clone()).or_default();
         counts.0 += 1;
         counts.1 += msg.payload.len() as u64;
         let slot = slot_of(&msg);
         scan.index.insert(&msg.queue, msg.id.0, msg.due_ms, slot);
     })
+}
+
+/// A record that has, or may have, a large-message marker.
+struct LargeRecord {
+    queue: Vec<u8>,
+    /// At or over [`keys::LARGE_RECORD`]: a record that size without a marker gets one.
+    /// Records a little under it may carry one from when they were larger (a rebind to a
+    /// shorter queue name), so their markers are not reported lost either.
+    unmarked_needs_one: bool,
+}
+
+/// How far under [`keys::LARGE_RECORD`] a marked record may have shrunk (a queue name is
+/// at most 255 bytes; everything else in a record only grows).
+const MARKER_SLACK: usize = 512;
+
+fn note_large(large: &mut HashMap<u64, LargeRecord>, msg: &Message, raw_len: usize) {
+    if raw_len + MARKER_SLACK >= keys::LARGE_RECORD {
+        let record = LargeRecord {
+            queue: msg.queue.clone().into_bytes(),
+            unmarked_needs_one: raw_len >= keys::LARGE_RECORD,
+        };
+        large.insert(msg.id.0, record);
+    }
+}
+
+/// Matches the large-message markers (see [`keys::LARGE_RECORD`]) against the large records
+/// found. A marker without its message is a message sled dropped because its blob file was
+/// missing: it is reported and quarantined (the marker names the queue; the payload is
+/// gone). A large record without a marker (one written before markers existed) gets one.
+fn check_large_markers(
+    trees: &impl ScanSource,
+    scan: &mut Scan,
+    dead: &HashSet<u64>,
+    mut large: HashMap<u64, LargeRecord>,
+) -> Result<(), sled::Error> {
+    let mut lost = Vec::new();
+    trees.for_each(TreeId::Meta, &mut |key, value| {
+        if let Some(id) = keys::parse_large_marker(key) {
+            if large.remove(&id).is_none() && !dead.contains(&id) {
+                lost.push((key.to_vec(), value.to_vec(), id));
+            }
+        }
+    })?;
+    lost.retain(|(key, _, id)| {
+        let quarantined = scan.quarantined_ids.contains(id);
+        if quarantined {
+            scan.repairs.push(Op::Del(TreeId::Meta, key.clone()));
+        }
+        !quarantined
+    });
+    for (key, queue, id) in lost {
+        let reason = format!(
+            "message {id} of queue {:?} is lost: its record was stored in a sled blob file \
+             (data/blobs/) that is missing, so sled skipped it at open; restore the file from \
+             a backup to recover it, or clear this entry",
+            String::from_utf8_lossy(&queue)
+        );
+        scan.report.lost_large.push(id);
+        quarantine(scan, TreeId::Meta, &key, &queue, reason);
+    }
+    for (id, LargeRecord { queue, .. }) in large.into_iter().filter(|(_, r)| r.unmarked_needs_one) {
+        scan.repairs
+            .push(Op::Put(TreeId::Meta, keys::large_marker(id), queue));
+    }
+    Ok(())
 }
 
 /// Decodes a messages-tree record and checks it belongs under its key.
@@ -186,6 +263,13 @@ fn quarantine(scan: &mut Scan, tree: TreeId, key: &[u8], raw: &[u8], reason: Str
         key: key.to_vec(),
         reason: reason.clone(),
     });
+    // A damaged message keeps its bytes in quarantine; its marker must not report it lost.
+    let id = match tree {
+        TreeId::Messages => keys::parse_message_key(key).map(|(_, id)| id.0),
+        TreeId::DeadLetter => keys::parse_id_key(key),
+        _ => None,
+    };
+    scan.quarantined_ids.extend(id);
     let seq = scan.next_quarantine_seq;
     scan.next_quarantine_seq += 1;
     scan.repairs

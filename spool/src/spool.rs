@@ -308,9 +308,14 @@ impl Spool {
                 payload: m.payload,
             };
             let key = keys::message_key(&msg.queue, msg.id);
+            let record = record::encode(&msg);
+            if record.len() >= keys::LARGE_RECORD {
+                job.ops.push(mark_large(&msg));
+                job.undo
+                    .push(Op::Del(TreeId::Meta, keys::large_marker(msg.id.0)));
+            }
             job.undo.push(Op::Del(TreeId::Messages, key.clone()));
-            job.ops
-                .push(Op::Put(TreeId::Messages, key, record::encode(&msg)));
+            job.ops.push(Op::Put(TreeId::Messages, key, record));
             job.effects.push(schedule(&msg));
             ids.push(msg.id);
         }
@@ -375,6 +380,7 @@ impl Spool {
         // One plain remove: a one-entry sled batch costs an extra log record.
         self.check_leased(msg)?;
         let removed = self.check_poison().and_then(|()| {
+            self.unmark_large(std::slice::from_ref(&msg))?;
             let key = keys::message_key(&msg.queue, msg.id);
             self.inner.trees[TreeId::Messages as usize]
                 .remove(key)
@@ -420,6 +426,7 @@ impl Spool {
             }
         }
         let applied = self.check_poison().and_then(|()| {
+            self.unmark_large(&acked)?;
             self.inner.trees[TreeId::Messages as usize]
                 .apply_batch(batch)
                 .map_err(|e| self.write_failed(e))
@@ -461,10 +468,14 @@ impl Spool {
         updated.last_error = Some(error.to_owned());
         let mut job = Job::with_capacity(1);
         job.effects.push(schedule(&updated));
+        let record = record::encode(&updated);
+        if record.len() >= keys::LARGE_RECORD {
+            job.ops.push(mark_large(&updated));
+        }
         job.ops.push(Op::Put(
             TreeId::Messages,
             keys::message_key(&updated.queue, updated.id),
-            record::encode(&updated),
+            record,
         ));
         self.submit(job)
     }
@@ -503,6 +514,28 @@ impl Spool {
             self.release(msg);
         }
         done
+    }
+
+    /// Removes the large-message markers of `msgs` (those that have one), *before* the
+    /// messages themselves: sled's log keeps that order, so a crash in between leaves a
+    /// message without its marker (undetectable only if its blob is then lost too), never
+    /// a marker without its message, which the next open would report as a loss.
+    fn unmark_large(&self, msgs: &[&Message]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        let mut any = false;
+        for msg in msgs
+            .iter()
+            .filter(|m| record::encoded_len(*m) >= keys::LARGE_RECORD)
+        {
+            batch.remove(keys::large_marker(msg.id.0));
+            any = true;
+        }
+        if !any {
+            return Ok(());
+        }
+        self.inner.trees[TreeId::Meta as usize]
+            .apply_batch(batch)
+            .map_err(|e| self.write_failed(e))
     }
 
     /// Returns a lease untouched: the message is due again at its old time.
@@ -838,6 +871,16 @@ fn survive_panic<T>(sled_dir: &Path, f: impl FnOnce() -> T) -> Result<T> {
             detail,
         }
     })
+}
+
+/// The write that marks `msg` as large (see [`keys::LARGE_RECORD`]); it rides in the same
+/// commit as the message.
+pub(crate) fn mark_large(msg: &Message) -> Op {
+    Op::Put(
+        TreeId::Meta,
+        keys::large_marker(msg.id.0),
+        msg.queue.as_bytes().to_vec(),
+    )
 }
 
 pub(crate) fn schedule(msg: &Message) -> Effect {
