@@ -30,6 +30,7 @@
 //!     quarantine        <seq u64 BE>              -> record v1 (QuarantineEntry)
 //!     meta              "id_hwm"                  -> highest id ever committed
 //!                       "commit_mark"             -> commit seq + highest id ([`ledger`])
+//!                       "large/" <id u64 BE>      -> queue name ([`keys::LARGE_RECORD`])
 //! ```
 //! One data tree holds every queue, because sled bloats when used with many trees (sled
 //! #1333, #1484); queue-prefixed keys keep each queue contiguous and FIFO by id.
@@ -47,6 +48,9 @@
 //! mtime is unchanged and older than a couple of seconds (mtimes are coarse: a blob made
 //! in the same tick as the last listing leaves the mtime as it was), and fsyncs every blob
 //! not yet synced at its current size and mtime, then the directory ([`durability`]).
+//! sled skips a blob whose file is missing at open without an error, so each record big
+//! enough to be a blob gets a small marker in `meta`, written with it; the recovery scan
+//! reports a marker whose message is gone ([`keys::LARGE_RECORD`]).
 //!
 //! ## Poisoning (fsyncgate)
 //! A failed write, flush or fsync poisons the spool. After a failed fsync Linux may have
