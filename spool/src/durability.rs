@@ -43,6 +43,7 @@ type SyncLog = Arc<Mutex<Option<Vec<(PathBuf, u64)>>>>;
 pub struct SyncFaults {
     failing: Arc<Mutex<Option<io::ErrorKind>>>,
     skipping: Arc<AtomicBool>,
+    stalling: Arc<AtomicBool>,
     synced: SyncLog,
     mtime_granularity: Arc<Mutex<Option<Duration>>>,
 }
@@ -60,6 +61,12 @@ impl SyncFaults {
         self.skipping.store(true, Ordering::SeqCst);
     }
 
+    /// Every sync from now on blocks until [`heal`](Self::heal): a disk whose fsync hangs
+    /// (a dead NFS server, a drive that stopped answering).
+    pub fn stall_syncs(&self) {
+        self.stalling.store(true, Ordering::SeqCst);
+    }
+
     fn skipping(&self) -> bool {
         self.skipping.load(Ordering::SeqCst)
     }
@@ -69,6 +76,7 @@ impl SyncFaults {
     pub fn heal(&self) {
         *self.failing.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.skipping.store(false, Ordering::SeqCst);
+        self.stalling.store(false, Ordering::SeqCst);
     }
 
     /// From now on, remember every file the spool fsyncs (path, size at the time).
@@ -123,6 +131,9 @@ impl SyncFaults {
     }
 
     fn check(&self) -> io::Result<()> {
+        while self.stalling.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         match *self.failing.lock().unwrap_or_else(|e| e.into_inner()) {
             Some(kind) => Err(io::Error::new(kind, "injected sync failure")),
             None => Ok(()),

@@ -12,7 +12,7 @@ use crate::error::{Result, SpoolError};
 use crate::keys;
 use crate::record::{self, Message, MessageId};
 use crate::recovery::{self, DamagedRecord};
-use crate::spool::{schedule, wait, Spool};
+use crate::spool::{schedule, Spool};
 
 /// Writes are committed in chunks so a million-message purge does not build one giant job.
 const CHUNK: usize = 1000;
@@ -172,7 +172,7 @@ impl Spool {
                 job.effects.extend(effects);
             }
             let committed = match self.submit(job) {
-                Ok(rx) => wait(rx.await),
+                Ok(rx) => self.await_commit(rx).await,
                 Err(e) => Err(e),
             };
             if let Err(e) = committed {
@@ -212,7 +212,7 @@ impl Spool {
                 ));
                 job.effects.push(schedule(&msg));
             }
-            wait(self.submit(job)?.await)?;
+            self.await_commit(self.submit(job)?).await?;
         }
         Ok(selected.len() as u64)
     }
@@ -269,7 +269,7 @@ impl Spool {
             }
             imported += 1;
         }
-        wait(self.submit(job)?.await)?;
+        self.await_commit(self.submit(job)?).await?;
         Ok((imported, skipped))
     }
 }

@@ -37,6 +37,11 @@ pub struct SpoolOptions {
     /// `true` opens and reports the loss, and with `repair` also records it in quarantine
     /// so the spool can be used again (`spoolctl verify [--repair]`).
     pub accept_lost_writes: bool,
+    /// How long a write waits for its group commit before the spool gives up on the disk:
+    /// past it, the spool is poisoned (a hung fsync or sled flush is no more repairable in
+    /// process than a failed one) and the write fails, so ingest answers 503 instead of
+    /// hanging. A healthy commit takes milliseconds, a loaded slow disk a second or two.
+    pub commit_deadline: std::time::Duration,
 }
 
 impl Default for SpoolOptions {
@@ -46,6 +51,7 @@ impl Default for SpoolOptions {
             faults: SyncFaults::default(),
             repair: true,
             accept_lost_writes: false,
+            commit_deadline: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -91,6 +97,7 @@ pub(crate) struct Inner {
     pub(crate) index: Arc<Mutex<Index>>,
     pub(crate) next_id: AtomicU64,
     pub(crate) quarantine_seq: AtomicU64,
+    commit_deadline: std::time::Duration,
     changed: watch::Receiver<u64>,
     commit_stats: Arc<CommitStats>,
     _lock: DirLock,
@@ -243,6 +250,7 @@ impl Spool {
                 index,
                 next_id: AtomicU64::new(scan.report.highest_id.saturating_add(1)),
                 quarantine_seq: AtomicU64::new(scan.next_quarantine_seq),
+                commit_deadline: options.commit_deadline,
                 changed,
                 commit_stats,
                 _lock: lock,
@@ -260,7 +268,7 @@ impl Spool {
     /// once the batch is fsynced; on error nothing of the batch may be acknowledged.
     pub async fn enqueue(&self, messages: Vec<NewMessage>) -> Result<Vec<MessageId>> {
         let (ids, rx) = self.submit_enqueue(messages)?;
-        wait(rx.await)?;
+        self.await_commit(rx).await?;
         Ok(ids)
     }
 
@@ -450,7 +458,7 @@ impl Spool {
     pub async fn retry(&self, msg: &Message, error: &str, next_due_ms: u64) -> Result<()> {
         self.check_leased(msg)?;
         let done = match self.submit_retry(msg, error, next_due_ms) {
-            Ok(rx) => wait(rx.await),
+            Ok(rx) => self.await_commit(rx).await,
             Err(e) => Err(e),
         };
         self.release_on_error(msg, done)
@@ -501,7 +509,7 @@ impl Spool {
             id: msg.id.0,
         });
         let done = match self.submit(job) {
-            Ok(rx) => wait(rx.await),
+            Ok(rx) => self.await_commit(rx).await,
             Err(e) => Err(e),
         };
         self.release_on_error(msg, done)
@@ -545,7 +553,7 @@ impl Spool {
 
     /// Makes every write so far durable (acks included). Used at shutdown.
     pub async fn sync(&self) -> Result<()> {
-        wait(self.submit(Job::with_capacity(0))?.await)
+        self.await_commit(self.submit(Job::with_capacity(0))?).await
     }
 
     /// Queues that hold at least one message, sorted.
@@ -695,6 +703,27 @@ impl Spool {
             .submit(job)
             .map_err(|_| SpoolError::WriterStopped)?;
         Ok(rx)
+    }
+
+    /// Waits for the answer to a submitted job, at most `commit_deadline`. A commit that
+    /// takes longer is stuck in an fsync or a sled flush that may never return: the spool is
+    /// poisoned, so this write and every later one fail at once instead of hanging (the job
+    /// may still complete; a write reported failed that landed after all is at worst a
+    /// duplicate when the client retries, never a false acknowledgement).
+    pub(crate) async fn await_commit(&self, rx: oneshot::Receiver<Reply>) -> Result<()> {
+        let deadline = self.inner.commit_deadline;
+        match tokio::time::timeout(deadline, rx).await {
+            Ok(reply) => wait(reply),
+            Err(_) => {
+                let cause = format!(
+                    "a group commit did not finish within {deadline:?} (an fsync or sled flush \
+                     hung: check the disk)"
+                );
+                tracing::error!(dir = %self.inner.dir.display(), %cause, "spool poisoned");
+                self.inner.poison.set(&cause);
+                self.check_poison()
+            }
+        }
     }
 
     /// `Err(Poisoned)` once a durability error poisoned the spool (see [`Poison`]).

@@ -255,6 +255,36 @@ async fn failed_fsync_poisons_the_spool_until_reopened() {
     spool.enqueue(vec![msg("q", b"kept")]).await.unwrap();
 }
 
+/// A disk whose fsync hangs (a dead NFS server, a drive that stopped answering) must not
+/// hang ingest: past the commit deadline the write fails and the spool is poisoned, so every
+/// later write fails at once (the daemon answers 503 and `/readyz` says why).
+#[tokio::test]
+async fn a_hung_fsync_poisons_the_spool_after_the_commit_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = SyncFaults::default();
+    let options = SpoolOptions {
+        faults: faults.clone(),
+        commit_deadline: std::time::Duration::from_millis(300),
+        ..SpoolOptions::default()
+    };
+    let (spool, _) = Spool::open(dir.path(), options).unwrap();
+    spool.enqueue(vec![msg("q", b"before")]).await.unwrap();
+    faults.stall_syncs();
+    let bounded = std::time::Duration::from_secs(10);
+    let err = tokio::time::timeout(bounded, spool.enqueue(vec![msg("q", b"stuck")]))
+        .await
+        .expect("the write hung with the disk instead of failing after the deadline");
+    assert!(matches!(err, Err(SpoolError::Poisoned { .. })), "{err:?}");
+    let why = spool.poisoned().expect("poisoned() reports it");
+    assert!(why.contains("did not finish within"), "{why}");
+    let err = tokio::time::timeout(bounded, spool.enqueue(vec![msg("q", b"later")]))
+        .await
+        .expect("a later write waited too");
+    assert!(matches!(err, Err(SpoolError::Poisoned { .. })), "{err:?}");
+    // The disk answers again: the stuck commit ends and the spool can close.
+    faults.heal();
+}
+
 #[tokio::test]
 async fn stats_report_counts_bytes_due_and_attempts() {
     let dir = tempfile::tempdir().unwrap();
