@@ -71,7 +71,7 @@ fn entry(e: &[u8]) -> (usize, Vec<u8>, Vec<u8>) {
         // A large message (it gets a marker if it has none).
         _ => {
             let mut big = msg;
-            big.payload = vec![e[7]; keys::LARGE_RECORD];
+            big.payload = vec![e[7]; spool::fuzzing::LARGE_RECORD];
             (key, record::encode(&big))
         }
     };

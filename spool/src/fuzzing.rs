@@ -46,7 +46,15 @@ impl ScanSource for ScanHarness {
     fn get(&self, tree: TreeId, key: &[u8]) -> Result<Option<Vec<u8>>, sled::Error> {
         Ok(self.trees.borrow()[tree as usize].get(key).cloned())
     }
+
+    fn large_record(&self) -> usize {
+        LARGE_RECORD
+    }
 }
+
+/// The harness's large-message threshold: the same logic as the spool's 64 KiB, at a size
+/// that costs the fuzzer nothing (records of a payload of [`LARGE_RECORD`] bytes reach it).
+pub const LARGE_RECORD: usize = 96;
 
 impl ScanHarness {
     /// Empty trees.

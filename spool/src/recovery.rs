@@ -74,6 +74,12 @@ pub trait ScanSource {
     fn for_each(&self, tree: TreeId, f: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), sled::Error>;
     /// The value under `key` in `tree`.
     fn get(&self, tree: TreeId, key: &[u8]) -> Result<Option<Vec<u8>>, sled::Error>;
+    /// The record size from which a message has a large-message marker: always
+    /// [`keys::LARGE_RECORD`] in a spool; the fuzz harness lowers it so that its large
+    /// records cost bytes, not 64 KiB each.
+    fn large_record(&self) -> usize {
+        keys::LARGE_RECORD
+    }
 }
 
 impl ScanSource for Trees {
@@ -130,7 +136,7 @@ fn scan_dead_letters(
             });
         match checked {
             Ok(msg) => {
-                note_large(large, &msg, raw.len());
+                note_large(large, &msg, raw.len(), trees.large_record());
                 dead.insert(msg.id.0);
                 scan.report.highest_id = scan.report.highest_id.max(msg.id.0);
                 scan.report.dead_letter += 1;
@@ -161,7 +167,7 @@ fn scan_messages(
             scan.report.duplicates_resolved += 1;
             return;
         }
-        note_large(large, &msg, raw.len());
+        note_large(large, &msg, raw.len(), trees.large_record());
         let counts = scan.report.queues.entry(msg.queue.clone()).or_default();
         counts.0 += 1;
         counts.1 += msg.payload.len() as u64;
@@ -183,11 +189,16 @@ struct LargeRecord {
 /// at most 255 bytes; everything else in a record only grows).
 const MARKER_SLACK: usize = 512;
 
-fn note_large(large: &mut HashMap<u64, LargeRecord>, msg: &Message, raw_len: usize) {
-    if raw_len + MARKER_SLACK >= keys::LARGE_RECORD {
+fn note_large(
+    large: &mut HashMap<u64, LargeRecord>,
+    msg: &Message,
+    raw_len: usize,
+    threshold: usize,
+) {
+    if raw_len + MARKER_SLACK.min(threshold / 8) >= threshold {
         let record = LargeRecord {
             queue: msg.queue.clone().into_bytes(),
-            unmarked_needs_one: raw_len >= keys::LARGE_RECORD,
+            unmarked_needs_one: raw_len >= threshold,
         };
         large.insert(msg.id.0, record);
     }
