@@ -26,7 +26,12 @@ pub enum SpoolError {
         source: std::io::Error,
     },
     /// sled reported an error reading or writing its trees.
-    #[error("sled storage error in {path}: {source} (check the disk, then run `spoolctl verify`)")]
+    #[error(
+        "sled storage error in {path}: {source} (check the disk (dmesg). If this comes at \
+         open, sled cannot read its own log, and `spoolctl verify` opens it the same way: \
+         restore `data/` from a backup, or move the spool directory aside, keeping it as \
+         evidence, and start with an empty one)"
+    )]
     Storage {
         /// The spool directory.
         path: PathBuf,
