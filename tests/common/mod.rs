@@ -14,6 +14,8 @@ pub use mock_kafka::{consume, MockKafka};
 #[path = "../../spool/tests/common/dirs.rs"]
 pub mod dirs;
 
+pub mod amqp;
+
 /// A port nobody listens on right now (the OS's choice), for a daemon started as a process.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
