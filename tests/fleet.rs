@@ -113,7 +113,11 @@ async fn client(n: usize, ports: Vec<u16>, stop: Arc<AtomicBool>, acked: Acked) 
     let mut seq = 0usize;
     while !stop.load(Ordering::Relaxed) {
         let relay = (seq + n) % RELAYS;
-        let queue = if seq % 2 == 0 { "amqp" } else { "kafka" };
+        let queue = if seq.is_multiple_of(2) {
+            "amqp"
+        } else {
+            "kafka"
+        };
         let payload = format!("fleet client={n} seq={seq} queue={queue}");
         seq += 1;
         let url = format!(
