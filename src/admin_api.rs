@@ -332,17 +332,30 @@ fn duration(what: &str, text: &str) -> Result<std::time::Duration, ApiError> {
 }
 
 /// Starts draining: 202 with the drain's state, or 200 with the state of the drain already
-/// under way (its deadline unchanged).
-async fn drain(State(admin): State<Admin>, bytes: Bytes) -> Result<Response, ApiError> {
+/// under way (its deadline unchanged). With `?wait=`, the answer waits for the drain's end
+/// like `GET` does: a drain with nothing to do ends at once, and the daemon closes its
+/// listener right after, so a client that asked first and looked later would find it gone.
+/// A request in flight is still answered (the shutdown lets it finish).
+async fn drain(
+    State(admin): State<Admin>,
+    Query(q): Query<DrainQuery>,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
     let req: DrainRequest = body(&bytes)?;
     let deadline = match &req.deadline {
         Some(text) => duration("deadline", text)?,
         None => crate::drain::DEFAULT_DEADLINE,
     };
-    Ok(match admin.drain.begin(deadline).await {
-        Ok(status) => (StatusCode::ACCEPTED, Json(status)).into_response(),
-        Err(status) => (StatusCode::OK, Json(status)).into_response(),
-    })
+    let wait = q.wait.as_deref().map(|w| duration("wait", w)).transpose()?;
+    let (code, started) = match admin.drain.begin(deadline).await {
+        Ok(status) => (StatusCode::ACCEPTED, status),
+        Err(status) => (StatusCode::OK, status),
+    };
+    let status = match wait {
+        Some(wait) => admin.drain.wait_outcome(wait.min(MAX_DRAIN_WAIT)).await,
+        None => None,
+    };
+    Ok((code, Json(status.unwrap_or(started))).into_response())
 }
 
 #[derive(Deserialize)]

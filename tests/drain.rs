@@ -84,11 +84,11 @@ impl Relay {
         r.unwrap().json().await.unwrap()
     }
 
-    /// Starts the drain; the answer is the drain's state.
-    async fn drain(&self, deadline: &str) -> Value {
+    /// Starts the drain; the answer is the drain's state (`?wait=30s`: at its end).
+    async fn drain(&self, deadline: &str, query: &str) -> Value {
         let r = self
             .http
-            .post(self.url("/api/admin/drain"))
+            .post(self.url(&format!("/api/admin/drain{query}")))
             .json(&json!({ "deadline": deadline }))
             .send()
             .await
@@ -131,7 +131,7 @@ async fn wait_for(what: &str, relay: &Relay, cond: impl Fn(&Value) -> bool) {
 async fn drain_refuses_new_traffic_delivers_retries_and_exits_0() {
     let mut relay = Relay::start().await;
     relay.post("ok", 20).await;
-    let started = relay.drain("30s").await;
+    let started = relay.drain("30s", "").await;
     assert_eq!(started["draining"], true, "{started}");
     // Some messages still wait for their retry: the drain must deliver them to exit 0.
     let waiting = started["remaining"]["deliverable"].as_u64().unwrap();
@@ -181,8 +181,9 @@ async fn drain_reports_leftovers_and_exits_3() {
         s["dead_letter"] == 2 && s["queues"]["later"]["attempts"]["1"] == 4
     })
     .await;
-    relay.drain("30s").await;
-    let report = relay.report().await;
+    // Nothing is deliverable: the drain ends at once, so the request itself waits for the
+    // report (a later GET could find the daemon gone).
+    let report = relay.drain("30s", "?wait=30s").await;
     assert_eq!(report["outcome"], "leftovers", "{report}");
     assert_eq!(report["exit_code"], 3, "{report}");
     let left = &report["remaining"];
@@ -198,8 +199,7 @@ async fn drain_deadline_passing_first_exits_4() {
     let mut relay = Relay::start().await;
     relay.post("failing", 3).await;
     let start = std::time::Instant::now();
-    relay.drain("2s").await;
-    let report = relay.report().await;
+    let report = relay.drain("2s", "?wait=30s").await;
     assert_eq!(report["outcome"], "deadline_passed", "{report}");
     // At the deadline a failed message waits for its next retry (past the deadline) or is
     // in flight (deliverable): either way, unfinished work.

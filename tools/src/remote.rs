@@ -188,8 +188,9 @@ impl Remote {
         deadline: Option<&str>,
         wait: bool,
     ) -> anyhow::Result<ExitCode> {
-        let started: Value = self.post("/api/admin/drain", json!({ "deadline": deadline }))?;
+        let body = json!({ "deadline": deadline });
         if !wait {
+            let started: Value = self.post("/api/admin/drain", body)?;
             if out.json {
                 out.json(&started);
             } else {
@@ -197,11 +198,10 @@ impl Remote {
             }
             return Ok(ExitCode::SUCCESS);
         }
+        // Every request waits for the end (20 s at most), so the one in flight when the
+        // drain ends gets the outcome before the daemon closes its listener.
+        let mut status: Value = self.post("/api/admin/drain?wait=20s", body)?;
         loop {
-            let status: Value = self.get("/api/admin/drain?wait=20s").with_context(|| {
-                "the daemon stopped answering before it reported how the drain ended: \
-                 its exit code and log say it"
-            })?;
             if out.json {
                 out.json(&status);
             } else {
@@ -210,6 +210,10 @@ impl Remote {
             if let Some(code) = status["exit_code"].as_u64() {
                 return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
             }
+            status = self.get("/api/admin/drain?wait=20s").with_context(|| {
+                "the daemon stopped answering before it reported how the drain ended \
+                 (it ended between two polls): its exit code and log say how"
+            })?;
         }
     }
 }

@@ -238,7 +238,8 @@ async fn drain_waits_for_the_end_and_exits_with_the_daemons_code() {
     let url = format!("http://{}", daemon.addr);
     let out = spoolctl(args(&["--url", &url, "drain", "--deadline", "30s"])).await;
     let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(3), "{text}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{text}\n{said}");
     assert!(
         text.contains("a: 3 waiting for a retry due after the deadline"),
         "{text}"
