@@ -6,6 +6,9 @@
 //! Suspending a queue is the one thing only a running daemon can do: its worker stops
 //! leasing until resumed (memory only: a restart resumes every queue).
 //!
+//! Draining (`/api/admin/drain`) is the other: it is [`crate::drain`]'s switch, and the
+//! daemon exits when the drain ends.
+//!
 //! Protection: the daemon listens on loopback by default; with `--admin-token` every admin
 //! request needs `Authorization: Bearer <token>`. `start` refuses a non-loopback listener
 //! without a token (see [`check_exposure`]).
@@ -25,6 +28,7 @@ use serde_json::{json, Value};
 use spool::view::MessageView;
 use spool::{Message, MessageId, Spool, SpoolStats};
 
+use crate::drain::Drain;
 use crate::http_error::{check_queue, ApiError};
 use crate::suspensions::Suspensions;
 
@@ -35,6 +39,8 @@ pub struct Admin {
     pub spool: Spool,
     /// The operator's suspended queues.
     pub suspensions: Suspensions,
+    /// The drain switch.
+    pub drain: Drain,
 }
 
 /// The admin routes, behind the bearer token when there is one.
@@ -50,6 +56,7 @@ pub fn router(state: Admin, token: Option<String>) -> Router {
         .route("/api/admin/messages/{id}", get(show))
         .route("/api/admin/dead-letter", get(dead_letters))
         .route("/api/admin/dead-letter/requeue", post(requeue_dead_letters))
+        .route("/api/admin/drain", post(drain).get(drain_status))
         .route_layer(middleware::from_fn_with_state(token, require_token))
         .with_state(state)
 }
@@ -303,6 +310,76 @@ async fn resume(
     Ok(Json(
         json!({ "queue": queue, "suspended": false, "changed": changed }),
     ))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DrainRequest {
+    /// A duration such as `"5m"` or `"90s"` [default: `drain::DEFAULT_DEADLINE`].
+    deadline: Option<String>,
+}
+
+/// The longest `GET /api/admin/drain?wait=` holds a request.
+const MAX_DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn duration(what: &str, text: &str) -> Result<std::time::Duration, ApiError> {
+    humantime::parse_duration(text).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("{what} {text:?} is not a duration such as \"5m\" or \"90s\": {e}"),
+        )
+    })
+}
+
+/// Starts draining: 202 with the drain's state, or 200 with the state of the drain already
+/// under way (its deadline unchanged). With `?wait=`, the answer waits for the drain's end
+/// like `GET` does: a drain with nothing to do ends at once, and the daemon closes its
+/// listener right after, so a client that asked first and looked later would find it gone.
+/// A request in flight is still answered (the shutdown lets it finish).
+async fn drain(
+    State(admin): State<Admin>,
+    Query(q): Query<DrainQuery>,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let req: DrainRequest = body(&bytes)?;
+    let deadline = match &req.deadline {
+        Some(text) => duration("deadline", text)?,
+        None => crate::drain::DEFAULT_DEADLINE,
+    };
+    let wait = q.wait.as_deref().map(|w| duration("wait", w)).transpose()?;
+    let (code, started) = match admin.drain.begin(deadline).await {
+        Ok(status) => (StatusCode::ACCEPTED, status),
+        Err(status) => (StatusCode::OK, status),
+    };
+    let status = match wait {
+        Some(wait) => admin.drain.wait_outcome(wait.min(MAX_DRAIN_WAIT)).await,
+        None => None,
+    };
+    Ok((code, Json(status.unwrap_or(started))).into_response())
+}
+
+#[derive(Deserialize)]
+struct DrainQuery {
+    /// Hold the answer until the drain ends or this long passes (at most a minute).
+    wait: Option<String>,
+}
+
+/// The drain's state; with `?wait=`, once it ended (or the wait passed).
+async fn drain_status(
+    State(admin): State<Admin>,
+    Query(q): Query<DrainQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let status = match &q.wait {
+        Some(text) => {
+            let wait = duration("wait", text)?.min(MAX_DRAIN_WAIT);
+            admin.drain.wait_outcome(wait).await
+        }
+        None => admin.drain.status(),
+    };
+    Ok(Json(match status {
+        Some(status) => json!(status),
+        None => json!({ "draining": false }),
+    }))
 }
 
 async fn suspended(State(admin): State<Admin>) -> Json<Value> {

@@ -26,11 +26,16 @@ pub struct Health {
     pub capacity: Arc<Capacity>,
     /// Shutting down is not ready.
     pub shutdown: Shutdown,
+    /// Draining is not ready.
+    pub drain: crate::drain::Drain,
 }
 
 /// Every reason the daemon should not get new traffic now; empty when ready.
 pub fn not_ready_reasons(health: &Health) -> Vec<String> {
     let mut reasons = Vec::new();
+    if health.drain.is_draining() {
+        reasons.push("draining (POST /api/admin/drain): accepting nothing new".to_owned());
+    }
     if health.shutdown.is_triggered() {
         reasons.push("shutting down: draining in-flight deliveries".to_owned());
     }
@@ -81,10 +86,13 @@ mod tests {
     fn shutdown_and_capacity_are_reasons() {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _) = spool::Spool::open(dir.path(), Default::default()).unwrap();
+        let shutdown = Shutdown::new();
+        let drain = crate::drain::Drain::new(spool.clone(), Default::default(), shutdown.clone());
         let health = Health {
             spool: spool.clone(),
             capacity: Capacity::new(spool, dir.path(), None, 0),
-            shutdown: Shutdown::new(),
+            shutdown,
+            drain,
         };
         assert!(not_ready_reasons(&health).is_empty());
         health.shutdown.trigger();

@@ -75,8 +75,14 @@ impl Default for IngestLimits {
 }
 
 /// Builds the router. `max_body_bytes` bounds every request body (413 above it); the
-/// capacity gate runs before every ingest handler (503 at the limit).
-pub fn router(state: Ingest, max_body_bytes: usize, capacity: Arc<Capacity>) -> Router {
+/// capacity gate runs before every ingest handler (503 at the limit), and the drain gate
+/// before it (503 while draining).
+pub fn router(
+    state: Ingest,
+    max_body_bytes: usize,
+    capacity: Arc<Capacity>,
+    drain: crate::drain::Drain,
+) -> Router {
     let ingest = Router::new()
         .route("/api/v1/queues/{queue}/messages", post(post_message))
         .route("/api/v1/queues/{queue}/batch", post(post_batch))
@@ -84,6 +90,10 @@ pub fn router(state: Ingest, max_body_bytes: usize, capacity: Arc<Capacity>) -> 
         .route_layer(axum::middleware::from_fn_with_state(
             capacity,
             crate::capacity::gate,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            drain,
+            crate::drain::gate,
         ));
     Router::new()
         .route("/api/v1/stats", get(stats))

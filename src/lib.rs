@@ -17,6 +17,8 @@
 //! In front of ingest: [`server`] (the accept loop: header, body and idle time limits, a
 //! connection cap, a bounded shutdown grace), [`capacity`] (503 + `Retry-After` at
 //! `--max-spool-bytes` / `--min-free-disk`) and [`health`] (`/livez`, `/readyz`).
+//! [`drain`] (`POST /api/admin/drain`) turns ingest and readiness off and stops the
+//! daemon once nothing deliverable remains, with an exit code that says what is left.
 //!
 //! [`start`] runs all of it in the current tokio runtime and returns once it is serving,
 //! so tests and the demo (`src/demo/`, part of the binary only: `main.rs` declares it, `lib.rs` does not) embed the daemon without a
@@ -29,6 +31,7 @@ pub mod capacity;
 pub mod config;
 pub mod delivery_log;
 pub mod dispatch;
+pub mod drain;
 pub mod health;
 pub mod http_error;
 pub mod ingest;
@@ -54,6 +57,8 @@ pub struct Daemon {
     pub addr: SocketAddr,
     /// The daemon's spool, for inspection. Drop it before reopening the directory.
     pub spool: Spool,
+    /// The drain switch; `main` reads the exit code a finished drain asks for.
+    pub drain: drain::Drain,
     shutdown: Shutdown,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -124,6 +129,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
     tracing::info!(%addr, admin_api = config.admin_api, admin_token = config.admin_token.is_some(), "HTTP API listening");
 
     let suspensions = suspensions::Suspensions::default();
+    let drain = drain::Drain::new(spool.clone(), suspensions.clone(), shutdown.clone());
     let limits = &config.limits;
     let capacity = capacity::Capacity::new(
         spool.clone(),
@@ -138,22 +144,29 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
         limits: ingest::IngestLimits::from(limits),
         capacity: capacity.clone(),
     };
-    let mut app = ingest::router(ingest, config.max_body_bytes, capacity.clone())
-        .merge(metrics::router(
-            spool.clone(),
-            telemetry.metrics.clone(),
-            suspensions.clone(),
-            capacity.clone(),
-        ))
-        .merge(health::router(health::Health {
-            spool: spool.clone(),
-            capacity,
-            shutdown: shutdown.clone(),
-        }));
+    let mut app = ingest::router(
+        ingest,
+        config.max_body_bytes,
+        capacity.clone(),
+        drain.clone(),
+    )
+    .merge(metrics::router(
+        spool.clone(),
+        telemetry.metrics.clone(),
+        suspensions.clone(),
+        capacity.clone(),
+    ))
+    .merge(health::router(health::Health {
+        spool: spool.clone(),
+        capacity,
+        shutdown: shutdown.clone(),
+        drain: drain.clone(),
+    }));
     if config.admin_api {
         let state = admin_api::Admin {
             spool: spool.clone(),
             suspensions: suspensions.clone(),
+            drain: drain.clone(),
         };
         app = app.merge(admin_api::router(state, config.admin_token.clone()));
     }
@@ -204,6 +217,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
     Ok(Daemon {
         addr,
         spool,
+        drain,
         shutdown,
         task,
     })

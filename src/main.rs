@@ -52,12 +52,12 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             #[cfg(feature = "demo")]
-            Some(Command::Demo(args)) => demo::run(args).await,
+            Some(Command::Demo(args)) => demo::run(args).await.map(|()| ExitCode::SUCCESS),
             None => serve(cli.run).await,
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             report_fatal(log_format, &format!("{e:#}"));
             ExitCode::FAILURE
@@ -65,16 +65,36 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(args: RunArgs) -> anyhow::Result<()> {
+/// Runs the daemon until a signal or a finished drain stops it. The exit code is 0, or the
+/// one a drain asked for (docs/operations.md, "Draining a node").
+async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = Config::resolve(args).await?;
     let stop = Shutdown::new();
     let daemon = spoolrelay::start(config, stop.clone()).await?;
+    // The spool is open and the listener bound: what systemd's Type=notify waits for.
+    systemd_notify(sd_notify::NotifyState::Ready);
+    let drain = daemon.drain.clone();
+    let signal_stop = stop.clone();
     tokio::spawn(async move {
         shutdown::os_signal().await;
         tracing::info!("signal received; shutting down");
-        stop.trigger();
+        signal_stop.trigger();
     });
-    daemon.wait().await
+    tokio::spawn(async move {
+        stop.wait().await;
+        systemd_notify(sd_notify::NotifyState::Stopping);
+    });
+    daemon.wait().await?;
+    Ok(ExitCode::from(drain.exit_code().unwrap_or(0)))
+}
+
+/// Tells systemd (`Type=notify`) about a state change. Without `NOTIFY_SOCKET` (not under
+/// systemd) this does nothing; a failure to send is logged, never fatal: the relay works
+/// without its supervisor knowing.
+fn systemd_notify(state: sd_notify::NotifyState) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        tracing::warn!(error = %e, "cannot notify systemd (NOTIFY_SOCKET)");
+    }
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (tracing's `EnvFilter` syntax, e.g.

@@ -257,6 +257,7 @@ impl Metrics {
         names.dedup();
         let depth = Family::<QueueLabel, Gauge>::default();
         let due = Family::<QueueLabel, Gauge>::default();
+        let bytes = Family::<QueueLabel, Gauge>::default();
         let age = Family::<QueueLabel, Gauge<f64, AtomicU64>>::default();
         for queue in &names {
             let q = stats.queues.get(queue);
@@ -265,6 +266,9 @@ impl Metrics {
                 .set(q.map_or(0, |q| q.count) as i64);
             due.get_or_create(&label(queue))
                 .set(q.map_or(0, |q| q.due_now) as i64);
+            bytes
+                .get_or_create(&label(queue))
+                .set(q.map_or(0, |q| q.bytes) as i64);
             let oldest = q
                 .and_then(|q| q.oldest_created_ms)
                 .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0);
@@ -280,6 +284,11 @@ impl Metrics {
             "spoolrelay_queue_depth",
             "Messages in the queue (waiting and in flight)",
             depth,
+        );
+        r.register(
+            "spoolrelay_queue_bytes",
+            "Bytes of the queue's messages (waiting and in flight), as recorded at enqueue",
+            bytes,
         );
         r.register(
             "spoolrelay_queue_due",

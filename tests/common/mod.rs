@@ -14,6 +14,8 @@ pub use mock_kafka::{consume, MockKafka};
 #[path = "../../spool/tests/common/dirs.rs"]
 pub mod dirs;
 
+pub mod amqp;
+
 /// A port nobody listens on right now (the OS's choice), for a daemon started as a process.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -204,4 +206,37 @@ pub async fn consume_sorted(kafka: &MockKafka, want: usize) -> Vec<Vec<u8>> {
         "Kafka holds {recount} messages, {want} expected: duplicates"
     );
     got
+}
+
+/// Waits until a daemon process on `port` answers `/livez`, or panics after 20 s.
+pub async fn wait_live(port: u16) {
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{port}/livez")).await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the daemon on port {port} did not come up within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits for a child process to exit, or panics with `what` after `limit`.
+pub async fn wait_exit(
+    child: &mut std::process::Child,
+    what: &str,
+    limit: Duration,
+) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(start.elapsed() < limit, "{what}: no exit within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -118,6 +118,18 @@ enum Command {
     Suspend { queue: String },
     /// Deliver a suspended queue again (needs --url).
     Resume { queue: String },
+    /// Drain the daemon (needs --url): ingest and /readyz answer 503, delivery goes on, and
+    /// the daemon exits once nothing deliverable remains or the deadline passed. Waits for
+    /// that and exits with the daemon's code: 0 drained, 3 messages left (suspended, due
+    /// after the deadline, dead letters), 4 deadline passed; 2 on an error.
+    Drain {
+        /// How long delivery may go on, e.g. 90s or 5m [default: 5m].
+        #[arg(long, value_name = "DURATION")]
+        deadline: Option<String>,
+        /// Return once the drain started instead of waiting for its end.
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -158,6 +170,7 @@ impl Command {
             Command::Import { .. } => "import",
             Command::Suspend { .. } => "suspend",
             Command::Resume { .. } => "resume",
+            Command::Drain { .. } => "drain",
         }
     }
 
@@ -238,6 +251,7 @@ fn run_online(cli: Cli, url: &str) -> anyhow::Result<ExitCode> {
         Command::Requeue { queue, to } => remote.requeue(&out, &queue, to.as_deref()),
         Command::Suspend { queue } => remote.suspension(&out, &queue, "suspend"),
         Command::Resume { queue } => remote.suspension(&out, &queue, "resume"),
+        Command::Drain { deadline, no_wait } => remote.drain(&out, deadline.as_deref(), !no_wait),
         other => anyhow::bail!(
             "`{}` works on the spool directory only: stop the daemon and run it without --url",
             other.name()
@@ -251,7 +265,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     if matches!(
         cli.command,
-        Command::Suspend { .. } | Command::Resume { .. }
+        Command::Suspend { .. } | Command::Resume { .. } | Command::Drain { .. }
     ) {
         anyhow::bail!(
             "`{}` changes a running daemon: pass --url http://HOST:PORT (its listen address)",
@@ -322,6 +336,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             transfer::export(&out, &spool, &file, skip_damaged)
         }
         Command::Import { file } => transfer::import(&out, &rt, &spool, &file),
-        Command::Suspend { .. } | Command::Resume { .. } => unreachable!("refused above"),
+        Command::Suspend { .. } | Command::Resume { .. } | Command::Drain { .. } => {
+            unreachable!("refused above")
+        }
     }
 }

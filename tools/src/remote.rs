@@ -179,6 +179,79 @@ impl Remote {
     }
 }
 
+impl Remote {
+    /// Starts a drain and, with `wait`, follows it (`GET /api/admin/drain?wait=`) to its
+    /// end: the exit code is then the daemon's own (0 drained, 3 leftovers, 4 deadline).
+    pub fn drain(
+        &self,
+        out: &Output,
+        deadline: Option<&str>,
+        wait: bool,
+    ) -> anyhow::Result<ExitCode> {
+        let body = json!({ "deadline": deadline });
+        if !wait {
+            let started: Value = self.post("/api/admin/drain", body)?;
+            if out.json {
+                out.json(&started);
+            } else {
+                print_drain(&started);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        // Every request waits for the end (20 s at most), so the one in flight when the
+        // drain ends gets the outcome before the daemon closes its listener.
+        let mut status: Value = self.post("/api/admin/drain?wait=20s", body)?;
+        loop {
+            if out.json {
+                out.json(&status);
+            } else {
+                print_drain(&status);
+            }
+            if let Some(code) = status["exit_code"].as_u64() {
+                return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
+            }
+            status = self.get("/api/admin/drain?wait=20s").with_context(|| {
+                "the daemon stopped answering before it reported how the drain ended \
+                 (it ended between two polls): its exit code and log say how"
+            })?;
+        }
+    }
+}
+
+/// One drain state for people: the outcome (or progress) and what is left, by why.
+fn print_drain(status: &Value) {
+    let left = &status["remaining"];
+    match status["outcome"].as_str() {
+        None => println!(
+            "draining: {} deliverable ({} in flight), deadline in {}",
+            left["deliverable"],
+            left["in_flight"],
+            crate::output::age(
+                status["deadline_ms"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    .saturating_sub(spool::now_ms())
+            )
+        ),
+        Some("drained") => println!("drained: every message delivered"),
+        Some("leftovers") => println!("drained what was deliverable; messages are left:"),
+        Some(other) => println!("drain ended ({other}): the deadline passed first; left:"),
+    }
+    let per_queue = |why: &str, map: &Value| {
+        for (queue, n) in map.as_object().into_iter().flatten() {
+            println!("  {queue}: {n} {why}");
+        }
+    };
+    per_queue("in a suspended queue", &left["suspended"]);
+    per_queue(
+        "waiting for a retry due after the deadline",
+        &left["past_deadline"],
+    );
+    if left["dead_letter"].as_u64().unwrap_or(0) > 0 {
+        println!("  dead letters: {}", left["dead_letter"]);
+    }
+}
+
 fn count(answer: &Value) -> anyhow::Result<u64> {
     answer["count"]
         .as_u64()

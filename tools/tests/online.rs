@@ -226,3 +226,31 @@ async fn live_changes_go_through_the_daemon_with_its_token() {
     assert!(String::from_utf8_lossy(&no_url.stderr).contains("--url"));
     daemon.stop().await.unwrap();
 }
+
+/// `spoolctl --url U drain` waits for the drain to end and exits with the daemon's code; its
+/// report names what is left and why. Here every message waits an hour for its retry (past
+/// the deadline) or is a dead letter: 3. The daemon stops by itself (the drain ended it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_waits_for_the_end_and_exits_with_the_daemons_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = start(dir.path(), None).await;
+    populate(&daemon).await;
+    let url = format!("http://{}", daemon.addr);
+    let out = spoolctl(args(&["--url", &url, "drain", "--deadline", "30s"])).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{text}\n{said}");
+    assert!(
+        text.contains("a: 3 waiting for a retry due after the deadline"),
+        "{text}"
+    );
+    assert!(text.contains("b: 1 waiting"), "{text}");
+    assert!(text.contains("dead letters: 1"), "{text}");
+    let stopped = tokio::time::timeout(Duration::from_secs(15), daemon.wait()).await;
+    stopped.expect("the drain stops the daemon").unwrap();
+    let offline = spoolctl(args(&["--spool", dir.path().to_str().unwrap(), "summary"])).await;
+    assert!(
+        offline.status.success(),
+        "the drained daemon released its spool"
+    );
+}
