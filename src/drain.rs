@@ -19,6 +19,7 @@
 //! SIGTERM during a drain stops at once, as it always does (the spool keeps what is left).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -165,6 +166,9 @@ pub struct Status {
 #[derive(Clone)]
 pub struct Drain {
     state: Arc<watch::Sender<Option<Status>>>,
+    /// Ingest requests past the gate and not yet answered. A request that passed before the
+    /// drain began may still spool messages, so the drain is not over while any is left.
+    ingest_in_flight: Arc<AtomicU64>,
     spool: Spool,
     suspensions: Suspensions,
     shutdown: Shutdown,
@@ -175,6 +179,7 @@ impl Drain {
     pub fn new(spool: Spool, suspensions: Suspensions, shutdown: Shutdown) -> Drain {
         Drain {
             state: Arc::new(watch::channel(None).0),
+            ingest_in_flight: Arc::new(AtomicU64::new(0)),
             spool,
             suspensions,
             shutdown,
@@ -270,7 +275,11 @@ impl Drain {
             let Some(deadline_ms) = self.status().map(|s| s.deadline_ms) else {
                 return;
             };
-            let rem = self.look_blocking(deadline_ms).await;
+            // Read before the look: no request passes the gate once the drain began, so when
+            // none is in flight here, the look below sees every message ingest will spool.
+            let answering = self.ingest_in_flight.load(Ordering::SeqCst);
+            let mut rem = self.look_blocking(deadline_ms).await;
+            rem.deliverable += answering;
             let outcome = decide(&rem, tokio::time::Instant::now() >= until);
             self.state.send_modify(|s| {
                 if let Some(s) = s {
@@ -319,8 +328,28 @@ fn report(outcome: Outcome, rem: &Remaining) {
     }
 }
 
+/// One ingest request being answered; the count drops when the guard does (a cancelled
+/// request included).
+struct InFlight(Arc<AtomicU64>);
+
+impl InFlight {
+    fn enter(count: &Arc<AtomicU64>) -> InFlight {
+        count.fetch_add(1, Ordering::SeqCst);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Middleware on the ingest routes: 503 with `Retry-After` while draining.
 pub async fn gate(State(drain): State<Drain>, req: Request, next: Next) -> Response {
+    // Counted before the check, so that the watcher, which reads the count before it looks
+    // at the spool, cannot miss a request that passed just before the drain began.
+    let _answering = InFlight::enter(&drain.ingest_in_flight);
     if !drain.is_draining() {
         return next.run(req).await;
     }
