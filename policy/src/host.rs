@@ -453,6 +453,11 @@ fn handlers(lua: &Lua, event: &str) -> mlua::Result<Vec<Function>> {
 }
 
 /// Coroutines kept for reuse per state: about what a connection has in flight (256).
+///
+/// The pool grows on demand: mlua 0.12 creates a coroutine when the pool is empty and keeps
+/// a finished one only while fewer than this many wait (`create_recycled_thread` /
+/// `recycle_thread` in mlua's `state/raw.rs`); at state creation it reserves 256 slots of
+/// one `int` each, not 256 coroutines. A connection that sent one message holds one.
 const COROUTINE_POOL: usize = 256;
 
 /// A fresh state with `kumo.*` installed, the sandbox and limits applied, and the policy

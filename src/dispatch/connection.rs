@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use policy::{Connection, SendOutcome};
 
+use super::reaper::Trim;
+
 /// Sends in flight per connection. Pipelining is what makes brokers fast (Kafka: ~185
 /// msg/s one at a time with the default linger, 500k+ pipelined); 256 keeps a producer
 /// busy while bounding what a stuck broker holds in memory.
@@ -38,7 +40,8 @@ pub fn send_slots(per_send: usize) -> usize {
     (MAX_MESSAGES_IN_FLIGHT_PER_CONNECTION / per_send.max(1)).clamp(1, MAX_IN_FLIGHT_PER_CONNECTION)
 }
 
-/// Connections with nothing in flight for this long are closed.
+/// Connections with nothing in flight for this long are closed (sooner when the reap
+/// interval is shorter).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The pool grows by at most one connection per this interval. A new connection's first
@@ -132,17 +135,32 @@ pub struct Pool {
     /// Sends one connection carries at once ([`send_slots`] of the queue's batch size).
     slots_per_connection: usize,
     last_opened: Option<Instant>,
+    /// Connections unused for this long are closed.
+    idle_timeout: Duration,
+    /// Told when a connection is closed, so the freed Lua state's memory is returned.
+    trim: Trim,
 }
 
 impl Pool {
-    pub fn new(queue: &str) -> Pool {
+    pub fn new(queue: &str, idle_timeout: Duration, trim: Trim) -> Pool {
         Pool {
             queue: queue.to_owned(),
             slots: Vec::new(),
             retiring: Vec::new(),
             slots_per_connection: MAX_IN_FLIGHT_PER_CONNECTION,
             last_opened: None,
+            idle_timeout,
+            trim,
         }
+    }
+
+    /// When the first connection with nothing in flight reaches its idle timeout.
+    pub fn next_idle_deadline(&self) -> Option<Instant> {
+        self.slots
+            .iter()
+            .filter(|slot| Self::in_flight(&slot.conn) == 0)
+            .map(|slot| slot.last_used + self.idle_timeout)
+            .min()
     }
 
     /// Sizes each connection's sends for the queue's current `batch_size`.
@@ -194,7 +212,7 @@ impl Pool {
     fn close_retired(&mut self) {
         for conn in std::mem::take(&mut self.retiring) {
             match Arc::try_unwrap(conn) {
-                Ok(pooled) => close_in_background(pooled.conn),
+                Ok(pooled) => close_in_background(pooled.conn, &self.trim),
                 Err(conn) => self.retiring.push(conn),
             }
         }
@@ -241,13 +259,13 @@ impl Pool {
         });
     }
 
-    /// Closes connections idle for [`IDLE_TIMEOUT`] (or all idle ones if `all`), in the
-    /// background so a slow `close` never stalls dispatching.
+    /// Closes connections idle for the pool's idle timeout (or all idle ones if `all`), in
+    /// the background so a slow `close` never stalls dispatching.
     pub fn close_idle(&mut self, all: bool) {
         let now = Instant::now();
         let mut kept = Vec::with_capacity(self.slots.len());
         for slot in self.slots.drain(..) {
-            let idle = all || now.duration_since(slot.last_used) >= IDLE_TIMEOUT;
+            let idle = all || now.duration_since(slot.last_used) >= self.idle_timeout;
             if !idle || Self::in_flight(&slot.conn) > 0 {
                 kept.push(slot);
                 continue;
@@ -255,7 +273,7 @@ impl Pool {
             match Arc::try_unwrap(slot.conn) {
                 Ok(pooled) => {
                     tracing::info!(queue = %self.queue, "closing idle connection");
-                    close_in_background(pooled.conn);
+                    close_in_background(pooled.conn, &self.trim);
                 }
                 Err(conn) => kept.push(Slot {
                     conn,
@@ -283,11 +301,14 @@ impl Pool {
         {
             tracing::warn!(queue = %self.queue, "closing connections took over 10 s; abandoned");
         }
+        self.trim.freed();
     }
 }
 
-/// Closes `conn` without making anyone wait for it (bounded: a broker may hang).
-fn close_in_background(conn: Connection) {
+/// Closes `conn` without making anyone wait for it (bounded: a broker may hang), then
+/// asks for the freed memory to be returned.
+fn close_in_background(conn: Connection, trim: &Trim) {
+    let trim = trim.clone();
     tokio::spawn(async move {
         if tokio::time::timeout(Duration::from_secs(10), conn.close())
             .await
@@ -295,6 +316,7 @@ fn close_in_background(conn: Connection) {
         {
             tracing::warn!("connection close took over 10 s; abandoned");
         }
+        trim.freed();
     });
 }
 
