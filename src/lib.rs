@@ -181,6 +181,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
         suspensions,
         telemetry,
         reap_interval: config.queues.queue_reap_interval,
+        max_connections: config.queues.max_broker_connections,
     };
     let dispatch = tokio::spawn(dispatcher.run());
     let task_spool = spool.clone();

@@ -22,7 +22,7 @@ use std::time::Duration;
 use clap::Args;
 use policy::QueueName;
 
-/// How many queues the relay keeps around: the reap interval and the metrics label.
+/// What many queues may cost: the reap interval, the metrics label, the connection bound.
 #[derive(Args, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueArgs {
     /// How long a queue stays empty and idle before it is reaped: its worker, broker
@@ -34,6 +34,11 @@ pub struct QueueArgs {
     /// tenant, domain or campaign, or nothing (one series), to bound their number.
     #[arg(long, value_name = "PART", value_enum, default_value_t = QueueLabelMode::Full)]
     pub metrics_queue_label: QueueLabelMode,
+    /// Most broker connections open at once over all queues. Each is a Lua state on an OS
+    /// thread of its own (~60 KiB, 2 file descriptors plus the broker's sockets); past it, a
+    /// queue that needs one closes an idle connection of another queue, or waits for one.
+    #[arg(long, value_name = "N", default_value_t = crate::dispatch::DEFAULT_MAX_CONNECTIONS)]
+    pub max_broker_connections: usize,
 }
 
 impl Default for QueueArgs {
@@ -41,6 +46,7 @@ impl Default for QueueArgs {
         QueueArgs {
             queue_reap_interval: crate::dispatch::DEFAULT_REAP_INTERVAL,
             metrics_queue_label: QueueLabelMode::Full,
+            max_broker_connections: crate::dispatch::DEFAULT_MAX_CONNECTIONS,
         }
     }
 }

@@ -194,3 +194,41 @@ async fn metrics_labelled_by_tenant_sum_the_tenants_queues() {
     );
     daemon.stop().await.unwrap();
 }
+
+/// With room for two connections, twelve queues still drain at once: a queue that needs a
+/// connection takes the place of another queue's idle one instead of waiting for it to time
+/// out (60 s here), and never more than two Lua connection states exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_past_the_connection_budget_take_idle_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = common::start_with(SINK, dir.path(), |c| {
+        c.queues.queue_reap_interval = Duration::from_secs(600);
+        c.queues.max_broker_connections = 2;
+    })
+    .await;
+    let most = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let watcher = {
+        let most = most.clone();
+        tokio::spawn(async move {
+            loop {
+                most.fetch_max(
+                    threads_named("lua:budget"),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    for i in 0..12 {
+        post(&daemon, &format!("budget{i}")).await;
+    }
+    common::wait_until("twelve queues drain through two connections", LIMIT, || {
+        common::queued(&daemon) == 0
+    })
+    .await;
+    watcher.abort();
+    let most = most.load(std::sync::atomic::Ordering::Relaxed);
+    // A closed connection's thread ends a moment after its permit is back.
+    assert!(most <= 3, "{most} connection threads at once");
+    daemon.stop().await.unwrap();
+}

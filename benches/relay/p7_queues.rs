@@ -6,7 +6,8 @@
 //! Environment: `BENCH_P7_QUEUES` (default `1000,10000,100000`), `BENCH_P7_REAP_SECS` (the
 //! `--queue-reap-interval` given to the daemon, default 5), `BENCH_P7_SETTLE_SECS` (how
 //! long after the drain RSS is read; default reap + 5 s), `BENCH_P7_NO_REAP_FLAG=1` (do not
-//! pass `--queue-reap-interval`: for a build that predates it).
+//! pass `--queue-reap-interval`: for a build that predates it), `BENCH_P7_STDERR` (a file for
+//! the daemon's warnings; discarded otherwise).
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -97,7 +98,10 @@ async fn run(n: usize, dir: &Path, reap: Option<u64>, settle: Duration) -> Row {
         .args(["--max-body-bytes", &(64usize << 20).to_string()])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(match std::env::var("BENCH_P7_STDERR") {
+            Ok(path) => std::fs::File::create(path).expect("BENCH_P7_STDERR").into(),
+            Err(_) => Stdio::null(),
+        });
     if let Some(secs) = reap {
         cmd.args(["--queue-reap-interval", &format!("{secs}s")]);
     }

@@ -21,7 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use policy::{Connection, SendOutcome};
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 
+use super::budget::Budget;
 use super::reaper::Trim;
 
 /// Sends in flight per connection. Pipelining is what makes brokers fast (Kafka: ~185
@@ -55,6 +57,8 @@ pub struct PooledConnection {
     /// Sends delivered on this connection so far.
     delivered: AtomicU64,
     retired: AtomicBool,
+    /// Its place in the relay-wide [`Budget`], given back once it is closed.
+    permit: OwnedSemaphorePermit,
 }
 
 impl std::ops::Deref for PooledConnection {
@@ -115,10 +119,15 @@ impl PooledConnection {
         }
     }
 
-    /// Retired by [`record_send`](Self::record_send), or broken by the policy host (a call ran out of
-    /// time or memory: its Lua state is thrown away).
-    fn is_retired(&self) -> bool {
+    /// Retired by [`record_send`](Self::record_send) or by the [`Budget`], or broken by
+    /// the policy host (a call ran out of time or memory: its Lua state is thrown away).
+    pub fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Relaxed) || self.conn.is_broken()
+    }
+
+    /// Takes no new sends from now on; closed once its sends end.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
     }
 }
 
@@ -139,10 +148,20 @@ pub struct Pool {
     idle_timeout: Duration,
     /// Told when a connection is closed, so the freed Lua state's memory is returned.
     trim: Trim,
+    /// Where each connection's permit comes from.
+    budget: Budget,
+    /// The owning worker's bell: the budget rings it after retiring one of its connections.
+    owner: Arc<Notify>,
 }
 
 impl Pool {
-    pub fn new(queue: &str, idle_timeout: Duration, trim: Trim) -> Pool {
+    pub fn new(
+        queue: &str,
+        idle_timeout: Duration,
+        trim: Trim,
+        budget: Budget,
+        owner: Arc<Notify>,
+    ) -> Pool {
         Pool {
             queue: queue.to_owned(),
             slots: Vec::new(),
@@ -151,7 +170,19 @@ impl Pool {
             last_opened: None,
             idle_timeout,
             trim,
+            budget,
+            owner,
         }
+    }
+
+    /// A permit for one more connection (waits while the relay-wide budget is spent).
+    pub async fn permit(&self) -> OwnedSemaphorePermit {
+        self.budget.acquire().await
+    }
+
+    /// Whether other queues wait for a connection permit (idle connections should go).
+    pub fn room_wanted(&self) -> bool {
+        self.budget.wanted()
     }
 
     /// When the first connection with nothing in flight reaches its idle timeout.
@@ -199,6 +230,8 @@ impl Pool {
         for slot in broken {
             let why = if slot.conn.conn.is_broken() {
                 "a policy call on it ran out of time or memory, so its Lua state is discarded"
+            } else if Self::in_flight(&slot.conn) == 0 {
+                "another queue needs its place under --max-broker-connections"
             } else {
                 "a send failed and none succeeded since"
             };
@@ -212,7 +245,7 @@ impl Pool {
     fn close_retired(&mut self) {
         for conn in std::mem::take(&mut self.retiring) {
             match Arc::try_unwrap(conn) {
-                Ok(pooled) => close_in_background(pooled.conn, &self.trim),
+                Ok(pooled) => close_in_background(pooled, &self.trim),
                 Err(conn) => self.retiring.push(conn),
             }
         }
@@ -247,14 +280,17 @@ impl Pool {
         })
     }
 
-    pub fn add(&mut self, conn: Connection) {
+    pub fn add(&mut self, conn: Connection, permit: OwnedSemaphorePermit) {
         self.last_opened = Some(Instant::now());
+        let conn = Arc::new(PooledConnection {
+            conn,
+            delivered: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
+            permit,
+        });
+        self.budget.register(&conn, &self.owner);
         self.slots.push(Slot {
-            conn: Arc::new(PooledConnection {
-                conn,
-                delivered: AtomicU64::new(0),
-                retired: AtomicBool::new(false),
-            }),
+            conn,
             last_used: Instant::now(),
         });
     }
@@ -265,7 +301,9 @@ impl Pool {
         let now = Instant::now();
         let mut kept = Vec::with_capacity(self.slots.len());
         for slot in self.slots.drain(..) {
-            let idle = all || now.duration_since(slot.last_used) >= self.idle_timeout;
+            let idle = all
+                || slot.conn.is_retired()
+                || now.duration_since(slot.last_used) >= self.idle_timeout;
             if !idle || Self::in_flight(&slot.conn) > 0 {
                 kept.push(slot);
                 continue;
@@ -273,7 +311,7 @@ impl Pool {
             match Arc::try_unwrap(slot.conn) {
                 Ok(pooled) => {
                     tracing::info!(queue = %self.queue, "closing idle connection");
-                    close_in_background(pooled.conn, &self.trim);
+                    close_in_background(pooled, &self.trim);
                 }
                 Err(conn) => kept.push(Slot {
                     conn,
@@ -305,17 +343,19 @@ impl Pool {
     }
 }
 
-/// Closes `conn` without making anyone wait for it (bounded: a broker may hang), then
-/// asks for the freed memory to be returned.
-fn close_in_background(conn: Connection, trim: &Trim) {
+/// Closes `pooled` without making anyone wait for it (bounded: a broker may hang), then
+/// gives its permit back and asks for the freed memory to be returned.
+fn close_in_background(pooled: PooledConnection, trim: &Trim) {
     let trim = trim.clone();
     tokio::spawn(async move {
+        let PooledConnection { conn, permit, .. } = pooled;
         if tokio::time::timeout(Duration::from_secs(10), conn.close())
             .await
             .is_err()
         {
             tracing::warn!("connection close took over 10 s; abandoned");
         }
+        drop(permit);
         trim.freed();
     });
 }

@@ -16,6 +16,7 @@
 //! A worker of a queue in [`Suspensions`] leases nothing.
 
 mod backoff;
+mod budget;
 mod connection;
 pub mod decide;
 mod deliver;
@@ -32,6 +33,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
 pub use backoff::{ConnectBackoff, TokenBucket};
+pub use budget::DEFAULT_MAX_CONNECTIONS;
 pub use decide::{decide, retry_delay, Event, Fate, Lease};
 pub use deliver::policy_message;
 pub use reaper::DEFAULT_REAP_INTERVAL;
@@ -57,6 +59,8 @@ pub struct Dispatcher {
     /// How long a queue stays empty and idle before its worker, connections and metrics
     /// series are gone (`--queue-reap-interval`).
     pub reap_interval: Duration,
+    /// Most connections open at once over all queues (`--max-broker-connections`).
+    pub max_connections: usize,
 }
 
 /// A worker's request to end: granted (`true`) only if its queue is still empty.
@@ -83,6 +87,7 @@ pub(crate) struct WorkerEnv {
     idle_timeout: Duration,
     retire: mpsc::UnboundedSender<Retire>,
     trim: reaper::Trim,
+    budget: budget::Budget,
 }
 
 impl Dispatcher {
@@ -100,6 +105,7 @@ impl Dispatcher {
             idle_timeout: connection::IDLE_TIMEOUT.min(self.reap_interval),
             retire: retire_tx,
             trim,
+            budget: budget::Budget::new(self.max_connections),
         };
         let mut workers: HashMap<String, Running> = HashMap::new();
         let mut idle = reaper::IdleQueues::default();

@@ -72,7 +72,7 @@ impl QueueWorker {
         telemetry: QueueTelemetry,
     ) -> Self {
         QueueWorker {
-            pool: Pool::new(&queue, env.idle_timeout, env.trim),
+            pool: Pool::new(&queue, env.idle_timeout, env.trim, env.budget, wake.clone()),
             queue,
             spool: env.spool,
             policy: env.policy,
@@ -98,7 +98,9 @@ impl QueueWorker {
         let shutdown = self.shutdown.clone();
         let wake = self.wake.clone();
         while !self.shutdown.is_triggered() {
-            self.pool.close_idle(false);
+            // Other queues wait for a connection: give up idle ones unless work is due here.
+            let make_room = self.pool.room_wanted() && !self.due_now();
+            self.pool.close_idle(make_room);
             // A fill may wait on the policy (get_queue_config, a constructor: each bounded by
             // --lua-event-timeout); shutdown does not wait for it. Dropping a fill midway is
             // safe: what it leased is already in `sends`, a half-built connection is dropped.
@@ -134,6 +136,13 @@ impl QueueWorker {
         }
         self.drain().await;
         self.telemetry.set_connections(0);
+    }
+
+    /// Whether a waiting message of this queue is due now.
+    fn due_now(&self) -> bool {
+        self.spool
+            .next_due(&self.queue)
+            .is_some_and(|due| due <= spool::now_ms())
     }
 
     /// Asks the supervisor whether this worker may end (it says no if a message came in).
@@ -325,10 +334,12 @@ impl QueueWorker {
         // their sum so their clearer errors come first.
         let limit =
             CONNECT_TIMEOUT.max(self.policy.limits().event_timeout * 3 + Duration::from_secs(1));
+        // Waits while --max-broker-connections are open and busy (not a connect failure).
+        let permit = self.pool.permit().await;
         match tokio::time::timeout(limit, self.policy.connect(&self.queue)).await {
             Ok(Ok(conn)) => {
                 self.backoff.succeeded();
-                self.pool.add(conn);
+                self.pool.add(conn, permit);
                 tracing::info!(queue = %self.queue, connections = self.pool.len(), "connected");
                 true
             }
