@@ -228,15 +228,18 @@ impl Pool {
             self.slots.drain(..).partition(|s| s.conn.is_retired());
         self.slots = kept;
         for slot in broken {
-            let why = if slot.conn.conn.is_broken() {
-                "a policy call on it ran out of time or memory, so its Lua state is discarded"
-            } else if Self::in_flight(&slot.conn) == 0 {
-                "another queue needs its place under --max-broker-connections"
+            let in_flight = Self::in_flight(&slot.conn);
+            if slot.conn.conn.is_broken() {
+                tracing::warn!(queue = %self.queue, in_flight,
+                    "retiring a connection: a policy call on it ran out of time or memory, so its Lua state is discarded; a new one will be opened");
+            } else if in_flight == 0 {
+                // Routine under many queues: not worth a warning each time.
+                tracing::info!(queue = %self.queue,
+                    "closing an idle connection: another queue needs its place under --max-broker-connections");
             } else {
-                "a send failed and none succeeded since"
-            };
-            tracing::warn!(queue = %self.queue, in_flight = Self::in_flight(&slot.conn),
-                "retiring a connection: {why}; a new one will be opened");
+                tracing::warn!(queue = %self.queue, in_flight,
+                    "retiring a connection: a send failed and none succeeded since; a new one will be opened");
+            }
             self.retiring.push(slot.conn);
         }
         self.close_retired();

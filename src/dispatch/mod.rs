@@ -94,7 +94,7 @@ impl Dispatcher {
     /// Runs until shutdown, then waits for every worker to drain.
     pub async fn run(self) {
         let (retire_tx, mut retire_rx) = mpsc::unbounded_channel();
-        let trim = reaper::Trim::default();
+        let trim = reaper::Trim::new(self.policy.clone());
         let trimmer = tokio::spawn(trim.clone().run());
         let env = WorkerEnv {
             spool: self.spool.clone(),

@@ -15,12 +15,14 @@
 //! Freed Lua states do not shrink the process by themselves: glibc keeps freed memory in
 //! its per-thread arenas. [`Trim`] asks glibc (`malloc_trim`) to hand it back, at most once
 //! per [`TRIM_DEBOUNCE`] and only after a connection was closed, so a burst of thousands of
-//! closes costs one trim and an idle relay none.
+//! closes costs one trim and an idle relay none. Each trim also lets go the policy's warm
+//! Lua states (kept to serve a burst's next connections without building new ones).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use policy::Policy;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -91,12 +93,22 @@ impl IdleQueues {
 }
 
 /// Asks for a `malloc_trim` after connections were closed. Cheap to clone.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Trim {
     freed: Arc<Notify>,
+    /// Its warm Lua states (kept for the next connection) go at each trim.
+    policy: Policy,
 }
 
 impl Trim {
+    /// Trims for `policy`'s connections.
+    pub fn new(policy: Policy) -> Trim {
+        Trim {
+            freed: Arc::default(),
+            policy,
+        }
+    }
+
     /// A connection (and so a Lua state) was closed.
     pub fn freed(&self) {
         self.freed.notify_one();
@@ -108,6 +120,11 @@ impl Trim {
             self.freed.notified().await;
             // Frees during the pause leave one permit: they are covered by the next trim.
             tokio::time::sleep(TRIM_DEBOUNCE).await;
+            // Warm states are for bursts; a quiet second means the burst is over. Their
+            // threads free them a moment later: trim again after the next pause.
+            if self.policy.drop_warm_states() > 0 {
+                self.freed();
+            }
             let _ = tokio::task::spawn_blocking(release_free_memory).await;
         }
     }
