@@ -29,6 +29,9 @@ use super::connection::PooledConnection;
 /// Default `--max-broker-connections`.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
+/// An open connection and the bell of the worker that owns it.
+type Entry = (Weak<PooledConnection>, Weak<Notify>);
+
 /// Permits for open connections, shared by every queue's pool. Cheap to clone.
 #[derive(Clone)]
 pub struct Budget {
@@ -37,7 +40,7 @@ pub struct Budget {
     /// Queues waiting for a permit.
     waiting: Arc<AtomicUsize>,
     /// Open connections and the bell of the worker that owns each one.
-    open: Arc<Mutex<VecDeque<(Weak<PooledConnection>, Weak<Notify>)>>>,
+    open: Arc<Mutex<VecDeque<Entry>>>,
 }
 
 impl Budget {
@@ -110,7 +113,7 @@ impl Budget {
         false
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(Weak<PooledConnection>, Weak<Notify>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Entry>> {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -82,6 +82,11 @@ impl IdleQueues {
         self.deadline.len()
     }
 
+    /// Whether no queue waits to be reaped.
+    pub fn is_empty(&self) -> bool {
+        self.deadline.is_empty()
+    }
+
     fn drop_stale(&mut self) {
         while let Some((at, queue)) = self.order.front() {
             if self.deadline.get(queue) == Some(at) {
