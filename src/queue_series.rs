@@ -161,12 +161,14 @@ impl<S> LiveSeries<S> {
             return Forgot::InUse;
         }
         self.queues.remove(queue);
+        shrink_if_sparse(&mut self.queues);
         let entry = self.labels.get_mut(&label).expect("label looked up above");
         entry.1 -= 1;
         if entry.1 > 0 {
             return Forgot::Shared;
         }
         self.labels.remove(&label);
+        shrink_if_sparse(&mut self.labels);
         Forgot::Last(label)
     }
 
@@ -183,6 +185,14 @@ impl<S> LiveSeries<S> {
     /// Whether no queue is live.
     pub fn is_empty(&self) -> bool {
         self.queues.is_empty()
+    }
+}
+
+/// Gives back a map's capacity once it is under a quarter full (a burst of queues would
+/// otherwise keep its table for good). Amortized O(1) per removal.
+pub fn shrink_if_sparse<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+        map.shrink_to(map.len() * 2);
     }
 }
 

@@ -83,7 +83,8 @@ impl Index {
     /// The queues that had a message scheduled (enqueued, retried, released by an
     /// operator, recovered at open) since the previous call, each once.
     pub fn take_touched(&mut self) -> Vec<String> {
-        self.touched.drain().collect()
+        // Taken, not drained: a burst's capacity is not kept for ever.
+        std::mem::take(&mut self.touched).into_iter().collect()
     }
 
     /// Bytes of every queued message (waiting or leased), as recorded at enqueue.
@@ -170,6 +171,7 @@ impl Index {
         };
         if q.scheduled.is_empty() && q.leased.is_empty() {
             self.queues.remove(queue);
+            shrink_if_sparse(&mut self.queues);
         }
         if let Some(slot) = slot {
             self.bytes = self.bytes.saturating_sub(u64::from(slot.bytes));
@@ -219,6 +221,14 @@ impl Index {
         stats.due_now = q.scheduled.range(..=(now_ms, u64::MAX)).count() as u64;
         stats.next_due_ms = self.next_due(queue);
         stats
+    }
+}
+
+/// Gives back a map's capacity once it is under a quarter full: a burst over many queues
+/// would otherwise keep its table for good. Amortized O(1) per removal.
+pub(crate) fn shrink_if_sparse<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+        map.shrink_to(map.len() * 2);
     }
 }
 

@@ -130,6 +130,7 @@ impl Dispatcher {
                     let granted = self.spool.next_due(&ask.queue).is_none();
                     if ask.reply.send(granted).is_ok() && granted {
                         workers.remove(&ask.queue);
+                        crate::queue_series::shrink_if_sparse(&mut workers);
                         idle.push(ask.queue, tokio::time::Instant::now() + self.reap_interval);
                     }
                 }

@@ -72,7 +72,13 @@ impl IdleQueues {
                     self.deadline.remove(&queue);
                     due.push(queue);
                 }
-                _ => return due,
+                _ => {
+                    crate::queue_series::shrink_if_sparse(&mut self.deadline);
+                    if self.order.capacity() > 64 && self.order.len() < self.order.capacity() / 4 {
+                        self.order.shrink_to(self.order.len() * 2);
+                    }
+                    return due;
+                }
             }
         }
     }
