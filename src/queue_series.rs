@@ -22,6 +22,12 @@ use std::time::Duration;
 use clap::Args;
 use policy::QueueName;
 
+/// Default `--queue-reap-interval`: KumoMTA's `reap_interval` default.
+pub const DEFAULT_REAP_INTERVAL: Duration = Duration::from_secs(600);
+
+/// Default `--max-broker-connections` (see `dispatch/budget.rs`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
 /// What many queues may cost: the reap interval, the metrics label, the connection bound.
 #[derive(Args, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueArgs {
@@ -37,16 +43,16 @@ pub struct QueueArgs {
     /// Most broker connections open at once over all queues. Each is a Lua state on an OS
     /// thread of its own (~60 KiB, 2 file descriptors plus the broker's sockets); past it, a
     /// queue that needs one closes an idle connection of another queue, or waits for one.
-    #[arg(long, value_name = "N", default_value_t = crate::dispatch::DEFAULT_MAX_CONNECTIONS)]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONNECTIONS)]
     pub max_broker_connections: usize,
 }
 
 impl Default for QueueArgs {
     fn default() -> Self {
         QueueArgs {
-            queue_reap_interval: crate::dispatch::DEFAULT_REAP_INTERVAL,
+            queue_reap_interval: DEFAULT_REAP_INTERVAL,
             metrics_queue_label: QueueLabelMode::Full,
-            max_broker_connections: crate::dispatch::DEFAULT_MAX_CONNECTIONS,
+            max_broker_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }

@@ -26,9 +26,6 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::connection::PooledConnection;
 
-/// Default `--max-broker-connections`.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
-
 /// An open connection and the bell of the worker that owns it.
 type Entry = (Weak<PooledConnection>, Weak<Notify>);
 

@@ -33,10 +33,8 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
 pub use backoff::{ConnectBackoff, TokenBucket};
-pub use budget::DEFAULT_MAX_CONNECTIONS;
 pub use decide::{decide, retry_delay, Event, Fate, Lease};
 pub use deliver::policy_message;
-pub use reaper::DEFAULT_REAP_INTERVAL;
 
 use crate::shutdown::Shutdown;
 use crate::suspensions::Suspensions;

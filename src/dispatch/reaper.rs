@@ -26,9 +26,6 @@ use policy::Policy;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// Default `--queue-reap-interval`: KumoMTA's `reap_interval` default.
-pub const DEFAULT_REAP_INTERVAL: Duration = Duration::from_secs(600);
-
 /// Quiet time after the last closed connection before memory is trimmed (the Lua threads
 /// need a moment to drop their states).
 pub const TRIM_DEBOUNCE: Duration = Duration::from_secs(1);
