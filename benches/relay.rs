@@ -9,11 +9,13 @@
 //! | P3     | backlog → seed 002 amqp.lua → RabbitMQ       | direct lapin, pipelined confirms    |
 //! | P4     | daemon binary: RSS with N queued, restart    | —                                   |
 //! | P5     | bytes on disk after N in / N out, 3 cycles   | the live data size                  |
+//! | P7     | daemon binary: N queues x 1 message, reaped  | RSS before the burst                |
 //!
 //! Environment: `BENCH_MESSAGES` (P2, P4, P5; default 200000), `BENCH_AMQP_MESSAGES`
 //! (P3; default 50000), `BENCH_SECS` (each P1 measurement; default 3), `BENCH_ONLY`
 //! (e.g. `P1,P3`), `BENCH_LOG` (a tracing filter for the in-process daemons, e.g. `info`), `AMQP_URL` (default amqp://127.0.0.1:5672/%2f; P3 is skipped when
-//! RabbitMQ is unreachable). Nothing here asserts: benchmarks are not tests.
+//! RabbitMQ is unreachable). P7 has its own (`BENCH_P7_*`, see `relay/p7_queues.rs`).
+//! Nothing here asserts: benchmarks are not tests.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -30,6 +32,9 @@ use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use spool::{Meta, NewMessage, Spool, SpoolOptions};
 use spoolrelay::{Config, Daemon, Shutdown};
+
+#[path = "relay/p7_queues.rs"]
+mod p7_queues;
 
 const SMALL: usize = 256;
 const KIB: usize = 1024;
@@ -113,6 +118,9 @@ fn main() {
     }
     if settings.runs("P5") {
         rt.block_on(p5_disk(&settings));
+    }
+    if settings.runs("P7") {
+        rt.block_on(p7_queues::p7_queues());
     }
 }
 

@@ -78,6 +78,9 @@ pub struct RunArgs {
     /// Isolation and capacity bounds (`--max-*`, `--http-*`, `--lua-*`).
     #[command(flatten)]
     pub limits: Limits,
+    /// Queue reaping and metrics labels (`--queue-reap-interval`, `--metrics-queue-label`).
+    #[command(flatten)]
+    pub queues: crate::queue_series::QueueArgs,
 }
 
 /// Ingest bounds, HTTP time limits and spool capacity. One
@@ -168,6 +171,8 @@ pub struct Config {
     pub lua_limits: PolicyLimits,
     /// Ingest bounds, HTTP limits, spool capacity.
     pub limits: Limits,
+    /// Queue reaping and metrics labels.
+    pub queues: crate::queue_series::QueueArgs,
 }
 
 impl Config {
@@ -188,6 +193,7 @@ impl Config {
             log_hooks: Vec::new(),
             lua_limits,
             limits: Limits::default(),
+            queues: Default::default(),
         }
     }
 
@@ -232,6 +238,7 @@ impl Config {
             log_hooks: init.log_hooks,
             lua_limits,
             limits: args.limits,
+            queues: args.queues,
         })
     }
 }

@@ -9,7 +9,8 @@
 //!
 //! Around them, for operators: [`admin_api`] (`/api/admin/...`, what `spoolctl --url` talks
 //! to), [`suspensions`] (the queues an operator suspended), [`metrics`] (`/metrics`), and
-//! the [`delivery_log`] (its Lua hook's task in [`log_hook_task`]); ingest and dispatch
+//! the [`delivery_log`] (its Lua hook's task in [`log_hook_task`]), [`queue_series`] (which
+//! per-queue series exist and how they are labelled); ingest and dispatch
 //! report outcomes to both through [`telemetry`]. [`config`] holds the flags,
 //! [`http_error`] the JSON error answers ingest and admin share. Metadata is converted
 //! between JSON and the spool by [`spool::meta_json`].
@@ -37,6 +38,7 @@ pub mod http_error;
 pub mod ingest;
 pub mod log_hook_task;
 pub mod metrics;
+pub mod queue_series;
 pub mod server;
 pub mod shutdown;
 pub mod suspensions;
@@ -97,7 +99,10 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
     if config.admin_api {
         admin_api::check_exposure(addr, config.admin_token.as_deref())?;
     }
-    let mut telemetry = telemetry::Telemetry::default();
+    let mut telemetry = telemetry::Telemetry {
+        metrics: std::sync::Arc::new(metrics::Metrics::new(config.queues.metrics_queue_label)),
+        ..Default::default()
+    };
     spool.observe_commits(telemetry.metrics.commit_observer());
     let log_writer = match &config.delivery_log {
         Some(path) => {
@@ -188,6 +193,8 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
         drain_timeout: config.drain_timeout,
         suspensions,
         telemetry,
+        reap_interval: config.queues.queue_reap_interval,
+        max_connections: config.queues.max_broker_connections,
     };
     let dispatch = tokio::spawn(dispatcher.run());
     let task_spool = spool.clone();

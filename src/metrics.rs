@@ -4,14 +4,15 @@
 //! - **Counters** bumped where outcomes are decided (ingest, settlement). Each queue's
 //!   metrics are one [`QueueCounters`] that a queue worker looks up once and keeps (the
 //!   counters are shared atomics inside the registry's families), so the hot path is an
-//!   atomic add; only ingest looks a queue up per request (a read lock on a map).
+//!   atomic add; only ingest looks a queue up per request (a read lock on a map). Only
+//!   live queues have series; a reaped queue's counters fold into `queue="_reaped"`, and
+//!   `--metrics-queue-label` labels by a part of the name (see `queue_series`).
 //! - **Histograms**: send latency, send batch size and time from ingest to delivery, per
 //!   queue; fsync latency and messages per group commit, fed by the spool's commit thread.
 //! - **Gauges and totals read at scrape time**: queue depth and age from `Spool::stats`,
 //!   group-commit totals from `Spool::commit_stats`, capacity figures. They go into a
 //!   registry built for that one scrape, beside the long-lived families.
 
-use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -30,12 +31,13 @@ use prometheus_client::registry::Registry;
 use spool::Spool;
 
 use crate::capacity::Capacity;
+use crate::queue_series::{Forgot, LiveSeries, QueueLabelMode, REAPED};
 use crate::suspensions::Suspensions;
 
 /// The one label of per-queue metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QueueLabel {
-    /// The queue name.
+    /// The queue name, or the part of it `--metrics-queue-label` chose.
     pub queue: String,
 }
 
@@ -80,9 +82,8 @@ pub struct QueueCounters {
 }
 
 /// Everything the daemon counts. Shared as `Arc<Metrics>`.
-#[derive(Debug)]
 pub struct Metrics {
-    queues: RwLock<HashMap<String, Arc<QueueCounters>>>,
+    queues: RwLock<LiveSeries<QueueCounters>>,
     accepted: Family<QueueLabel, Counter>,
     delivered: Family<QueueLabel, Counter>,
     transient_failures: Family<QueueLabel, Counter>,
@@ -100,10 +101,27 @@ pub struct Metrics {
     pub log_dropped: Arc<AtomicU64>,
 }
 
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let live = self.queues.read().unwrap_or_else(|e| e.into_inner());
+        f.debug_struct("Metrics")
+            .field("label", &live.mode())
+            .field("live_queues", &live.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
+        Self::new(QueueLabelMode::default())
+    }
+}
+
+impl Metrics {
+    /// Metrics whose per-queue series are labelled by `mode`.
+    pub fn new(mode: QueueLabelMode) -> Self {
         Self {
-            queues: RwLock::default(),
+            queues: RwLock::new(LiveSeries::new(mode)),
             accepted: Family::default(),
             delivered: Family::default(),
             transient_failures: Family::default(),
@@ -118,9 +136,7 @@ impl Default for Metrics {
             log_dropped: Arc::default(),
         }
     }
-}
 
-impl Metrics {
     /// The metrics of `queue`, created on first use. Callers on a hot path keep the `Arc`.
     pub fn queue(&self, queue: &str) -> Arc<QueueCounters> {
         if let Some(found) = self
@@ -129,17 +145,16 @@ impl Metrics {
             .unwrap_or_else(|e| e.into_inner())
             .get(queue)
         {
-            return found.clone();
+            return found;
         }
-        let label = QueueLabel {
-            queue: queue.to_owned(),
-        };
         self.queues
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(queue.to_owned())
-            .or_insert_with(|| {
-                Arc::new(QueueCounters {
+            .get_or_insert(queue, |label| {
+                let label = QueueLabel {
+                    queue: label.to_owned(),
+                };
+                QueueCounters {
                     accepted: self.accepted.get_or_create_owned(&label),
                     delivered: self.delivered.get_or_create_owned(&label),
                     transient_failures: self.transient_failures.get_or_create_owned(&label),
@@ -149,9 +164,45 @@ impl Metrics {
                     send_latency: self.send_latency.get_or_create_owned(&label),
                     send_batch_size: self.send_batch_size.get_or_create_owned(&label),
                     ingest_to_delivery: self.ingest_to_delivery.get_or_create_owned(&label),
-                })
+                }
             })
-            .clone()
+    }
+
+    /// Drops the series of a reaped `queue`, its counters added to `queue="_reaped"` first.
+    /// False while a report on the queue is under way (ask again later).
+    pub fn forget(&self, queue: &str) -> bool {
+        let mut live = self.queues.write().unwrap_or_else(|e| e.into_inner());
+        let label = match live.forget(queue) {
+            Forgot::InUse => return false,
+            Forgot::Unknown | Forgot::Shared => return true,
+            Forgot::Last(label) => QueueLabel { queue: label },
+        };
+        let reaped = QueueLabel {
+            queue: REAPED.to_owned(),
+        };
+        // Under the write lock: no one can look the queue up (and count) midway.
+        for family in [
+            &self.accepted,
+            &self.delivered,
+            &self.transient_failures,
+            &self.permanent_failures,
+            &self.dead_lettered,
+        ] {
+            let count = family.get(&label).map_or(0, |c| c.get());
+            if count > 0 {
+                family.get_or_create(&reaped).inc_by(count);
+            }
+            family.remove(&label);
+        }
+        self.connections.remove(&label);
+        for family in [
+            &self.send_latency,
+            &self.send_batch_size,
+            &self.ingest_to_delivery,
+        ] {
+            family.remove(&label);
+        }
+        true
     }
 
     /// What the spool's commit thread calls after each group commit.
@@ -241,44 +292,42 @@ impl Metrics {
     fn register_spool_readings(&self, r: &mut Registry, spool: &Spool, suspended: &[String]) {
         let now = spool::now_ms();
         let stats = spool.stats(now);
+        let live = self.queues.read().unwrap_or_else(|e| e.into_inner());
+        let mode = live.mode();
         let label = |queue: &str| QueueLabel {
-            queue: queue.to_owned(),
+            queue: mode.label(queue),
         };
-        // Every queue seen by the counters or the spool, so a drained queue reports depth 0.
-        let mut names: Vec<String> = self
-            .queues
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .chain(stats.queues.keys())
-            .cloned()
-            .collect();
-        names.sort();
-        names.dedup();
+        // Every live label reports, so a drained (not yet reaped) queue shows depth 0.
         let depth = Family::<QueueLabel, Gauge>::default();
         let due = Family::<QueueLabel, Gauge>::default();
         let bytes = Family::<QueueLabel, Gauge>::default();
         let age = Family::<QueueLabel, Gauge<f64, AtomicU64>>::default();
-        for queue in &names {
-            let q = stats.queues.get(queue);
-            depth
-                .get_or_create(&label(queue))
-                .set(q.map_or(0, |q| q.count) as i64);
-            due.get_or_create(&label(queue))
-                .set(q.map_or(0, |q| q.due_now) as i64);
-            bytes
-                .get_or_create(&label(queue))
-                .set(q.map_or(0, |q| q.bytes) as i64);
+        for name in live.labels() {
+            let name = QueueLabel {
+                queue: name.clone(),
+            };
+            let _ = depth.get_or_create(&name);
+            let _ = due.get_or_create(&name);
+            let _ = bytes.get_or_create(&name);
+            let _ = age.get_or_create(&name);
+        }
+        drop(live);
+        for (queue, q) in &stats.queues {
+            let name = label(queue);
+            depth.get_or_create(&name).inc_by(q.count as i64);
+            due.get_or_create(&name).inc_by(q.due_now as i64);
+            bytes.get_or_create(&name).inc_by(q.bytes as i64);
             let oldest = q
-                .and_then(|q| q.oldest_created_ms)
+                .oldest_created_ms
                 .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0);
-            age.get_or_create(&label(queue)).set(oldest);
+            let age = age.get_or_create(&name);
+            if oldest > age.get() {
+                age.set(oldest);
+            }
         }
         let paused = Family::<QueueLabel, Gauge>::default();
-        for queue in names.iter().chain(suspended) {
-            paused
-                .get_or_create(&label(queue))
-                .set(i64::from(suspended.contains(queue)));
+        for queue in suspended {
+            paused.get_or_create(&label(queue)).inc();
         }
         r.register(
             "spoolrelay_queue_depth",
@@ -302,7 +351,7 @@ impl Metrics {
         );
         r.register(
             "spoolrelay_queue_suspended",
-            "1 while the queue is suspended through the admin API",
+            "Queues suspended through the admin API (1 per suspended queue of this label)",
             paused,
         );
 

@@ -35,6 +35,12 @@ impl Telemetry {
         }
     }
 
+    /// A reaped queue's metrics series go (their counters folded into the aggregate).
+    /// False while a report on the queue is under way: reap it later.
+    pub fn reap(&self, queue: &str) -> bool {
+        self.metrics.forget(queue)
+    }
+
     /// The handle a queue worker keeps: its counters are looked up once.
     pub fn for_queue(&self, queue: &str) -> QueueTelemetry {
         QueueTelemetry {

@@ -16,7 +16,7 @@ use crate::host::SENDER_KEY;
 use crate::message::{LuaMessage, PolicyMessage};
 use crate::outcome::{classify_error, classify_value, SendOutcome};
 use crate::queue_config::QueueConfig;
-use crate::worker::{deadline_error, is_memory_error, LuaThread, Stop};
+use crate::worker::{deadline_error, is_memory_error, LuaThread, Stop, WarmStates};
 
 /// How long `close` waits on a broken connection's thread (it may be stuck for good).
 const BROKEN_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -31,6 +31,8 @@ pub struct Connection {
     /// `sender.send (file:line)`, for messages.
     send_who: String,
     memory_limit_mib: usize,
+    /// Where the state goes after a clean close.
+    warm: std::sync::Arc<WarmStates>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -51,6 +53,7 @@ impl Connection {
         config: QueueConfig,
         send_who: String,
         memory_limit_mib: usize,
+        warm: std::sync::Arc<WarmStates>,
     ) -> Connection {
         Connection {
             thread,
@@ -59,6 +62,7 @@ impl Connection {
             config,
             send_who,
             memory_limit_mib,
+            warm,
         }
     }
 
@@ -189,14 +193,16 @@ impl Connection {
         let result = self
             .thread
             .call(limit, |lua| async move {
-                match method(&lua, "close")? {
-                    Some((sender, close)) => close.call_async::<()>(sender).await,
-                    None => Ok(()),
+                if let Some((sender, close)) = method(&lua, "close")? {
+                    close.call_async::<()>(sender).await?;
                 }
+                // Ready for another queue: no sender, this one's garbage collected.
+                lua.unset_named_registry_value(SENDER_KEY)?;
+                lua.gc_collect()
             })
             .await;
         match result {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => self.warm.put(self.thread),
             Ok(Err(e)) => {
                 tracing::warn!(target: "policy", queue = %self.queue, "sender:close() failed: {e}")
             }

@@ -16,7 +16,7 @@ use crate::queue_config::{self, QueueConfig};
 use crate::queue_name::QueueName;
 use crate::worker::{
     deadline_error, install_limits, is_memory_error, Bounded, LuaThread, PolicyLimits, Setup, Stop,
-    Watch,
+    WarmStates, Watch,
 };
 
 /// The event that may have several handlers (run in order, first non-nil result wins).
@@ -50,6 +50,8 @@ struct Inner {
     /// Likewise for log hooks (thread `lua:hooks`, started on first use): apart from
     /// `shared`, so a hook that runs away does not delay every queue's config.
     hooks: Mutex<Option<Arc<LuaThread>>>,
+    /// States of closed connections, reused by the next connection of any queue.
+    warm: Arc<WarmStates>,
 }
 
 /// Which long-lived state a call runs in.
@@ -136,6 +138,7 @@ impl Policy {
                 setup,
                 shared: Mutex::new(Some(Arc::new(shared))),
                 hooks: Mutex::new(None),
+                warm: Arc::default(),
             }),
         })
     }
@@ -183,11 +186,15 @@ impl Policy {
         .await
     }
 
-    /// Creates a new Lua state on its own thread (`lua:<queue>`), resolves the queue's
-    /// config there and runs the constructor event it names. The returned sender table
-    /// lives in that state. Each step has its own bound ([`PolicyLimits::event_timeout`]).
+    /// Takes a warm Lua state of a closed connection, or creates a new one on its own thread
+    /// (`lua:<queue>`, named after the first queue it serves), resolves the queue's config
+    /// there and runs the constructor event it names. The returned sender table lives in
+    /// that state. Each step has its own bound ([`PolicyLimits::event_timeout`]).
     pub async fn connect(&self, queue_name: &str) -> Result<Connection, PolicyError> {
-        let thread = LuaThread::start(&format!("lua:{queue_name}"), &self.inner.setup).await?;
+        let thread = match self.inner.warm.take() {
+            Some(thread) => thread,
+            None => LuaThread::start(&format!("lua:{queue_name}"), &self.inner.setup).await?,
+        };
         let (chunk, queue) = (self.chunk(), queue_name.to_string());
         let config = self
             .event(
@@ -217,7 +224,14 @@ impl Policy {
             config,
             send_who,
             self.inner.setup.limits.memory_limit_mib(),
+            self.inner.warm.clone(),
         ))
+    }
+
+    /// Lets the warm states of closed connections go (their threads exit and free their
+    /// memory); returns how many there were. The dispatcher calls it once traffic calmed.
+    pub fn drop_warm_states(&self) -> usize {
+        self.inner.warm.clear()
     }
 
     /// A long-lived state, started or rebuilt if a call broke it.
@@ -453,6 +467,11 @@ fn handlers(lua: &Lua, event: &str) -> mlua::Result<Vec<Function>> {
 }
 
 /// Coroutines kept for reuse per state: about what a connection has in flight (256).
+///
+/// The pool grows on demand: mlua 0.12 creates a coroutine when the pool is empty and keeps
+/// a finished one only while fewer than this many wait (`create_recycled_thread` /
+/// `recycle_thread` in mlua's `state/raw.rs`); at state creation it reserves 256 slots of
+/// one `int` each, not 256 coroutines. A connection that sent one message holds one.
 const COROUTINE_POOL: usize = 256;
 
 /// A fresh state with `kumo.*` installed, the sandbox and limits applied, and the policy

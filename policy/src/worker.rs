@@ -471,6 +471,51 @@ fn serve(setup: Setup, watch: Arc<Watch>, mut rx: mpsc::UnboundedReceiver<Job>, 
     });
 }
 
+/// Connection states kept warm for the next connection of any queue (see [`WarmStates`]).
+pub const WARM_STATES: usize = 64;
+
+/// Lua states of closed connections, ready for the next connection, so a burst over many
+/// queues does not build a thread, a runtime and a state (and run the policy chunk) for
+/// each one. A state is only ever used by one connection at a time, and a broken one (a
+/// call ran out of time or memory) is never kept, so a runaway policy still costs only its
+/// own queue. Like KumoMTA's pooled Lua contexts, a reused state keeps what earlier
+/// connections left in its globals: policies should keep per-queue data in the sender.
+/// At most [`WARM_STATES`] are kept (a few MiB); the rest exit, and
+/// [`crate::Policy::drop_warm_states`] lets them all go once the burst is over.
+#[derive(Default)]
+pub(crate) struct WarmStates {
+    threads: Mutex<Vec<LuaThread>>,
+}
+
+impl WarmStates {
+    /// A warm state that is still healthy, if any.
+    pub(crate) fn take(&self) -> Option<LuaThread> {
+        let mut threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(thread) = threads.pop() {
+            if !thread.is_broken() {
+                return Some(thread);
+            }
+        }
+        None
+    }
+
+    /// Lets every warm state go (their threads exit); returns how many there were.
+    pub(crate) fn clear(&self) -> usize {
+        std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner())).len()
+    }
+
+    /// Keeps `thread` for a later connection, unless it is broken or enough are kept.
+    pub(crate) fn put(&self, thread: LuaThread) {
+        if thread.is_broken() {
+            return;
+        }
+        let mut threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        if threads.len() < WARM_STATES {
+            threads.push(thread);
+        }
+    }
+}
+
 /// Whether `e` (or what it wraps) is the hook's deadline error.
 pub(crate) fn deadline_error(e: &mlua::Error) -> Option<&DeadlineExceeded> {
     e.downcast_ref::<DeadlineExceeded>()

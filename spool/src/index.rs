@@ -5,7 +5,7 @@
 //! ever changed after the change it mirrors is durable (see `commit.rs`), so the
 //! dispatcher can never lease a message that a crash could take back.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// What the index keeps per message besides its id and due time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,12 +53,19 @@ pub struct Index {
     /// Sum of `Slot::bytes` over every queued message (waiting or leased), kept as the
     /// index changes so the capacity gate reads it in O(1).
     bytes: u64,
+    /// Queues that had a message scheduled since the last [`Index::take_touched`]: the
+    /// dispatcher wakes (or starts) only their workers after a commit, so its cost follows
+    /// the queues that changed, not every queue it knows.
+    touched: HashSet<String>,
 }
 
 impl Index {
     /// Schedules `id` in `queue` at `due_ms`, replacing a lease or an earlier schedule of the
     /// same id (a retry or a rebind) so the byte total counts each message once.
     pub fn insert(&mut self, queue: &str, id: u64, due_ms: u64, slot: Slot) {
+        if !self.touched.contains(queue) {
+            self.touched.insert(queue.to_owned());
+        }
         let q = match self.queues.get_mut(queue) {
             Some(q) => q,
             None => self.queues.entry(queue.to_owned()).or_default(),
@@ -71,6 +78,13 @@ impl Index {
             freed += u64::from(old.bytes);
         }
         self.bytes = (self.bytes + u64::from(slot.bytes)).saturating_sub(freed);
+    }
+
+    /// The queues that had a message scheduled (enqueued, retried, released by an
+    /// operator, recovered at open) since the previous call, each once.
+    pub fn take_touched(&mut self) -> Vec<String> {
+        // Taken, not drained: a burst's capacity is not kept for ever.
+        std::mem::take(&mut self.touched).into_iter().collect()
     }
 
     /// Bytes of every queued message (waiting or leased), as recorded at enqueue.
@@ -157,6 +171,7 @@ impl Index {
         };
         if q.scheduled.is_empty() && q.leased.is_empty() {
             self.queues.remove(queue);
+            shrink_if_sparse(&mut self.queues);
         }
         if let Some(slot) = slot {
             self.bytes = self.bytes.saturating_sub(u64::from(slot.bytes));
@@ -206,6 +221,14 @@ impl Index {
         stats.due_now = q.scheduled.range(..=(now_ms, u64::MAX)).count() as u64;
         stats.next_due_ms = self.next_due(queue);
         stats
+    }
+}
+
+/// Gives back a map's capacity once it is under a quarter full: a burst over many queues
+/// would otherwise keep its table for good. Amortized O(1) per removal.
+pub(crate) fn shrink_if_sparse<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+        map.shrink_to(map.len() * 2);
     }
 }
 
@@ -324,5 +347,21 @@ mod tests {
         assert!(index.remove("q", 2).is_some());
         assert_eq!(index.total_bytes(), 0);
         assert!(index.queue_names().is_empty(), "empty queues are forgotten");
+    }
+
+    #[test]
+    fn touched_queues_are_reported_once_until_touched_again() {
+        let mut index = Index::default();
+        index.insert("a", 1, 0, SLOT);
+        index.insert("a", 2, 0, SLOT);
+        index.insert("b", 3, 0, SLOT);
+        let mut touched = index.take_touched();
+        touched.sort();
+        assert_eq!(touched, ["a", "b"]);
+        assert!(index.take_touched().is_empty());
+        index.take_due("a", 0, 1);
+        assert!(index.take_touched().is_empty(), "a lease touches nothing");
+        index.insert("a", 1, 50, SLOT); // a retry reschedules
+        assert_eq!(index.take_touched(), ["a"]);
     }
 }

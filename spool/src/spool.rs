@@ -566,6 +566,12 @@ impl Spool {
         self.index().next_due(queue)
     }
 
+    /// The queues that had a message scheduled since the previous call (every recovered
+    /// queue on the first): a dispatcher's work list after a [`Spool::watch_changes`] tick.
+    pub fn take_touched_queues(&self) -> Vec<String> {
+        self.index().take_touched()
+    }
+
     /// Ticks after every commit that changed the schedule: dispatchers wait on it.
     pub fn watch_changes(&self) -> watch::Receiver<u64> {
         self.inner.changed.clone()

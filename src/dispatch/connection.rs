@@ -21,6 +21,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use policy::{Connection, SendOutcome};
+use tokio::sync::{Notify, OwnedSemaphorePermit};
+
+use super::budget::Budget;
+use super::reaper::Trim;
 
 /// Sends in flight per connection. Pipelining is what makes brokers fast (Kafka: ~185
 /// msg/s one at a time with the default linger, 500k+ pipelined); 256 keeps a producer
@@ -38,7 +42,8 @@ pub fn send_slots(per_send: usize) -> usize {
     (MAX_MESSAGES_IN_FLIGHT_PER_CONNECTION / per_send.max(1)).clamp(1, MAX_IN_FLIGHT_PER_CONNECTION)
 }
 
-/// Connections with nothing in flight for this long are closed.
+/// Connections with nothing in flight for this long are closed (sooner when the reap
+/// interval is shorter).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The pool grows by at most one connection per this interval. A new connection's first
@@ -52,6 +57,8 @@ pub struct PooledConnection {
     /// Sends delivered on this connection so far.
     delivered: AtomicU64,
     retired: AtomicBool,
+    /// Its place in the relay-wide [`Budget`], given back once it is closed.
+    permit: OwnedSemaphorePermit,
 }
 
 impl std::ops::Deref for PooledConnection {
@@ -112,10 +119,15 @@ impl PooledConnection {
         }
     }
 
-    /// Retired by [`record_send`](Self::record_send), or broken by the policy host (a call ran out of
-    /// time or memory: its Lua state is thrown away).
-    fn is_retired(&self) -> bool {
+    /// Retired by [`record_send`](Self::record_send) or by the [`Budget`], or broken by
+    /// the policy host (a call ran out of time or memory: its Lua state is thrown away).
+    pub fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Relaxed) || self.conn.is_broken()
+    }
+
+    /// Takes no new sends from now on; closed once its sends end.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
     }
 }
 
@@ -132,17 +144,54 @@ pub struct Pool {
     /// Sends one connection carries at once ([`send_slots`] of the queue's batch size).
     slots_per_connection: usize,
     last_opened: Option<Instant>,
+    /// Connections unused for this long are closed.
+    idle_timeout: Duration,
+    /// Told when a connection is closed, so the freed Lua state's memory is returned.
+    trim: Trim,
+    /// Where each connection's permit comes from.
+    budget: Budget,
+    /// The owning worker's bell: the budget rings it after retiring one of its connections.
+    owner: Arc<Notify>,
 }
 
 impl Pool {
-    pub fn new(queue: &str) -> Pool {
+    pub fn new(
+        queue: &str,
+        idle_timeout: Duration,
+        trim: Trim,
+        budget: Budget,
+        owner: Arc<Notify>,
+    ) -> Pool {
         Pool {
             queue: queue.to_owned(),
             slots: Vec::new(),
             retiring: Vec::new(),
             slots_per_connection: MAX_IN_FLIGHT_PER_CONNECTION,
             last_opened: None,
+            idle_timeout,
+            trim,
+            budget,
+            owner,
         }
+    }
+
+    /// A permit for one more connection (waits while the relay-wide budget is spent).
+    pub async fn permit(&self) -> OwnedSemaphorePermit {
+        self.budget.acquire().await
+    }
+
+    /// Whether other queues wait for a connection permit (idle connections should go).
+    pub fn room_wanted(&self) -> bool {
+        self.budget.wanted()
+    }
+
+    /// When the first connection with nothing in flight reaches its idle timeout.
+    pub fn next_idle_deadline(&self) -> Option<Instant> {
+        self.slots
+            .iter()
+            .filter(|slot| Self::in_flight(&slot.conn) == 0)
+            .map(|slot| slot.last_used + self.idle_timeout)
+            .min()
     }
 
     /// Sizes each connection's sends for the queue's current `batch_size`.
@@ -179,13 +228,18 @@ impl Pool {
             self.slots.drain(..).partition(|s| s.conn.is_retired());
         self.slots = kept;
         for slot in broken {
-            let why = if slot.conn.conn.is_broken() {
-                "a policy call on it ran out of time or memory, so its Lua state is discarded"
+            let in_flight = Self::in_flight(&slot.conn);
+            if slot.conn.conn.is_broken() {
+                tracing::warn!(queue = %self.queue, in_flight,
+                    "retiring a connection: a policy call on it ran out of time or memory, so its Lua state is discarded; a new one will be opened");
+            } else if in_flight == 0 {
+                // Routine under many queues: not worth a warning each time.
+                tracing::info!(queue = %self.queue,
+                    "closing an idle connection: another queue needs its place under --max-broker-connections");
             } else {
-                "a send failed and none succeeded since"
-            };
-            tracing::warn!(queue = %self.queue, in_flight = Self::in_flight(&slot.conn),
-                "retiring a connection: {why}; a new one will be opened");
+                tracing::warn!(queue = %self.queue, in_flight,
+                    "retiring a connection: a send failed and none succeeded since; a new one will be opened");
+            }
             self.retiring.push(slot.conn);
         }
         self.close_retired();
@@ -194,7 +248,7 @@ impl Pool {
     fn close_retired(&mut self) {
         for conn in std::mem::take(&mut self.retiring) {
             match Arc::try_unwrap(conn) {
-                Ok(pooled) => close_in_background(pooled.conn),
+                Ok(pooled) => close_in_background(pooled, &self.trim),
                 Err(conn) => self.retiring.push(conn),
             }
         }
@@ -229,25 +283,30 @@ impl Pool {
         })
     }
 
-    pub fn add(&mut self, conn: Connection) {
+    pub fn add(&mut self, conn: Connection, permit: OwnedSemaphorePermit) {
         self.last_opened = Some(Instant::now());
+        let conn = Arc::new(PooledConnection {
+            conn,
+            delivered: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
+            permit,
+        });
+        self.budget.register(&conn, &self.owner);
         self.slots.push(Slot {
-            conn: Arc::new(PooledConnection {
-                conn,
-                delivered: AtomicU64::new(0),
-                retired: AtomicBool::new(false),
-            }),
+            conn,
             last_used: Instant::now(),
         });
     }
 
-    /// Closes connections idle for [`IDLE_TIMEOUT`] (or all idle ones if `all`), in the
-    /// background so a slow `close` never stalls dispatching.
+    /// Closes connections idle for the pool's idle timeout (or all idle ones if `all`), in
+    /// the background so a slow `close` never stalls dispatching.
     pub fn close_idle(&mut self, all: bool) {
         let now = Instant::now();
         let mut kept = Vec::with_capacity(self.slots.len());
         for slot in self.slots.drain(..) {
-            let idle = all || now.duration_since(slot.last_used) >= IDLE_TIMEOUT;
+            let idle = all
+                || slot.conn.is_retired()
+                || now.duration_since(slot.last_used) >= self.idle_timeout;
             if !idle || Self::in_flight(&slot.conn) > 0 {
                 kept.push(slot);
                 continue;
@@ -255,7 +314,7 @@ impl Pool {
             match Arc::try_unwrap(slot.conn) {
                 Ok(pooled) => {
                     tracing::info!(queue = %self.queue, "closing idle connection");
-                    close_in_background(pooled.conn);
+                    close_in_background(pooled, &self.trim);
                 }
                 Err(conn) => kept.push(Slot {
                     conn,
@@ -283,18 +342,24 @@ impl Pool {
         {
             tracing::warn!(queue = %self.queue, "closing connections took over 10 s; abandoned");
         }
+        self.trim.freed();
     }
 }
 
-/// Closes `conn` without making anyone wait for it (bounded: a broker may hang).
-fn close_in_background(conn: Connection) {
+/// Closes `pooled` without making anyone wait for it (bounded: a broker may hang), then
+/// gives its permit back and asks for the freed memory to be returned.
+fn close_in_background(pooled: PooledConnection, trim: &Trim) {
+    let trim = trim.clone();
     tokio::spawn(async move {
+        let PooledConnection { conn, permit, .. } = pooled;
         if tokio::time::timeout(Duration::from_secs(10), conn.close())
             .await
             .is_err()
         {
             tracing::warn!("connection close took over 10 s; abandoned");
         }
+        drop(permit);
+        trim.freed();
     });
 }
 

@@ -1,23 +1,35 @@
-//! The dispatcher: one `QueueWorker` (`queue.rs`) per queue that holds messages.
+//! The dispatcher: one `QueueWorker` (`queue.rs`) per queue that has work.
 //!
-//! The supervisor here only discovers queues (from `Spool::queue_names`, woken by the
-//! spool's change ticks and a one-second timer) and starts a worker for each queue that
-//! has none. A worker exits when its queue is empty and its connections are closed; the
-//! next message for that queue starts a new one. At shutdown the supervisor waits for every
-//! worker to drain.
+//! The supervisor here starts and wakes workers. After each spool change tick it asks the
+//! spool which queues had messages scheduled since the last tick
+//! ([`Spool::take_touched_queues`]) and, for each, wakes its worker or starts one: its cost
+//! follows the queues that changed, never every queue it knows (no scan or sort of all
+//! names per commit, no periodic timer). A worker sleeps until its own next due time (or a
+//! connection's idle deadline); it is woken by the supervisor, a finished send, a suspend
+//! or resume, or shutdown.
+//!
+//! A worker whose queue is empty, with nothing in flight and no connection left open,
+//! asks the supervisor to retire ([`Retire`]); the supervisor agrees unless a message came
+//! in meanwhile (it checks the spool, so a message scheduled after the check is one it
+//! will see as touched, and it starts a new worker for it). Retired queues are reaped later
+//! (`reaper.rs`). At shutdown the supervisor waits for every worker to drain.
 //! A worker of a queue in [`Suspensions`] leases nothing.
 
 mod backoff;
+mod budget;
 mod connection;
 pub mod decide;
 mod deliver;
 mod queue;
+pub mod reaper;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use policy::{Policy, QueueConfig};
 use spool::Spool;
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
 pub use backoff::{ConnectBackoff, TokenBucket};
@@ -28,7 +40,7 @@ use crate::shutdown::Shutdown;
 use crate::suspensions::Suspensions;
 use crate::telemetry::Telemetry;
 
-/// The supervisor: starts a `QueueWorker` per queue that holds messages.
+/// The supervisor: starts a `QueueWorker` per queue that has work, reaps idle queues.
 pub struct Dispatcher {
     /// The spool the workers lease from.
     pub spool: Spool,
@@ -42,42 +54,133 @@ pub struct Dispatcher {
     pub suspensions: Suspensions,
     /// Where outcomes are reported (metrics, delivery log).
     pub telemetry: Telemetry,
+    /// How long a queue stays empty and idle before its worker, connections and metrics
+    /// series are gone (`--queue-reap-interval`).
+    pub reap_interval: Duration,
+    /// Most connections open at once over all queues (`--max-broker-connections`).
+    pub max_connections: usize,
+}
+
+/// A worker's request to end: granted (`true`) only if its queue is still empty.
+pub(crate) struct Retire {
+    queue: String,
+    reply: oneshot::Sender<bool>,
+}
+
+/// A running worker and the bell that wakes it.
+struct Running {
+    handle: JoinHandle<()>,
+    wake: Arc<Notify>,
+}
+
+/// What every worker shares with the supervisor.
+#[derive(Clone)]
+pub(crate) struct WorkerEnv {
+    spool: Spool,
+    policy: Policy,
+    shutdown: Shutdown,
+    drain_timeout: Duration,
+    suspensions: Suspensions,
+    /// How long an unused connection stays open: `min(IDLE_TIMEOUT, reap interval)`.
+    idle_timeout: Duration,
+    retire: mpsc::UnboundedSender<Retire>,
+    trim: reaper::Trim,
+    budget: budget::Budget,
 }
 
 impl Dispatcher {
     /// Runs until shutdown, then waits for every worker to drain.
     pub async fn run(self) {
-        let mut workers: HashMap<String, JoinHandle<()>> = HashMap::new();
+        let (retire_tx, mut retire_rx) = mpsc::unbounded_channel();
+        let trim = reaper::Trim::new(self.policy.clone());
+        let trimmer = tokio::spawn(trim.clone().run());
+        let env = WorkerEnv {
+            spool: self.spool.clone(),
+            policy: self.policy.clone(),
+            shutdown: self.shutdown.clone(),
+            drain_timeout: self.drain_timeout,
+            suspensions: self.suspensions.clone(),
+            idle_timeout: connection::IDLE_TIMEOUT.min(self.reap_interval),
+            retire: retire_tx,
+            trim,
+            budget: budget::Budget::new(self.max_connections),
+        };
+        let mut workers: HashMap<String, Running> = HashMap::new();
+        let mut idle = reaper::IdleQueues::default();
         let mut changes = self.spool.watch_changes();
         let mut spool_alive = true;
         while !self.shutdown.is_triggered() {
-            workers.retain(|_, worker| !worker.is_finished());
-            for queue in self.spool.queue_names() {
-                workers.entry(queue.clone()).or_insert_with(|| {
-                    let queue_name = queue.clone();
-                    let worker = queue::QueueWorker::new(
-                        queue,
-                        self.spool.clone(),
-                        self.policy.clone(),
-                        self.shutdown.clone(),
-                        self.drain_timeout,
-                        self.suspensions.clone(),
-                        self.telemetry.for_queue(&queue_name),
-                    );
-                    tokio::spawn(worker.run())
-                });
+            for queue in self.spool.take_touched_queues() {
+                match workers.get(&queue) {
+                    Some(w) if !w.handle.is_finished() => w.wake.notify_one(),
+                    _ => {
+                        idle.remove(&queue);
+                        let running = self.start_worker(&env, queue.clone());
+                        workers.insert(queue, running);
+                    }
+                }
             }
+            let reap_at = idle.next_deadline();
             tokio::select! {
                 changed = changes.changed(), if spool_alive => spool_alive = changed.is_ok(),
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                Some(ask) = retire_rx.recv() => {
+                    // Still empty: any message scheduled from now on is touched, and gets a new worker.
+                    let granted = self.spool.next_due(&ask.queue).is_none();
+                    if ask.reply.send(granted).is_ok() && granted {
+                        workers.remove(&ask.queue);
+                        crate::queue_series::shrink_if_sparse(&mut workers);
+                        idle.push(ask.queue, tokio::time::Instant::now() + self.reap_interval);
+                    }
+                }
+                _ = sleep_until(reap_at) => self.reap(&mut idle),
                 _ = self.shutdown.wait() => {}
             }
         }
+        trimmer.abort();
+        // Workers asking to retire get "no" (their reply senders are dropped with the
+        // queue), see the shutdown and drain.
+        drop(retire_rx);
         for (queue, worker) in workers {
-            if let Err(e) = worker.await {
+            if let Err(e) = worker.handle.await {
                 tracing::error!(%queue, error = %e, "queue worker failed");
             }
         }
+    }
+
+    fn start_worker(&self, env: &WorkerEnv, queue: String) -> Running {
+        let wake = Arc::new(Notify::new());
+        let telemetry = self.telemetry.for_queue(&queue);
+        let worker = queue::QueueWorker::new(queue, env.clone(), wake.clone(), telemetry);
+        Running {
+            handle: tokio::spawn(worker.run()),
+            wake,
+        }
+    }
+
+    /// Forgets the idle queues whose reap deadline passed, except suspended ones (they are
+    /// looked at again one interval later).
+    fn reap(&self, idle: &mut reaper::IdleQueues) {
+        let now = tokio::time::Instant::now();
+        let due = idle.due(now);
+        let mut reaped = 0usize;
+        for queue in due {
+            if self.suspensions.is_suspended(&queue) || !self.telemetry.reap(&queue) {
+                idle.push(queue, now + self.reap_interval);
+            } else {
+                reaped += 1;
+            }
+        }
+        if reaped > 0 {
+            tracing::debug!(reaped, still_idle = idle.len(), "reaped idle queues");
+        }
+    }
+}
+
+/// Sleeps until `at`, or for ever without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

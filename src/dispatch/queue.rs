@@ -4,7 +4,10 @@
 //! messages with the spool (see [`deliver`](super::deliver)), so a slow broker only ever
 //! holds its in-flight slots. The worker's loop is: refresh config → make room (open a
 //! connection if all are full) → lease as many due messages as there is room for → spawn
-//! sends → sleep until the next due time, a spool change, a finished send or shutdown.
+//! sends → sleep until the next due time or connection idle deadline, a wake from the
+//! supervisor (its queue was touched), a finished send, a suspend/resume or shutdown. A
+//! worker with nothing timed to do sets no timer at all. Once its queue is empty, nothing
+//! is in flight and its connections are closed, it asks the supervisor to retire.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,12 +15,13 @@ use std::time::{Duration, Instant};
 
 use policy::{Policy, QueueConfig};
 use spool::{Message, MessageId, Spool};
+use tokio::sync::{oneshot, Notify};
 use tokio::task::{Id, JoinSet};
 
 use super::backoff::{ConnectBackoff, TokenBucket};
 use super::connection::{self, Pool};
 use super::decide::{decide, Event, Fate};
-use super::deliver;
+use super::{deliver, Retire, WorkerEnv};
 use crate::shutdown::Shutdown;
 use crate::suspensions::Suspensions;
 use crate::telemetry::QueueTelemetry;
@@ -26,8 +30,9 @@ use crate::telemetry::QueueTelemetry;
 const CONFIG_TTL: Duration = Duration::from_secs(60);
 /// Upper bound on one connect (a constructor reaching a dead broker may hang).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// The longest a worker sleeps without looking around (idle connections, config).
-const MAX_NAP: Duration = Duration::from_secs(1);
+/// How soon a worker looks again after a lease failed or came back empty although a
+/// message was due (the spool is sick, or another lease raced it).
+const RETRY_SOON: Duration = Duration::from_secs(1);
 /// Most messages leased in one call, so one queue cannot hog the index lock.
 const MAX_LEASE: usize = 1024;
 
@@ -48,49 +53,54 @@ pub struct QueueWorker {
     blocked_until: Option<Instant>,
     suspensions: Suspensions,
     telemetry: QueueTelemetry,
+    /// Rung by the supervisor when the queue got new messages.
+    wake: Arc<Notify>,
+    retire: tokio::sync::mpsc::UnboundedSender<Retire>,
 }
 
-/// What one fill pass found: sleep at most until `wake`.
+/// What one fill pass found: sleep at most until `wake`; `None`: until something happens
+/// (a new message, a finished send, a resume).
 struct NextWake {
-    wake: Instant,
+    wake: Option<Instant>,
 }
 
 impl QueueWorker {
-    pub fn new(
+    pub(crate) fn new(
         queue: String,
-        spool: Spool,
-        policy: Policy,
-        shutdown: Shutdown,
-        drain_timeout: Duration,
-        suspensions: Suspensions,
+        env: WorkerEnv,
+        wake: Arc<Notify>,
         telemetry: QueueTelemetry,
     ) -> Self {
         QueueWorker {
-            pool: Pool::new(&queue),
+            pool: Pool::new(&queue, env.idle_timeout, env.trim, env.budget, wake.clone()),
             queue,
-            spool,
-            policy,
-            shutdown,
-            drain_timeout,
+            spool: env.spool,
+            policy: env.policy,
+            shutdown: env.shutdown,
+            drain_timeout: env.drain_timeout,
             config: None,
             sends: JoinSet::new(),
             leased: HashMap::new(),
             bucket: None,
             backoff: ConnectBackoff::default(),
             blocked_until: None,
-            suspensions,
+            suspensions: env.suspensions,
             telemetry,
+            wake,
+            retire: env.retire,
         }
     }
 
-    /// Runs until shutdown, or until the queue is empty with no connection left open.
+    /// Runs until shutdown, or until the queue is empty with no connection left open and
+    /// the supervisor let it retire.
     pub async fn run(mut self) {
-        let mut changes = self.spool.watch_changes();
         let mut suspensions = self.suspensions.watch();
-        let mut spool_alive = true;
         let shutdown = self.shutdown.clone();
+        let wake = self.wake.clone();
         while !self.shutdown.is_triggered() {
-            self.pool.close_idle(false);
+            // Other queues wait for a connection: give up idle ones unless work is due here.
+            let make_room = self.pool.room_wanted() && !self.due_now();
+            self.pool.close_idle(make_room);
             // A fill may wait on the policy (get_queue_config, a constructor: each bounded by
             // --lua-event-timeout); shutdown does not wait for it. Dropping a fill midway is
             // safe: what it leased is already in `sends`, a half-built connection is dropped.
@@ -102,15 +112,20 @@ impl QueueWorker {
             if self.sends.is_empty()
                 && self.pool.is_empty()
                 && self.spool.next_due(&self.queue).is_none()
+                && self.may_retire().await
             {
-                tracing::debug!(queue = %self.queue, "queue is empty; worker exits");
+                tracing::debug!(queue = %self.queue, "queue is empty; worker retires");
                 return;
             }
+            let wake_at = [nap.wake, self.pool.next_idle_deadline()]
+                .into_iter()
+                .flatten()
+                .min();
             tokio::select! {
                 Some(done) = self.sends.join_next_with_id(), if !self.sends.is_empty() => self.finished(done),
-                changed = changes.changed(), if spool_alive => spool_alive = changed.is_ok(),
+                _ = wake.notified() => {}
                 _ = suspensions.changed() => {}
-                _ = tokio::time::sleep_until(nap.wake.into()) => {}
+                _ = sleep_until(wake_at) => {}
                 _ = self.shutdown.wait() => {}
             }
             // Reap every send that finished meanwhile, so one fill pass serves them all
@@ -123,25 +138,48 @@ impl QueueWorker {
         self.telemetry.set_connections(0);
     }
 
+    /// Whether a waiting message of this queue is due now.
+    fn due_now(&self) -> bool {
+        self.spool
+            .next_due(&self.queue)
+            .is_some_and(|due| due <= spool::now_ms())
+    }
+
+    /// Asks the supervisor whether this worker may end (it says no if a message came in).
+    /// A suspended queue's worker stays: suspended queues are never reaped.
+    async fn may_retire(&self) -> bool {
+        if self.suspensions.is_suspended(&self.queue) {
+            return false;
+        }
+        let (reply, answer) = oneshot::channel();
+        let ask = Retire {
+            queue: self.queue.clone(),
+            reply,
+        };
+        // No supervisor (shutting down): stay, shutdown ends the loop.
+        self.retire.send(ask).is_ok() && answer.await.unwrap_or(false)
+    }
+
     /// Fills the connections with due messages; returns when there is nothing more to do.
     async fn fill(&mut self) -> NextWake {
         let now = Instant::now();
         let later = |d: Duration| NextWake {
-            wake: now + d.min(MAX_NAP),
+            wake: Some(now + d),
         };
+        let idle = NextWake { wake: None };
         if self.suspensions.is_suspended(&self.queue) {
             // Nothing is leased; running sends finish. A resume wakes the worker.
-            return later(MAX_NAP);
+            return idle;
         }
         if let Some(until) = self.blocked_until {
             if until > now {
-                return NextWake { wake: until };
+                return NextWake { wake: Some(until) };
             }
             self.blocked_until = None;
         }
         let Some(cfg) = self.config().await else {
             return NextWake {
-                wake: self.blocked_until.unwrap_or(now + MAX_NAP),
+                wake: Some(self.blocked_until.unwrap_or(now + RETRY_SOON)),
             };
         };
         let per_send = cfg.batch_size.max(1);
@@ -151,7 +189,7 @@ impl QueueWorker {
             match self.spool.next_due(&self.queue) {
                 Some(due) if due <= now_ms => {}
                 Some(due) => return later(Duration::from_millis(due - now_ms)),
-                None => return later(MAX_NAP),
+                None => return idle,
             }
             // Saturated connections get company (at most one more per GROWTH_INTERVAL):
             // waiting until they are completely full would never happen, because each
@@ -159,7 +197,7 @@ impl QueueWorker {
             if self.pool.all_busy() && self.pool.may_grow(cfg.connection_limit) {
                 if !self.connect().await {
                     return NextWake {
-                        wake: self.blocked_until.unwrap_or(now + MAX_NAP),
+                        wake: Some(self.blocked_until.unwrap_or(now + RETRY_SOON)),
                     };
                 }
                 continue;
@@ -169,7 +207,7 @@ impl QueueWorker {
                 None if self.pool.may_grow(cfg.connection_limit) => {
                     if !self.connect().await {
                         return NextWake {
-                            wake: self.blocked_until.unwrap_or(now + MAX_NAP),
+                            wake: Some(self.blocked_until.unwrap_or(now + RETRY_SOON)),
                         };
                     }
                     continue;
@@ -188,11 +226,11 @@ impl QueueWorker {
                 Ok(msgs) => msgs,
                 Err(e) => {
                     tracing::error!(queue = %self.queue, error = %e, "lease failed");
-                    return later(MAX_NAP);
+                    return later(RETRY_SOON);
                 }
             };
             if msgs.is_empty() {
-                return later(MAX_NAP);
+                return later(RETRY_SOON);
             }
             let mut live = Vec::with_capacity(msgs.len());
             for msg in msgs {
@@ -296,10 +334,12 @@ impl QueueWorker {
         // their sum so their clearer errors come first.
         let limit =
             CONNECT_TIMEOUT.max(self.policy.limits().event_timeout * 3 + Duration::from_secs(1));
+        // Waits while --max-broker-connections are open and busy (not a connect failure).
+        let permit = self.pool.permit().await;
         match tokio::time::timeout(limit, self.policy.connect(&self.queue)).await {
             Ok(Ok(conn)) => {
                 self.backoff.succeeded();
-                self.pool.add(conn);
+                self.pool.add(conn, permit);
                 tracing::info!(queue = %self.queue, connections = self.pool.len(), "connected");
                 true
             }
@@ -346,6 +386,14 @@ impl QueueWorker {
             }
         }
         self.pool.close_all().await;
+    }
+}
+
+/// Sleeps until `at`, or for ever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
