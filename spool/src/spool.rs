@@ -80,6 +80,10 @@ pub struct SpoolStats {
 
 /// A cheap, cloneable handle on an open spool. The last clone to drop finishes pending
 /// commits and releases the directory lock.
+///
+/// The async methods need a tokio runtime with its time driver (`enable_time` or
+/// `enable_all`): each write waits for its group commit at most
+/// [`SpoolOptions::commit_deadline`].
 #[derive(Clone)]
 pub struct Spool {
     pub(crate) inner: Arc<Inner>,

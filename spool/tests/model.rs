@@ -218,7 +218,10 @@ proptest! {
             spool: Some(spool),
             leased: Vec::new(),
             model: Model { now: 1 << 50, ..Model::default() },
-            rt: tokio::runtime::Builder::new_current_thread().build().unwrap(),
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
         };
         for s in steps {
             h.apply(s);
