@@ -18,19 +18,13 @@ use std::collections::{BTreeMap, HashSet};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::options::BasicGetOptions;
+use lapin::Channel;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn amqp_url() -> String {
-    std::env::var("SPOOLRELAY_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
 
 fn rabbitmqctl(args: &[&str]) -> bool {
     Command::new("rabbitmqctl")
@@ -50,16 +44,6 @@ impl Drop for RabbitBack {
         }
         rabbitmqctl(&["-q", "await_startup"]);
     }
-}
-
-/// Connects to RabbitMQ, declares the durable queue `name` and purges it.
-async fn fresh_queue(name: &str) -> (Connection, Channel) {
-    let (conn, channel) = declared_queue(name).await;
-    channel
-        .queue_purge(name.into(), QueuePurgeOptions::default())
-        .await
-        .expect("purge");
-    (conn, channel)
 }
 
 /// Drains queue `name` until `want` distinct payloads are in `got` or `limit` passes.
@@ -159,7 +143,7 @@ async fn rabbitmq_outage_loses_nothing_and_does_not_spin() {
         "/policy/examples/amqp.lua"
     ))
     .expect("seed-002 policy");
-    let (conn, channel) = fresh_queue("logging").await;
+    let (conn, channel) = common::amqp::fresh_queue("logging").await;
     let dir = tempfile::tempdir().unwrap();
     let daemon = common::start(&seed, dir.path()).await;
     let http = reqwest::Client::new();
@@ -208,7 +192,7 @@ async fn rabbitmq_outage_loses_nothing_and_does_not_spin() {
     let outage = outage_started.elapsed();
 
     // 3. New traffic after the broker returned must flow without an operator.
-    let (conn, channel) = declared_queue("logging").await;
+    let (conn, channel) = common::amqp::declared_queue("logging").await;
     let mut after: HashSet<Vec<u8>> = HashSet::new();
     for i in 0..100 {
         let p = format!("outage after {i}").into_bytes();
@@ -294,24 +278,6 @@ async fn rabbitmq_outage_loses_nothing_and_does_not_spin() {
     assert_eq!(missing, 0, "messages lost across the RabbitMQ outage");
     daemon.stop().await.unwrap();
     let _ = conn.close(200, "bye".into()).await;
-}
-
-/// Connects to RabbitMQ and declares the durable queue `name`, keeping what it holds.
-async fn declared_queue(name: &str) -> (Connection, Channel) {
-    let url = amqp_url();
-    let conn = Connection::connect(&url, ConnectionProperties::default())
-        .await
-        .unwrap_or_else(|e| panic!("RabbitMQ unreachable at {url} (run tests/run.sh): {e}"));
-    let channel = conn.create_channel().await.expect("channel");
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    channel
-        .queue_declare(name.into(), durable, FieldTable::default())
-        .await
-        .expect("declare");
-    (conn, channel)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -522,8 +488,8 @@ async fn a_broker_that_never_answers_keeps_messages_queued() {
     silent.abort();
 
     // The same spool, pointed at the real broker: every message arrives.
-    let (conn, channel) = fresh_queue(KEY).await;
-    let daemon = common::start(&amqp_policy(&amqp_url(), KEY), dir.path()).await;
+    let (conn, channel) = common::amqp::fresh_queue(KEY).await;
+    let daemon = common::start(&amqp_policy(&common::amqp::url(), KEY), dir.path()).await;
     let mut got = Vec::new();
     drain_amqp(&channel, KEY, &want, &mut got, Duration::from_secs(60)).await;
     common::wait_until("spool to empty", Duration::from_secs(30), || {

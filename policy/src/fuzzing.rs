@@ -28,24 +28,19 @@ impl QueueConfigProbe {
     /// Evaluates `kumo.make_queue_config <literal>` as a policy handler would and converts
     /// the answer as the host does; `Err` carries the message an operator would see.
     pub fn make(&self, literal: &str) -> Result<QueueConfig, String> {
-        let value: Value = self
-            .lua
-            .load(format!("return kumo.make_queue_config {literal}"))
-            .set_name("fuzz.lua")
-            .eval()
-            .map_err(|e| e.to_string())?;
-        queue_config::from_lua_value(value).map_err(|e| match e {
-            FromValueError::Invalid(e) => e.to_string(),
-            FromValueError::NotAConfig(what) => format!("not a queue config: {what}"),
-        })
+        self.convert(&format!("return kumo.make_queue_config {literal}"))
     }
 
     /// Evaluates the literal as a plain table (a handler may return one instead of a
     /// `make_queue_config` result) and converts it.
     pub fn from_plain_table(&self, literal: &str) -> Result<QueueConfig, String> {
+        self.convert(&format!("return {literal}"))
+    }
+
+    fn convert(&self, chunk: &str) -> Result<QueueConfig, String> {
         let value: Value = self
             .lua
-            .load(format!("return {literal}"))
+            .load(chunk)
             .set_name("fuzz.lua")
             .eval()
             .map_err(|e| e.to_string())?;

@@ -13,8 +13,8 @@ pub fn url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
-/// Connects, declares the durable queue `name` and empties it.
-pub async fn fresh_queue(name: &str) -> (Connection, Channel) {
+/// Connects and declares the durable queue `name`, keeping what it holds.
+pub async fn declared_queue(name: &str) -> (Connection, Channel) {
     let url = url();
     let conn = Connection::connect(&url, ConnectionProperties::default())
         .await
@@ -28,6 +28,12 @@ pub async fn fresh_queue(name: &str) -> (Connection, Channel) {
         .queue_declare(name.into(), durable, FieldTable::default())
         .await
         .expect("declare the AMQP queue");
+    (conn, channel)
+}
+
+/// Connects, declares the durable queue `name` and empties it.
+pub async fn fresh_queue(name: &str) -> (Connection, Channel) {
+    let (conn, channel) = declared_queue(name).await;
     channel
         .queue_purge(name.into(), QueuePurgeOptions::default())
         .await
