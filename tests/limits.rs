@@ -74,22 +74,6 @@ impl Drop for Reap {
     }
 }
 
-async fn wait_live(port: u16) {
-    let start = Instant::now();
-    loop {
-        if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{port}/livez")).await {
-            if r.status().is_success() {
-                return;
-            }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "daemon did not come up"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// (VmRSS, VmHWM) of `pid` in KiB.
 fn memory_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -175,7 +159,7 @@ async fn inject_bomb_gets_413_and_memory_stays_small() {
     let dir = tempfile::tempdir().unwrap();
     let port = common::free_port();
     let mut relay = Reap(spawn_relay(dir.path(), port, &[], 4096));
-    wait_live(port).await;
+    common::wait_live(port).await;
 
     let recipients: Vec<Value> = (0..250_000)
         .map(|i| json!({ "email": format!("r{i}@example.com") }))
@@ -295,7 +279,7 @@ async fn slow_clients_do_not_lock_out_a_normal_request() {
         "1s",
     ];
     let _relay = Reap(spawn_relay(dir.path(), port, &args, 256));
-    wait_live(port).await;
+    common::wait_live(port).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let trickler = slow_clients(port, 300, stop.clone());
 
@@ -361,7 +345,7 @@ async fn sigterm_does_not_wait_for_trickling_clients() {
         "1s",
     ];
     let mut relay = Reap(spawn_relay(dir.path(), port, &args, 4096));
-    wait_live(port).await;
+    common::wait_live(port).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let trickler = slow_clients(port, 50, stop.clone());
     // A body that never completes, too.

@@ -208,7 +208,8 @@ pub async fn consume_sorted(kafka: &MockKafka, want: usize) -> Vec<Vec<u8>> {
     got
 }
 
-/// Waits until a daemon process on `port` answers `/livez`, or panics after 20 s.
+/// Waits until a daemon process on `port` answers `/livez`, or panics after 30 s (generous:
+/// some tests start it with tight file and memory limits on a loaded machine).
 pub async fn wait_live(port: u16) {
     let start = Instant::now();
     loop {
@@ -218,8 +219,8 @@ pub async fn wait_live(port: u16) {
             }
         }
         assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the daemon on port {port} did not come up within 20 s"
+            start.elapsed() < Duration::from_secs(30),
+            "the daemon on port {port} did not come up within 30 s"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
