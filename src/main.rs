@@ -80,11 +80,17 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
         tracing::info!("signal received; shutting down");
         signal_stop.trigger();
     });
-    tokio::spawn(async move {
+    let stopped = stop.clone();
+    let stopping = tokio::spawn(async move {
         stop.wait().await;
         systemd_notify(sd_notify::NotifyState::Stopping);
     });
-    daemon.wait().await?;
+    let waited = daemon.wait().await;
+    // The runtime ends when this returns, and with it any task not yet run: make sure
+    // STOPPING=1 went out (normally the moment shutdown began) before the process exits.
+    stopped.trigger();
+    let _ = stopping.await;
+    waited?;
     Ok(ExitCode::from(drain.exit_code().unwrap_or(0)))
 }
 
