@@ -181,3 +181,54 @@ fn kubernetes_grace_period_outlasts_the_prestop_drain() {
         assert!(k8s.contains(probe), "{probe} missing");
     }
 }
+
+/// `cargo install --path .` installs the binaries of the root package, so both must be
+/// binaries of that package (cargo installs one package per path). Checked through
+/// `cargo metadata`, the same target list `cargo install` reads, without a release build.
+#[test]
+fn cargo_install_from_the_root_installs_both_binaries() {
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "metadata",
+            "--no-deps",
+            "--format-version",
+            "1",
+            "--offline",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run cargo metadata");
+    assert!(
+        out.status.success(),
+        "cargo metadata: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("metadata JSON");
+    let root = meta["packages"]
+        .as_array()
+        .expect("packages")
+        .iter()
+        .find(|p| p["name"] == "spoolrelay")
+        .expect("the spoolrelay package");
+    let mut bins: Vec<&str> = root["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .filter(|t| {
+            t["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "bin"))
+        })
+        .map(|t| t["name"].as_str().expect("target name"))
+        .collect();
+    bins.sort_unstable();
+    assert_eq!(
+        bins,
+        ["spoolctl", "spoolrelay"],
+        "binaries of the root package"
+    );
+    assert_eq!(
+        root["default_run"], "spoolrelay",
+        "`cargo run` means the daemon"
+    );
+}

@@ -1,6 +1,6 @@
 //! Every spoolctl command against a real spool on disk.
 
-#[path = "../../spool/tests/common/dirs.rs"]
+#[path = "../spool/tests/common/dirs.rs"]
 mod dirs;
 
 use std::path::Path;

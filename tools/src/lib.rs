@@ -1,9 +1,15 @@
 //! `spoolctl`: inspect and repair a spoolrelay spool, offline or through a running daemon.
 //!
+//! This crate is the whole tool; the `spoolctl` binary is a one-line `main` in the
+//! `spoolrelay` package (`src/bin/spoolctl.rs`), so that `cargo install --path .` installs
+//! it beside the daemon.
+//!
 //! Offline, every command opens the spool the way the daemon does (taking its lock), so it
 //! refuses to touch a spool a running daemon holds. `verify` opens it without repairing.
 //! With `--url`, the commands that make sense on a live spool go through the daemon's
 //! admin API instead ([`remote`]), and print the same output.
+
+#![warn(missing_docs)]
 
 mod inspect;
 mod output;
@@ -185,7 +191,9 @@ impl Command {
     }
 }
 
-fn main() -> ExitCode {
+/// Runs `spoolctl` with the process's arguments: exit 0 on success, 2 on an error (printed
+/// to stderr), or the command's own code (e.g. `verify` and `drain`).
+pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
