@@ -24,10 +24,17 @@ use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use super::connection::PooledConnection;
+/// What the budget needs of an open connection: whether it is on its way out, and a way to
+/// send it there. A trait, so that the budget does not import the pool that uses it.
+pub trait Evictable: Send + Sync {
+    /// Retired or broken: it takes no new sends and will be closed.
+    fn is_retired(&self) -> bool;
+    /// Takes no new sends from now on; closed once its sends end.
+    fn retire(&self);
+}
 
 /// An open connection and the bell of the worker that owns it.
-type Entry = (Weak<PooledConnection>, Weak<Notify>);
+type Entry = (Weak<dyn Evictable>, Weak<Notify>);
 
 /// Permits for open connections, shared by every queue's pool. Cheap to clone.
 #[derive(Clone)]
@@ -74,13 +81,15 @@ impl Budget {
     }
 
     /// Makes `conn` a candidate for eviction; `owner` is woken to close it.
-    pub fn register(&self, conn: &Arc<PooledConnection>, owner: &Arc<Notify>) {
+    pub fn register<C: Evictable + 'static>(&self, conn: &Arc<C>, owner: &Arc<Notify>) {
         let mut open = self.lock();
         // Connections closed without eviction leave dead entries: sweep them now and then.
         if open.len() >= 2 * self.max {
             open.retain(|(conn, _)| conn.strong_count() > 0);
         }
-        open.push_back((Arc::downgrade(conn), Arc::downgrade(owner)));
+        let weak: Weak<C> = Arc::downgrade(conn);
+        let conn: Weak<dyn Evictable> = weak;
+        open.push_back((conn, Arc::downgrade(owner)));
     }
 
     /// Retires the first idle connection in clock order and wakes its owner; false if every

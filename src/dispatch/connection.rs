@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use policy::{Connection, SendOutcome};
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 
-use super::budget::Budget;
+use super::budget::{Budget, Evictable};
 use super::reaper::Trim;
 
 /// Sends in flight per connection. Pipelining is what makes brokers fast (Kafka: ~185
@@ -118,15 +118,17 @@ impl PooledConnection {
             SendSign::Suspect | SendSign::Silent => {}
         }
     }
+}
 
-    /// Retired by [`record_send`](Self::record_send) or by the [`Budget`], or broken by
-    /// the policy host (a call ran out of time or memory: its Lua state is thrown away).
-    pub fn is_retired(&self) -> bool {
+impl Evictable for PooledConnection {
+    /// Retired by [`record_send`](PooledConnection::record_send) or by the [`Budget`], or
+    /// broken by the policy host (a call ran out of time or memory: its Lua state is thrown
+    /// away).
+    fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Relaxed) || self.conn.is_broken()
     }
 
-    /// Takes no new sends from now on; closed once its sends end.
-    pub fn retire(&self) {
+    fn retire(&self) {
         self.retired.store(true, Ordering::Relaxed);
     }
 }

@@ -66,3 +66,8 @@ pub fn relative(at_ms: u64, now_ms: u64) -> String {
         format!("{} ago", age(now_ms - at_ms))
     }
 }
+
+/// Bytes as lowercase hex, for keys and damaged records in reports.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

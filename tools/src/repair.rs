@@ -9,7 +9,7 @@ use spool::{RecoveryReport, Spool};
 
 use spool::view::MessageView;
 
-use crate::output::{table, Output};
+use crate::output::{hex, table, Output};
 
 /// Reports what the (non-repairing, unless asked) open found. Exit 0 only when clean.
 pub fn verify(out: &Output, report: &RecoveryReport, repaired: bool) -> ExitCode {
@@ -146,8 +146,4 @@ pub fn quarantine_export(out: &Output, spool: &Spool, dir: &Path) -> anyhow::Res
     spool::durability::sync_dir(dir).with_context(|| format!("syncing {}", dir.display()))?;
     crate::transfer::sync_parent(dir)?;
     out.done("exported quarantine records", entries.len() as u64)
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

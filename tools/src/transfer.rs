@@ -96,7 +96,7 @@ pub fn export(
         eprintln!(
             "DAMAGED, not exported: tree {} key {} ({})",
             bad.tree,
-            crate::repair::hex(&bad.key),
+            crate::output::hex(&bad.key),
             bad.reason
         );
     }
