@@ -10,6 +10,9 @@
 //! in `lib.rs` itself (`start`, `Daemon`) point at `lib`. `mod` declarations, comments and
 //! `#[cfg(test)] mod tests` blocks are not edges. Run it with
 //! `cargo test --test module_graph`; a loop fails with the loop spelled out.
+//!
+//! Inside each folder module (`src/dispatch/`) the same holds file by file: no two sibling
+//! files import each other, directly or around a ring ([`file_graph`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -211,6 +214,69 @@ fn src_modules_import_each_other_without_loops() {
             cycle.join(" → ")
         );
     }
+}
+
+/// The files of one folder module (`src/dispatch/`) as nodes; an edge is each `super::x`
+/// or `crate::folder::x` path to a sibling file. An item re-exported by `mod.rs` points at
+/// the file that defines it. Items that `mod.rs` defines itself (the context its children
+/// share, like `WorkerEnv`) are not edges: the folder's root declares its children and
+/// holds what they share, as `lib.rs` does for the crate, so a loop through it says nothing
+/// about the siblings.
+fn file_graph(folder: &Path) -> Graph {
+    let name = folder.file_name().unwrap().to_string_lossy().into_owned();
+    let mut files = Vec::new();
+    rust_files(folder, &mut files);
+    let stem = |p: &Path| p.file_stem().unwrap().to_string_lossy().into_owned();
+    let siblings: BTreeSet<String> = files.iter().map(|p| stem(p)).collect();
+    let mod_text = code_of(&std::fs::read_to_string(folder.join("mod.rs")).unwrap());
+    let reexported = reexports(&mod_text);
+    let mut graph = Graph::new();
+    for path in &files {
+        let node = stem(path);
+        let code = code_of(&std::fs::read_to_string(path).unwrap());
+        let mut targets = names_after(&code, "super::");
+        targets.extend(names_after(&code, &format!("crate::{name}::")));
+        let edges = graph.entry(node.clone()).or_default();
+        for target in targets {
+            let target = if siblings.contains(&target) {
+                target
+            } else if let Some(file) = reexported.get(&target) {
+                file.clone()
+            } else {
+                continue; // defined in mod.rs
+            };
+            if target != node && target != "mod" {
+                edges.insert(target);
+            }
+        }
+    }
+    graph
+}
+
+#[test]
+fn files_inside_each_src_folder_import_each_other_without_loops() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut folders = 0;
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let folder = entry.unwrap().path();
+        if !folder.join("mod.rs").is_file() || folder.ends_with("demo") {
+            continue;
+        }
+        folders += 1;
+        let graph = file_graph(&folder);
+        if let Some(cycle) = find_cycle(&graph) {
+            panic!(
+                "import loop in {}: {}\nfile graph (file → what it uses):\n{graph:#?}",
+                folder.display(),
+                cycle.join(" → ")
+            );
+        }
+        if folder.ends_with("dispatch") {
+            // Really read: a queue's worker uses its connection pool.
+            assert!(graph["queue"].contains("connection"), "{graph:#?}");
+        }
+    }
+    assert!(folders > 0, "no folder module under src/");
 }
 
 #[test]
