@@ -186,6 +186,14 @@ impl Index {
         names
     }
 
+    /// How many waiting messages of `queue` are due at `now_ms`, counting at most `max`
+    /// (the dispatcher's batch gathering asks "are there `min_batch_size` yet?").
+    pub fn due_count(&self, queue: &str, now_ms: u64, max: usize) -> usize {
+        self.queues.get(queue).map_or(0, |q| {
+            q.scheduled.range(..=(now_ms, u64::MAX)).take(max).count()
+        })
+    }
+
     /// Earliest due time of a waiting message, for the dispatcher's timer.
     pub fn next_due(&self, queue: &str) -> Option<u64> {
         let q = self.queues.get(queue)?;

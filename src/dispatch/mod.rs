@@ -16,6 +16,7 @@
 //! A worker of a queue in [`Suspensions`] leases nothing.
 
 mod backoff;
+mod batching;
 mod budget;
 mod connection;
 pub mod decide;

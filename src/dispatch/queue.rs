@@ -3,7 +3,8 @@
 //! The worker never waits on a send itself: each send runs as its own task that settles its
 //! messages with the spool (see [`deliver`](super::deliver)), so a slow broker only ever
 //! holds its in-flight slots. The worker's loop is: refresh config → make room (open a
-//! connection if all are full) → lease as many due messages as there is room for → spawn
+//! connection if all are full) → lease as many due messages as there is room for (once
+//! `min_batch_size` of them gathered or `max_batch_latency` passed: `batching.rs`) → spawn
 //! sends → sleep until the next due time or connection idle deadline, a wake from the
 //! supervisor (its queue was touched), a finished send, a suspend/resume or shutdown. A
 //! worker with nothing timed to do sets no timer at all. Once its queue is empty, nothing
@@ -19,6 +20,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio::task::{Id, JoinSet};
 
 use super::backoff::{ConnectBackoff, TokenBucket};
+use super::batching::{BatchRule, Gather};
 use super::connection::{self, Pool};
 use super::decide::{decide, Event, Fate};
 use super::{deliver, Retire, WorkerEnv};
@@ -186,11 +188,11 @@ impl QueueWorker {
         self.pool.set_send_size(per_send);
         loop {
             let now_ms = spool::now_ms();
-            match self.spool.next_due(&self.queue) {
-                Some(due) if due <= now_ms => {}
+            let oldest_due = match self.spool.next_due(&self.queue) {
+                Some(due) if due <= now_ms => due,
                 Some(due) => return later(Duration::from_millis(due - now_ms)),
                 None => return idle,
-            }
+            };
             // Saturated connections get company (at most one more per GROWTH_INTERVAL):
             // waiting until they are completely full would never happen, because each
             // finished send is replaced at once.
@@ -216,6 +218,17 @@ impl QueueWorker {
                 None => return later(connection::GROWTH_INTERVAL),
             };
             let mut want = (room * per_send).min(MAX_LEASE);
+            if cfg.min_batch_size > 1 {
+                let due = self.spool.due_count(&self.queue, now_ms, want);
+                match batch_rule(&cfg).gather(due, oldest_due, now_ms) {
+                    Gather::Lease(n) => want = n.max(1),
+                    Gather::WaitUntil(at_ms) => {
+                        return NextWake {
+                            wake: Some(Instant::now() + Duration::from_millis(at_ms - now_ms)),
+                        }
+                    }
+                }
+            }
             if let Some(bucket) = &mut self.bucket {
                 want = bucket.take(want, now_ms);
                 if want == 0 {
@@ -386,6 +399,15 @@ impl QueueWorker {
             }
         }
         self.pool.close_all().await;
+    }
+}
+
+/// The queue config's batching settings.
+fn batch_rule(cfg: &QueueConfig) -> BatchRule {
+    BatchRule {
+        batch_size: cfg.batch_size,
+        min_batch_size: cfg.min_batch_size,
+        max_latency_ms: u64::try_from(cfg.max_batch_latency.as_millis()).unwrap_or(u64::MAX),
     }
 }
 
