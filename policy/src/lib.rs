@@ -106,7 +106,7 @@ pub use host::{InitConfig, Policy};
 pub use log_hook::SHOULD_ENQUEUE as SHOULD_ENQUEUE_LOG_RECORD;
 pub use message::PolicyMessage;
 pub use outcome::SendOutcome;
-pub use queue_config::{PermanentFailure, QueueConfig, Rate};
+pub use queue_config::{PermanentFailure, QueueConfig, Rate, IGNORED_KUMO_FIELDS};
 pub use queue_name::QueueName;
 pub use worker::{
     PolicyLimits, DEFAULT_EVENT_TIMEOUT, DEFAULT_MEMORY_LIMIT, HOOK_EVERY, REPORT_GRACE,

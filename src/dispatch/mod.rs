@@ -23,6 +23,7 @@ pub mod decide;
 mod deliver;
 mod queue;
 pub mod reaper;
+mod shared_rates;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -87,6 +88,8 @@ pub(crate) struct WorkerEnv {
     retire: mpsc::UnboundedSender<Retire>,
     trim: reaper::Trim,
     budget: budget::Budget,
+    /// `overall_max_message_rate` buckets, shared by the queues of a tenant.
+    shared_rates: shared_rates::SharedRates,
 }
 
 impl Dispatcher {
@@ -105,6 +108,7 @@ impl Dispatcher {
             retire: retire_tx,
             trim,
             budget: budget::Budget::new(self.max_connections),
+            shared_rates: shared_rates::SharedRates::default(),
         };
         let mut workers: HashMap<String, Running> = HashMap::new();
         let mut idle = reaper::IdleQueues::default();

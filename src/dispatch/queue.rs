@@ -23,6 +23,7 @@ use super::backoff::{ConnectBackoff, TokenBucket};
 use super::batching::{BatchRule, Gather};
 use super::connection::{self, Pool};
 use super::decide::{decide, Event, Fate};
+use super::shared_rates::{SharedBucket, SharedRates};
 use super::{deliver, Retire, WorkerEnv};
 use crate::shutdown::Shutdown;
 use crate::suspensions::Suspensions;
@@ -51,6 +52,9 @@ pub struct QueueWorker {
     /// shutdown can have its leases returned.
     leased: HashMap<Id, Vec<(String, MessageId)>>,
     bucket: Option<TokenBucket>,
+    /// The `overall_max_message_rate` bucket this queue shares with its tenant's queues.
+    overall: Option<SharedBucket>,
+    shared_rates: SharedRates,
     backoff: ConnectBackoff,
     blocked_until: Option<Instant>,
     suspensions: Suspensions,
@@ -84,6 +88,8 @@ impl QueueWorker {
             sends: JoinSet::new(),
             leased: HashMap::new(),
             bucket: None,
+            overall: None,
+            shared_rates: env.shared_rates,
             backoff: ConnectBackoff::default(),
             blocked_until: None,
             suspensions: env.suspensions,
@@ -235,13 +241,27 @@ impl QueueWorker {
                     return later(bucket.wait_for_one(now_ms));
                 }
             }
+            if let Some(shared) = &self.overall {
+                let mut overall = shared.lock().unwrap_or_else(|e| e.into_inner());
+                let granted = overall.take(want, now_ms);
+                if let Some(bucket) = &mut self.bucket {
+                    bucket.give_back(want - granted);
+                }
+                want = granted;
+                if want == 0 {
+                    return later(overall.wait_for_one(now_ms));
+                }
+            }
             let msgs = match self.spool.lease(&self.queue, want, now_ms) {
                 Ok(msgs) => msgs,
                 Err(e) => {
                     tracing::error!(queue = %self.queue, error = %e, "lease failed");
+                    self.give_back_tokens(want);
                     return later(RETRY_SOON);
                 }
             };
+            // Fewer were due than there was room for: the rate limits keep the rest.
+            self.give_back_tokens(want - msgs.len().min(want));
             if msgs.is_empty() {
                 return later(RETRY_SOON);
             }
@@ -277,6 +297,23 @@ impl QueueWorker {
                     ids,
                 );
             }
+        }
+    }
+
+    /// Returns `n` unused tokens to the queue's rate limits (taken for messages that were
+    /// not there to lease): at low rates (`'10/h'`) each token is a message.
+    fn give_back_tokens(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        if let Some(bucket) = &mut self.bucket {
+            bucket.give_back(n);
+        }
+        if let Some(shared) = &self.overall {
+            shared
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .give_back(n);
         }
     }
 
@@ -323,6 +360,15 @@ impl QueueWorker {
                     .map(|(old, _)| old.max_message_rate != cfg.max_message_rate);
                 if rate_changed != Some(false) {
                     self.bucket = super::token_bucket(&cfg);
+                }
+                let overall_changed = self
+                    .config
+                    .as_ref()
+                    .map(|(old, _)| old.overall_max_message_rate != cfg.overall_max_message_rate);
+                if overall_changed != Some(false) {
+                    self.overall = cfg
+                        .overall_max_message_rate
+                        .map(|rate| self.shared_rates.bucket(&self.queue, rate, spool::now_ms()));
                 }
                 let cfg = Arc::new(cfg);
                 self.config = Some((cfg.clone(), Instant::now()));
