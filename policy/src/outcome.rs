@@ -4,6 +4,8 @@
 //! * `kumo.reject(code, msg)`: code >= 500 => [`SendOutcome::Permanent`], below => `Transient`;
 //! * any other raised error, `nil`, a non-string, or a non-2xx string => `Transient`
 //!   with [`TRANSIENT_CODE`] (or the string's own 4xx code) and a text that says where.
+//!   A *returned* string without a 2xx code is also warned about, once per queue
+//!   ([`warn_if_not_2xx`]): KumoMTA would have counted it as delivered.
 
 use mlua::Value;
 
