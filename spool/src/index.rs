@@ -280,6 +280,24 @@ mod tests {
     }
 
     #[test]
+    fn due_count_counts_waiting_due_messages_up_to_max() {
+        let mut index = Index::default();
+        for id in 0..5 {
+            index.insert("q", id, 100 + id, SLOT);
+        }
+        assert_eq!(index.due_count("q", 99, 10), 0);
+        assert_eq!(index.due_count("q", 102, 10), 3);
+        assert_eq!(index.due_count("q", 1000, 2), 2, "at most max");
+        index.take_due("q", 100, 1);
+        assert_eq!(
+            index.due_count("q", 102, 10),
+            2,
+            "leased ones are not waiting"
+        );
+        assert_eq!(index.due_count("other", 1000, 10), 0);
+    }
+
+    #[test]
     fn total_bytes_matches_the_stats_through_any_sequence() {
         let mut index = Index::default();
         let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
