@@ -77,6 +77,9 @@ pub struct QueueConfig {
     pub overall_max_message_rate: Option<Rate>,
     /// Most connections (senders) the queue opens at once (`connection_limit`).
     pub connection_limit: usize,
+    /// How long a queue's config is used before `get_queue_config` is asked again
+    /// (`refresh_interval`, KumoMTA's field and default).
+    pub refresh_interval: Duration,
     /// Limit for one `send`, `send_batch`, constructor or `close` (`send_timeout`).
     pub send_timeout: Duration,
     /// What a permanent failure does to a message (`on_permanent_failure`).
@@ -96,6 +99,7 @@ impl Default for QueueConfig {
             max_message_rate: None,
             overall_max_message_rate: None,
             connection_limit: 32,
+            refresh_interval: Duration::from_secs(60),
             send_timeout: Duration::from_secs(60),
             on_permanent_failure: PermanentFailure::Requeue,
         }
@@ -108,13 +112,12 @@ impl UserData for LuaQueueConfig {}
 
 /// KumoMTA queue-config fields (`kumod/src/queue/config.rs`) accepted for compatibility
 /// that have no effect here: SMTP egress pools, in-memory queue strategies and memory
-/// shrinking, metrics rollups by provider, and per-queue reap/refresh timing (the daemon's
-/// `--queue-reap-interval` and a 60 s config refresh apply to every queue).
+/// shrinking, metrics rollups by provider, per-queue reaping (the daemon's
+/// `--queue-reap-interval` applies to every queue) and epoch-driven refreshes.
 pub const IGNORED_KUMO_FIELDS: &[&str] = &[
     "egress_pool",
     "provider_name",
     "reap_interval",
-    "refresh_interval",
     "refresh_strategy",
     "shrink_policy",
     "strategy",
@@ -193,6 +196,7 @@ pub(crate) fn parse_table(t: &Table) -> mlua::Result<QueueConfig> {
             "max_retry_interval" => c.max_retry_interval = Some(duration(&key, &v)?),
             "max_age" => c.max_age = duration(&key, &v)?,
             "send_timeout" => c.send_timeout = duration(&key, &v)?,
+            "refresh_interval" => c.refresh_interval = duration(&key, &v)?,
             "connection_limit" => c.connection_limit = count(&key, &v)?,
             "max_message_rate" => c.max_message_rate = Some(rate(&key, &v)?),
             "overall_max_message_rate" => c.overall_max_message_rate = Some(rate(&key, &v)?),

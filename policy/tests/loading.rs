@@ -128,6 +128,7 @@ kumo.on('get_queue_config', function(domain, tenant, campaign, routing_domain)
     max_age = '2d',
     max_message_rate = '50/m',
     overall_max_message_rate = '100/s',
+    refresh_interval = '5m',
     connection_limit = 4,
     send_timeout = 1.5,
     on_permanent_failure = 'dead_letter',
@@ -159,6 +160,7 @@ end)
                 per: Duration::from_secs(1)
             }),
             connection_limit: 4,
+            refresh_interval: Duration::from_secs(300),
             send_timeout: Duration::from_millis(1500),
             on_permanent_failure: PermanentFailure::DeadLetter,
         }

@@ -83,7 +83,6 @@ kumo.on('get_queue_config', function()
     egress_pool = 'pool',
     provider_name = 'Yahoo',
     reap_interval = '10m',
-    refresh_interval = '1m',
     refresh_strategy = 'Epoch',
     shrink_policy = { { interval = '1m', policy = 'ShrinkDataAndMeta' } },
     strategy = 'SingletonTimerWheel',
@@ -112,7 +111,7 @@ async fn kumomta_fields_without_effect_are_accepted_with_one_warning_each() {
         let line = format!("KumoMTA field '{field}' is accepted but has no effect");
         assert_eq!(text.matches(&line).count(), 1, "{field}: {text}");
     }
-    assert_eq!(policy::IGNORED_KUMO_FIELDS.len(), 8);
+    assert_eq!(policy::IGNORED_KUMO_FIELDS.len(), 7);
 }
 
 const NOT_2XX: &str = r#"

@@ -29,8 +29,9 @@ use crate::shutdown::Shutdown;
 use crate::suspensions::Suspensions;
 use crate::telemetry::QueueTelemetry;
 
-/// How often a queue's config is asked again of the policy.
-const CONFIG_TTL: Duration = Duration::from_secs(60);
+/// The shortest `refresh_interval` honoured: each refresh is a call into the policy's
+/// shared Lua state, which every queue's config goes through.
+const MIN_CONFIG_TTL: Duration = Duration::from_secs(1);
 /// Upper bound on one connect (a constructor reaching a dead broker may hang).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How soon a worker looks again after a lease failed or came back empty although a
@@ -125,10 +126,17 @@ impl QueueWorker {
                 tracing::debug!(queue = %self.queue, "queue is empty; worker retires");
                 return;
             }
-            let wake_at = [nap.wake, self.pool.next_idle_deadline()]
-                .into_iter()
-                .flatten()
-                .min();
+            // A queue waiting for something timed (a rate token, a batch, a retry) also
+            // wakes when its config is due again, so a changed rate applies within
+            // `refresh_interval`, not after the old rate's wait.
+            let wake_at = [
+                nap.wake,
+                self.pool.next_idle_deadline(),
+                nap.wake.and(self.config_refresh_at()),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             tokio::select! {
                 Some(done) = self.sends.join_next_with_id(), if !self.sends.is_empty() => self.finished(done),
                 _ = wake.notified() => {}
@@ -344,11 +352,18 @@ impl QueueWorker {
         }
     }
 
-    /// The cached queue config, asked again every [`CONFIG_TTL`]. A failing refresh keeps
+    /// When the cached config is to be asked again, if there is one.
+    fn config_refresh_at(&self) -> Option<Instant> {
+        let (cfg, at) = self.config.as_ref()?;
+        Some(*at + cfg.refresh_interval.max(MIN_CONFIG_TTL))
+    }
+
+    /// The cached queue config, asked again after its `refresh_interval` (at least
+    /// [`MIN_CONFIG_TTL`]). A failing refresh keeps
     /// the old config; a failing first ask blocks the queue with backoff.
     async fn config(&mut self) -> Option<Arc<QueueConfig>> {
         if let Some((cfg, at)) = &self.config {
-            if at.elapsed() < CONFIG_TTL {
+            if at.elapsed() < cfg.refresh_interval.max(MIN_CONFIG_TTL) {
                 return Some(cfg.clone());
             }
         }
