@@ -22,14 +22,14 @@ mod connection;
 pub mod decide;
 mod deliver;
 mod queue;
+mod rates;
 pub mod reaper;
-mod shared_rates;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use policy::{Policy, QueueConfig};
+use policy::Policy;
 use spool::Spool;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
@@ -89,7 +89,7 @@ pub(crate) struct WorkerEnv {
     trim: reaper::Trim,
     budget: budget::Budget,
     /// `overall_max_message_rate` buckets, shared by the queues of a tenant.
-    shared_rates: shared_rates::SharedRates,
+    shared_rates: rates::SharedRates,
 }
 
 impl Dispatcher {
@@ -108,7 +108,7 @@ impl Dispatcher {
             retire: retire_tx,
             trim,
             budget: budget::Budget::new(self.max_connections),
-            shared_rates: shared_rates::SharedRates::default(),
+            shared_rates: rates::SharedRates::default(),
         };
         let mut workers: HashMap<String, Running> = HashMap::new();
         let mut idle = reaper::IdleQueues::default();
@@ -187,11 +187,4 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-/// The token bucket for a queue's `max_message_rate`, if it has one.
-fn token_bucket(cfg: &QueueConfig) -> Option<TokenBucket> {
-    cfg.max_message_rate
-        .as_ref()
-        .map(|rate| TokenBucket::new(rate.limit, rate.per, spool::now_ms()))
 }

@@ -19,11 +19,11 @@ use spool::{Message, MessageId, Spool};
 use tokio::sync::{oneshot, Notify};
 use tokio::task::{Id, JoinSet};
 
-use super::backoff::{ConnectBackoff, TokenBucket};
+use super::backoff::ConnectBackoff;
 use super::batching::{BatchRule, Gather};
 use super::connection::{self, Pool};
 use super::decide::{decide, Event, Fate};
-use super::shared_rates::{SharedBucket, SharedRates};
+use super::rates::QueueRates;
 use super::{deliver, Retire, WorkerEnv};
 use crate::shutdown::Shutdown;
 use crate::suspensions::Suspensions;
@@ -52,10 +52,8 @@ pub struct QueueWorker {
     /// What each running send holds (id only), so a send that panics or is aborted at
     /// shutdown can have its leases returned.
     leased: HashMap<Id, Vec<(String, MessageId)>>,
-    bucket: Option<TokenBucket>,
-    /// The `overall_max_message_rate` bucket this queue shares with its tenant's queues.
-    overall: Option<SharedBucket>,
-    shared_rates: SharedRates,
+    /// `max_message_rate` and `overall_max_message_rate`.
+    rates: QueueRates,
     backoff: ConnectBackoff,
     blocked_until: Option<Instant>,
     suspensions: Suspensions,
@@ -80,6 +78,7 @@ impl QueueWorker {
     ) -> Self {
         QueueWorker {
             pool: Pool::new(&queue, env.idle_timeout, env.trim, env.budget, wake.clone()),
+            rates: QueueRates::new(&queue, env.shared_rates),
             queue,
             spool: env.spool,
             policy: env.policy,
@@ -88,9 +87,6 @@ impl QueueWorker {
             config: None,
             sends: JoinSet::new(),
             leased: HashMap::new(),
-            bucket: None,
-            overall: None,
-            shared_rates: env.shared_rates,
             backoff: ConnectBackoff::default(),
             blocked_until: None,
             suspensions: env.suspensions,
@@ -243,33 +239,20 @@ impl QueueWorker {
                     }
                 }
             }
-            if let Some(bucket) = &mut self.bucket {
-                want = bucket.take(want, now_ms);
-                if want == 0 {
-                    return later(bucket.wait_for_one(now_ms));
-                }
-            }
-            if let Some(shared) = &self.overall {
-                let mut overall = shared.lock().unwrap_or_else(|e| e.into_inner());
-                let granted = overall.take(want, now_ms);
-                if let Some(bucket) = &mut self.bucket {
-                    bucket.give_back(want - granted);
-                }
-                want = granted;
-                if want == 0 {
-                    return later(overall.wait_for_one(now_ms));
-                }
-            }
+            want = match self.rates.take(want, now_ms) {
+                Ok(granted) => granted,
+                Err(wait) => return later(wait),
+            };
             let msgs = match self.spool.lease(&self.queue, want, now_ms) {
                 Ok(msgs) => msgs,
                 Err(e) => {
                     tracing::error!(queue = %self.queue, error = %e, "lease failed");
-                    self.give_back_tokens(want);
+                    self.rates.give_back(want);
                     return later(RETRY_SOON);
                 }
             };
             // Fewer were due than there was room for: the rate limits keep the rest.
-            self.give_back_tokens(want - msgs.len().min(want));
+            self.rates.give_back(want - msgs.len().min(want));
             if msgs.is_empty() {
                 return later(RETRY_SOON);
             }
@@ -305,23 +288,6 @@ impl QueueWorker {
                     ids,
                 );
             }
-        }
-    }
-
-    /// Returns `n` unused tokens to the queue's rate limits (taken for messages that were
-    /// not there to lease): at low rates (`'10/h'`) each token is a message.
-    fn give_back_tokens(&mut self, n: usize) {
-        if n == 0 {
-            return;
-        }
-        if let Some(bucket) = &mut self.bucket {
-            bucket.give_back(n);
-        }
-        if let Some(shared) = &self.overall {
-            shared
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .give_back(n);
         }
     }
 
@@ -369,22 +335,8 @@ impl QueueWorker {
         }
         match self.policy.queue_config(&self.queue).await {
             Ok(cfg) => {
-                let rate_changed = self
-                    .config
-                    .as_ref()
-                    .map(|(old, _)| old.max_message_rate != cfg.max_message_rate);
-                if rate_changed != Some(false) {
-                    self.bucket = super::token_bucket(&cfg);
-                }
-                let overall_changed = self
-                    .config
-                    .as_ref()
-                    .map(|(old, _)| old.overall_max_message_rate != cfg.overall_max_message_rate);
-                if overall_changed != Some(false) {
-                    self.overall = cfg
-                        .overall_max_message_rate
-                        .map(|rate| self.shared_rates.bucket(&self.queue, rate, spool::now_ms()));
-                }
+                let old = self.config.as_ref().map(|(old, _)| old.as_ref());
+                self.rates.update(old, &cfg, spool::now_ms());
                 let cfg = Arc::new(cfg);
                 self.config = Some((cfg.clone(), Instant::now()));
                 Some(cfg)

@@ -1,4 +1,7 @@
-//! `overall_max_message_rate`: one rate shared by several queues.
+//! A queue's rate limits: its own `max_message_rate` and `overall_max_message_rate`, one
+//! rate shared by several queues. A fill takes tokens from both and gives back what it
+//! could not use (fewer messages were due than it asked for), so at a low rate (`'10/h'`)
+//! every token is a message sent.
 //!
 //! In KumoMTA `max_message_rate` limits each queue on its own, even when it is configured
 //! for a whole tenant, and `overall_max_message_rate` is the *collective* limit: a tenant
@@ -12,8 +15,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
-use policy::{QueueName, Rate};
+use policy::{QueueConfig, QueueName, Rate};
 
 use super::backoff::TokenBucket;
 
@@ -45,6 +49,83 @@ impl SharedRates {
         buckets.insert(key, Arc::downgrade(&bucket));
         bucket
     }
+}
+
+/// One queue's limits, as its worker holds them.
+pub struct QueueRates {
+    queue: String,
+    /// `max_message_rate`: this queue's own bucket.
+    own: Option<TokenBucket>,
+    /// `overall_max_message_rate`: the bucket this queue shares with its tenant's queues.
+    overall: Option<SharedBucket>,
+    shared: SharedRates,
+}
+
+impl QueueRates {
+    pub fn new(queue: &str, shared: SharedRates) -> QueueRates {
+        QueueRates {
+            queue: queue.to_owned(),
+            own: None,
+            overall: None,
+            shared,
+        }
+    }
+
+    /// Follows a config just read (`old`: the one it replaces): a limit whose rate changed
+    /// starts afresh, an unchanged one keeps its tokens.
+    pub fn update(&mut self, old: Option<&QueueConfig>, cfg: &QueueConfig, now_ms: u64) {
+        if old.map(|o| o.max_message_rate) != Some(cfg.max_message_rate) {
+            self.own = cfg
+                .max_message_rate
+                .map(|rate| TokenBucket::new(rate.limit, rate.per, now_ms));
+        }
+        if old.map(|o| o.overall_max_message_rate) != Some(cfg.overall_max_message_rate) {
+            self.overall = cfg
+                .overall_max_message_rate
+                .map(|rate| self.shared.bucket(&self.queue, rate, now_ms));
+        }
+    }
+
+    /// Takes up to `want` tokens from every limit: how many all of them granted, or how
+    /// long until one has a token again.
+    pub fn take(&mut self, want: usize, now_ms: u64) -> Result<usize, Duration> {
+        let mut want = want;
+        if let Some(own) = &mut self.own {
+            want = own.take(want, now_ms);
+            if want == 0 {
+                return Err(own.wait_for_one(now_ms));
+            }
+        }
+        if let Some(shared) = &self.overall {
+            let mut overall = lock(shared);
+            let granted = overall.take(want, now_ms);
+            if let Some(own) = &mut self.own {
+                own.give_back(want - granted);
+            }
+            want = granted;
+            if want == 0 {
+                return Err(overall.wait_for_one(now_ms));
+            }
+        }
+        Ok(want)
+    }
+
+    /// Returns `n` tokens taken but not used to every limit.
+    pub fn give_back(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        if let Some(own) = &mut self.own {
+            own.give_back(n);
+        }
+        if let Some(shared) = &self.overall {
+            lock(shared).give_back(n);
+        }
+    }
+}
+
+fn lock(bucket: &SharedBucket) -> std::sync::MutexGuard<'_, TokenBucket> {
+    bucket.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Which queues share an overall rate: those of the same tenant (`tenant:NAME`); a queue
