@@ -6,6 +6,7 @@
 //! |--------|----------------------------------------------|-------------------------------------|
 //! | P1     | HTTP NDJSON batches → fsynced spool           | raw `Spool::enqueue`; bare sled     |
 //! | P2     | backlog → kafka.lua (acks=all) → MockCluster | direct pipelined FutureProducer     |
+//! | P2t    | a trickle (enqueues of 10) → kafka.lua       | the same with `min_batch_size = 1`  |
 //! | P3     | backlog → seed 002 amqp.lua → RabbitMQ       | direct lapin, pipelined confirms    |
 //! | P4     | daemon binary: RSS with N queued, restart    | —                                   |
 //! | P5     | bytes on disk after N in / N out, 3 cycles   | the live data size                  |
@@ -33,6 +34,8 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use spool::{Meta, NewMessage, Spool, SpoolOptions};
 use spoolrelay::{Config, Daemon, Shutdown};
 
+#[path = "relay/p2_trickle.rs"]
+mod p2_trickle;
 #[path = "relay/p7_queues.rs"]
 mod p7_queues;
 
@@ -446,6 +449,7 @@ async fn p2_kafka(s: &Settings) {
         direct,
         direct_cpu,
     );
+    p2_trickle::p2_trickle(n / 4).await;
 }
 
 /// A FutureProducer configured like kafka.lua's, warmed up, then `n` sends with up to

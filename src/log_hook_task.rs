@@ -24,6 +24,8 @@ use crate::delivery_log::LogRecord;
 
 /// Metadata that marks a message spooled by a log hook (its value is the hook's name).
 pub const META_KEY: &str = "log_hook";
+/// Metadata that holds the whole record, KumoMTA's name for it.
+const LOG_RECORD_META: &str = "log_record";
 const CHANNEL_CAPACITY: usize = 16 * 1024;
 /// Most records handled per durable batch.
 const MAX_ROUND: usize = 512;
@@ -115,18 +117,21 @@ async fn offer(
 }
 
 /// The record's fields as metadata for the policy to look at. The record's own queue is
-/// `source_queue`: `queue` is what the policy sets to choose where the record goes.
+/// `source_queue`: `queue` is what the policy sets to choose where the record goes. The
+/// whole record is also under `log_record`, where KumoMTA policies look for it
+/// (`msg:get_meta('log_record').queue` is the record's own queue there).
 fn record_meta(record: &LogRecord) -> Map<String, Value> {
     let mut meta = Map::new();
     if let Ok(Value::Object(fields)) = serde_json::to_value(record) {
-        for (key, value) in fields {
+        for (key, value) in &fields {
             let key = if key == "queue" {
                 "source_queue".to_owned()
             } else {
-                key
+                key.clone()
             };
-            meta.insert(key, value);
+            meta.insert(key, value.clone());
         }
+        meta.insert(LOG_RECORD_META.into(), Value::Object(fields));
     }
     meta
 }

@@ -11,16 +11,28 @@ const MESSAGES: usize = 50;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_records_reach_kafka_through_a_log_hook_without_loops() {
+    // The hooks below read the record from `log_record` and are three handlers; without
+    // either, records go missing or Reception records get through (checked by reverting).
     let kafka = common::MockKafka::start("relay.hooks", 2).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let hook = r#"
 kumo.on('init', function()
   kumo.configure_log_hook { name = 'events' }
 end)
+-- KumoMTA style: several handlers, run in order; nil passes the record on, true or
+-- false is final (the last handler would take every record if false were not).
 kumo.on('should_enqueue_log_record', function(msg, hook_name)
-  if msg:get_meta('type') ~= 'Delivery' then
+  return nil
+end)
+kumo.on('should_enqueue_log_record', function(msg, hook_name)
+  local record = msg:get_meta('log_record')
+  if record.type ~= 'Delivery' or record.queue ~= 'app' then
     return false
   end
+  msg:set_meta('queue', 'log.events')
+  return true
+end)
+kumo.on('should_enqueue_log_record', function(msg, hook_name)
   msg:set_meta('queue', 'log.events')
   return true
 end)

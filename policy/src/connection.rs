@@ -14,7 +14,7 @@ use mlua::{Function, Lua, Table, Value};
 use crate::host::function_location;
 use crate::host::SENDER_KEY;
 use crate::message::{LuaMessage, PolicyMessage};
-use crate::outcome::{classify_error, classify_value, SendOutcome};
+use crate::outcome::{classify_error, classify_value, warn_if_not_2xx, SendOutcome};
 use crate::queue_config::QueueConfig;
 use crate::worker::{deadline_error, is_memory_error, LuaThread, Stop, WarmStates};
 
@@ -221,8 +221,10 @@ async fn call_send(lua: &Lua, msg: PolicyMessage, who: &str) -> mlua::Result<Sen
             "{who}: sender has no send method"
         )));
     };
+    let queue = msg.queue.clone();
     let message = lua.create_userdata(LuaMessage(msg))?;
     let value = send.call_async::<Value>((sender, message)).await?;
+    warn_if_not_2xx(&queue, &value, who);
     Ok(classify_value(&value, who))
 }
 
@@ -242,6 +244,7 @@ async fn call_send_batch(
         Err(e) => return vec![Err(e); n],
     };
     let who = format!("sender.send_batch ({})", function_location(&f));
+    let queue = msgs.first().map(|m| m.queue.clone()).unwrap_or_default();
     let list = match lua.create_sequence_from(msgs.into_iter().map(LuaMessage)) {
         Ok(list) => list,
         Err(e) => return vec![Err(e); n],
@@ -250,12 +253,17 @@ async fn call_send_batch(
         Err(e) => vec![Err(e); n],
         Ok(Value::Table(results)) => (1..=n)
             .map(|i| {
-                results
-                    .get::<Value>(i)
-                    .map(|v| classify_value(&v, &format!("{who} for message {i}")))
+                results.get::<Value>(i).map(|v| {
+                    let who = format!("{who} for message {i}");
+                    warn_if_not_2xx(&queue, &v, &who);
+                    classify_value(&v, &who)
+                })
             })
             .collect(),
-        Ok(v) => vec![Ok(classify_value(&v, &who)); n],
+        Ok(v) => {
+            warn_if_not_2xx(&queue, &v, &who);
+            vec![Ok(classify_value(&v, &who)); n]
+        }
     }
 }
 

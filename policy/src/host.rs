@@ -19,8 +19,13 @@ use crate::worker::{
     WarmStates, Watch,
 };
 
-/// The event that may have several handlers (run in order, first non-nil result wins).
+/// The event that asks for a queue's config; it may have several handlers (run in order,
+/// first non-nil result wins).
 const MULTI_HANDLER_EVENT: &str = "get_queue_config";
+
+/// Events that may have several handlers, as in KumoMTA (which composes helpers this way):
+/// each is run in registration order until one answers non-nil.
+const MULTI_HANDLER_EVENTS: &[&str] = &[MULTI_HANDLER_EVENT, crate::log_hook::SHOULD_ENQUEUE];
 
 /// Settings the optional `init` event makes through `kumo.define_spool{path=...}` and
 /// `kumo.start_http_listener{listen=...}`.
@@ -456,7 +461,7 @@ pub(crate) fn lua_error(chunk: &str, error: mlua::Error) -> PolicyError {
 }
 
 /// The handlers registered for `event`, in registration order.
-fn handlers(lua: &Lua, event: &str) -> mlua::Result<Vec<Function>> {
+pub(crate) fn handlers(lua: &Lua, event: &str) -> mlua::Result<Vec<Function>> {
     let state = lua
         .app_data_ref::<HostState>()
         .expect("host state is installed");
@@ -615,8 +620,8 @@ fn install_kumo(lua: &Lua) -> mlua::Result<()> {
     Ok(())
 }
 
-/// `kumo.on(event, fn)`: only while loading; one handler per event except
-/// `get_queue_config`.
+/// `kumo.on(event, fn)`: only while loading; one handler per event except those in
+/// [`MULTI_HANDLER_EVENTS`].
 fn kumo_on(lua: &Lua, (event, func): (String, Function)) -> mlua::Result<()> {
     let location = caller_location(lua);
     let key = lua.create_registry_value(func)?;
@@ -627,11 +632,16 @@ fn kumo_on(lua: &Lua, (event, func): (String, Function)) -> mlua::Result<()> {
         )));
     }
     let list = state.handlers.entry(event.clone()).or_default();
-    if event != MULTI_HANDLER_EVENT {
+    if !MULTI_HANDLER_EVENTS.contains(&event.as_str()) {
         if let Some(first) = list.first() {
             return Err(mlua::Error::runtime(format!(
-                "kumo.on('{event}') at {location}: event '{event}' already has a handler, registered at {}; only '{MULTI_HANDLER_EVENT}' may have several",
-                first.location
+                "kumo.on('{event}') at {location}: event '{event}' already has a handler, registered at {}; only {} may have several",
+                first.location,
+                MULTI_HANDLER_EVENTS
+                    .iter()
+                    .map(|e| format!("'{e}'"))
+                    .collect::<Vec<_>>()
+                    .join(" and ")
             )));
         }
     }

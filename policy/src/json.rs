@@ -1,4 +1,5 @@
-//! `kumo.json_encode` / `kumo.json_decode`, via mlua's serde support.
+//! `kumo.json_encode` / `kumo.json_decode` (and `kumo.json_parse`, KumoMTA's name for the
+//! same decoder, so KumoMTA policies run unchanged), via mlua's serde support.
 
 use mlua::{Lua, LuaSerdeExt, Table, Value};
 
@@ -10,14 +11,16 @@ pub(crate) fn install(lua: &Lua, kumo: &Table) -> mlua::Result<()> {
                 .map_err(|e| mlua::Error::runtime(format!("kumo.json_encode: {e}")))
         })?,
     )?;
-    kumo.set(
-        "json_decode",
-        lua.create_function(|lua, s: mlua::LuaString| {
-            let v: serde_json::Value = serde_json::from_slice(&s.as_bytes())
-                .map_err(|e| mlua::Error::runtime(format!("kumo.json_decode: {e}")))?;
-            lua.to_value(&v)
-        })?,
-    )?;
+    for name in ["json_decode", "json_parse"] {
+        kumo.set(
+            name,
+            lua.create_function(move |lua, s: mlua::LuaString| {
+                let v: serde_json::Value = serde_json::from_slice(&s.as_bytes())
+                    .map_err(|e| mlua::Error::runtime(format!("kumo.{name}: {e}")))?;
+                lua.to_value(&v)
+            })?,
+        )?;
+    }
     Ok(())
 }
 

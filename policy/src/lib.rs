@@ -12,9 +12,9 @@
 //! (syntax errors and top-level errors surface here, with `file:line`). The source text is
 //! kept in memory; the file is never re-read. Running the chunk registers handlers with
 //! `kumo.on(event, fn)`, which is only allowed while the chunk itself runs: a handler that
-//! calls `kumo.on` gets an error. `get_queue_config` may have several handlers (run in
-//! order, first non-nil wins); every other event has exactly one, and a second
-//! registration names both places.
+//! calls `kumo.on` gets an error. `get_queue_config` and `should_enqueue_log_record` may
+//! have several handlers (run in order, first non-nil wins), as in KumoMTA; every other
+//! event has exactly one, and a second registration names both places.
 //!
 //! ## One Lua state per connection, each on its own thread
 //!
@@ -106,7 +106,7 @@ pub use host::{InitConfig, Policy};
 pub use log_hook::SHOULD_ENQUEUE as SHOULD_ENQUEUE_LOG_RECORD;
 pub use message::PolicyMessage;
 pub use outcome::SendOutcome;
-pub use queue_config::{PermanentFailure, QueueConfig, Rate};
+pub use queue_config::{PermanentFailure, QueueConfig, Rate, IGNORED_KUMO_FIELDS};
 pub use queue_name::QueueName;
 pub use worker::{
     PolicyLimits, DEFAULT_EVENT_TIMEOUT, DEFAULT_MEMORY_LIMIT, HOOK_EVERY, REPORT_GRACE,

@@ -3,14 +3,19 @@
 //!
 //! In `init`, `kumo.configure_log_hook{ name = 'events' }` declares a hook. For each record
 //! the daemon then asks `should_enqueue_log_record(message, hook_name)`: the message's data
-//! is the record as JSON, its metadata carries the record's fields; a handler that returns
-//! true (usually after `message:set_meta('queue', 'kafka')`) has it spooled. The daemon is
-//! the one that keeps this loop-free: records about log-hook messages are not offered.
+//! is the record as JSON, its metadata carries the record's fields and, as in KumoMTA, the
+//! whole record as `log_record`; a handler that returns true (usually after
+//! `message:set_meta('queue', 'kafka')`) has it spooled. The daemon is the one that keeps
+//! this loop-free: records about log-hook messages are not offered.
+//!
+//! Several handlers may be registered (KumoMTA composes helper modules this way): they run
+//! in registration order, a `nil` answer asks the next one, and the first `true` or `false`
+//! is final. Anything else a handler returns counts as true, as before.
 
 use mlua::{AnyUserData, Function, Lua, Table, Value};
 
 use crate::error::PolicyError;
-use crate::host::{event_error, single_handler, Shared};
+use crate::host::{event_error, handlers, lua_error, Shared};
 use crate::message::{LuaMessage, PolicyMessage};
 use crate::Policy;
 
@@ -64,15 +69,24 @@ async fn offer(
     record: PolicyMessage,
     hook: String,
 ) -> Result<Option<PolicyMessage>, PolicyError> {
-    let Some(handler) = single_handler(chunk, lua, SHOULD_ENQUEUE)? else {
+    let handlers = handlers(lua, SHOULD_ENQUEUE).map_err(|e| lua_error(chunk, e))?;
+    if handlers.is_empty() {
         return Ok(None);
-    };
+    }
     let failed = |e| event_error(chunk, SHOULD_ENQUEUE, e);
     let message = lua.create_userdata(LuaMessage(record)).map_err(failed)?;
-    let answer = call(&handler, &message, hook).await.map_err(failed)?;
-    if !matches!(answer, Value::Nil | Value::Boolean(false)) {
-        let LuaMessage(view) = message.take::<LuaMessage>().map_err(failed)?;
-        return Ok(Some(view));
+    for handler in &handlers {
+        match call(handler, &message, hook.clone())
+            .await
+            .map_err(failed)?
+        {
+            Value::Nil => continue,
+            Value::Boolean(false) => return Ok(None),
+            _ => {
+                let LuaMessage(view) = message.take::<LuaMessage>().map_err(failed)?;
+                return Ok(Some(view));
+            }
+        }
     }
     Ok(None)
 }

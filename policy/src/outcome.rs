@@ -4,6 +4,8 @@
 //! * `kumo.reject(code, msg)`: code >= 500 => [`SendOutcome::Permanent`], below => `Transient`;
 //! * any other raised error, `nil`, a non-string, or a non-2xx string => `Transient`
 //!   with [`TRANSIENT_CODE`] (or the string's own 4xx code) and a text that says where.
+//!   A *returned* string without a 2xx code is also warned about, once per queue
+//!   ([`warn_if_not_2xx`]): KumoMTA would have counted it as delivered.
 
 use mlua::Value;
 
@@ -98,6 +100,32 @@ pub(crate) fn classify_value(value: &Value, who: &str) -> SendOutcome {
             crate::host::describe(other)
         )),
     }
+}
+
+/// Most queues remembered by [`warn_if_not_2xx`]; past it, further queues are not warned
+/// about (a bound on memory, not a rule anyone should meet).
+const MAX_WARNED_QUEUES: usize = 10_000;
+
+/// Warns, once per queue per process, when a sender *returned* a string without a 2xx
+/// code. KumoMTA counts any returned string as delivered; here it is a transient failure
+/// (the contract: delivered only on 2xx), so a policy ported from KumoMTA that returns
+/// `'ok'` would retry for ever without a word. Raised errors and `kumo.reject` are meant and
+/// not warned about.
+pub(crate) fn warn_if_not_2xx(queue: &str, value: &Value, who: &str) {
+    static WARNED: std::sync::Mutex<Option<std::collections::HashSet<String>>> =
+        std::sync::Mutex::new(None);
+    let Value::String(s) = value else { return };
+    let text = s.to_string_lossy();
+    if matches!(leading_code(&text), Some(200..=299)) {
+        return;
+    }
+    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    let warned = warned.get_or_insert_with(Default::default);
+    if warned.len() >= MAX_WARNED_QUEUES || !warned.insert(queue.to_owned()) {
+        return;
+    }
+    tracing::warn!(target: "policy", %queue,
+        "{who} returned {text:?}, which has no 2xx code: the message counts as a transient failure and is retried. KumoMTA treats any returned string as delivered; here return '250 ...' to mark a message delivered (or kumo.reject(code, msg) to fail it). Warned once per queue");
 }
 
 pub(crate) fn classify_error(e: &mlua::Error) -> SendOutcome {

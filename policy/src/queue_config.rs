@@ -16,7 +16,7 @@ pub enum PermanentFailure {
 }
 
 /// A message rate: at most `limit` messages per `per`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Rate {
     /// How many messages.
     pub limit: u64,
@@ -72,8 +72,14 @@ pub struct QueueConfig {
     pub max_age: Duration,
     /// Send rate limit for the queue (`max_message_rate`); `None`: unlimited.
     pub max_message_rate: Option<Rate>,
+    /// Send rate limit shared by every queue of the same tenant that declares the same
+    /// rate (`overall_max_message_rate`, KumoMTA's "collective" limit); `None`: unlimited.
+    pub overall_max_message_rate: Option<Rate>,
     /// Most connections (senders) the queue opens at once (`connection_limit`).
     pub connection_limit: usize,
+    /// How long a queue's config is used before `get_queue_config` is asked again
+    /// (`refresh_interval`, KumoMTA's field and default).
+    pub refresh_interval: Duration,
     /// Limit for one `send`, `send_batch`, constructor or `close` (`send_timeout`).
     pub send_timeout: Duration,
     /// What a permanent failure does to a message (`on_permanent_failure`).
@@ -91,7 +97,9 @@ impl Default for QueueConfig {
             max_retry_interval: None,
             max_age: Duration::from_secs(7 * 86400),
             max_message_rate: None,
+            overall_max_message_rate: None,
             connection_limit: 32,
+            refresh_interval: Duration::from_secs(60),
             send_timeout: Duration::from_secs(60),
             on_permanent_failure: PermanentFailure::Requeue,
         }
@@ -102,13 +110,32 @@ impl Default for QueueConfig {
 pub(crate) struct LuaQueueConfig(pub QueueConfig);
 impl UserData for LuaQueueConfig {}
 
-/// KumoMTA queue-config fields accepted for compatibility and ignored here.
-const IGNORED_KUMO_FIELDS: &[&str] = &[
+/// KumoMTA queue-config fields (`kumod/src/queue/config.rs`) accepted for compatibility
+/// that have no effect here: SMTP egress pools, in-memory queue strategies and memory
+/// shrinking, metrics rollups by provider, per-queue reaping (the daemon's
+/// `--queue-reap-interval` applies to every queue) and epoch-driven refreshes.
+pub const IGNORED_KUMO_FIELDS: &[&str] = &[
     "egress_pool",
+    "provider_name",
     "reap_interval",
-    "refresh_interval",
     "refresh_strategy",
+    "shrink_policy",
+    "strategy",
+    "timerwheel_tick_interval",
 ];
+
+/// Warns, once per field per process, that a KumoMTA field has no effect here: the
+/// policy asks for queue configs again and again, and one line says it.
+fn warn_ignored(field: &str) {
+    static WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    if warned.iter().any(|f| f == field) {
+        return;
+    }
+    warned.push(field.to_owned());
+    tracing::warn!(target: "policy", field,
+        "make_queue_config: KumoMTA field '{field}' is accepted but has no effect in spoolrelay (see docs/lua-api.md, compatibility)");
+}
 
 pub(crate) fn install(lua: &Lua, kumo: &Table) -> mlua::Result<()> {
     kumo.set(
@@ -169,11 +196,10 @@ pub(crate) fn parse_table(t: &Table) -> mlua::Result<QueueConfig> {
             "max_retry_interval" => c.max_retry_interval = Some(duration(&key, &v)?),
             "max_age" => c.max_age = duration(&key, &v)?,
             "send_timeout" => c.send_timeout = duration(&key, &v)?,
+            "refresh_interval" => c.refresh_interval = duration(&key, &v)?,
             "connection_limit" => c.connection_limit = count(&key, &v)?,
-            "max_message_rate" => {
-                let s = string(&key, &v)?;
-                c.max_message_rate = Some(Rate::parse(&s).map_err(|e| bad(&key, e))?);
-            }
+            "max_message_rate" => c.max_message_rate = Some(rate(&key, &v)?),
+            "overall_max_message_rate" => c.overall_max_message_rate = Some(rate(&key, &v)?),
             "on_permanent_failure" => {
                 c.on_permanent_failure = match string(&key, &v)?.as_str() {
                     "requeue" => PermanentFailure::Requeue,
@@ -186,9 +212,7 @@ pub(crate) fn parse_table(t: &Table) -> mlua::Result<QueueConfig> {
                     }
                 }
             }
-            k if IGNORED_KUMO_FIELDS.contains(&k) => {
-                tracing::debug!(target: "policy", "make_queue_config: ignoring KumoMTA field '{k}'");
-            }
+            k if IGNORED_KUMO_FIELDS.contains(&k) => warn_ignored(k),
             _ => {
                 return Err(mlua::Error::runtime(format!(
                     "make_queue_config: unknown field '{key}'"
@@ -261,6 +285,10 @@ fn string(field: &str, v: &Value) -> mlua::Result<String> {
             format!("expected a string, got {}", crate::host::describe(other)),
         )),
     }
+}
+
+fn rate(field: &str, v: &Value) -> mlua::Result<Rate> {
+    Rate::parse(&string(field, v)?).map_err(|e| bad(field, e))
 }
 
 /// A positive whole number.

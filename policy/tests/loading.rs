@@ -127,6 +127,8 @@ kumo.on('get_queue_config', function(domain, tenant, campaign, routing_domain)
     max_retry_interval = 3600,
     max_age = '2d',
     max_message_rate = '50/m',
+    overall_max_message_rate = '100/s',
+    refresh_interval = '5m',
     connection_limit = 4,
     send_timeout = 1.5,
     on_permanent_failure = 'dead_letter',
@@ -153,7 +155,12 @@ end)
                 limit: 50,
                 per: Duration::from_secs(60)
             }),
+            overall_max_message_rate: Some(Rate {
+                limit: 100,
+                per: Duration::from_secs(1)
+            }),
             connection_limit: 4,
+            refresh_interval: Duration::from_secs(300),
             send_timeout: Duration::from_millis(1500),
             on_permanent_failure: PermanentFailure::DeadLetter,
         }
@@ -168,6 +175,7 @@ local bad = {
   hugeage = { max_age = 1e18 },
   hugeretry = { retry_interval = '500000000000y' },
   rate = { max_message_rate = 'fast' },
+  overall = { overall_max_message_rate = '10/fortnight' },
   limit = { connection_limit = -1 },
   limittype = { connection_limit = 'many' },
   failure = { on_permanent_failure = 'drop' },
@@ -209,6 +217,10 @@ async fn bad_fields_are_named() {
             "field 'retry_interval': duration 500000000000y is longer than the maximum",
         ),
         ("rate", "field 'max_message_rate': invalid rate 'fast'"),
+        (
+            "overall",
+            "field 'overall_max_message_rate': invalid rate '10/fortnight'",
+        ),
         (
             "limit",
             "field 'connection_limit': must be at least 1, got -1",

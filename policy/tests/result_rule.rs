@@ -54,6 +54,7 @@ kumo.on('make.test', function(domain, tenant, campaign)
         seen = message:get_meta('seen'),
         len = #message:get_data(),
         decoded = kumo.json_decode('{"a":[1,2,3]}'),
+        parsed = kumo.json_parse('{"b":true}'),
       }
     end
     if mode == 'data' then
@@ -227,7 +228,7 @@ async fn message_api_round_trips() {
         json,
         serde_json::json!({
             "id": "m7", "queue": "test", "attempts": 3, "sender": "a@example.com",
-            "seen": {"n": 1}, "len": 7, "decoded": {"a": [1, 2, 3]}
+            "seen": {"n": 1}, "len": 7, "decoded": {"a": [1, 2, 3]}, "parsed": {"b": true}
         })
     );
 }

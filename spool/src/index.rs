@@ -186,6 +186,14 @@ impl Index {
         names
     }
 
+    /// How many waiting messages of `queue` are due at `now_ms`, counting at most `max`
+    /// (the dispatcher's batch gathering asks "are there `min_batch_size` yet?").
+    pub fn due_count(&self, queue: &str, now_ms: u64, max: usize) -> usize {
+        self.queues.get(queue).map_or(0, |q| {
+            q.scheduled.range(..=(now_ms, u64::MAX)).take(max).count()
+        })
+    }
+
     /// Earliest due time of a waiting message, for the dispatcher's timer.
     pub fn next_due(&self, queue: &str) -> Option<u64> {
         let q = self.queues.get(queue)?;
@@ -269,6 +277,24 @@ mod tests {
         );
         assert!(index.release("q", 3));
         assert_eq!(index.take_due("q", 1000, 10).len(), 2);
+    }
+
+    #[test]
+    fn due_count_counts_waiting_due_messages_up_to_max() {
+        let mut index = Index::default();
+        for id in 0..5 {
+            index.insert("q", id, 100 + id, SLOT);
+        }
+        assert_eq!(index.due_count("q", 99, 10), 0);
+        assert_eq!(index.due_count("q", 102, 10), 3);
+        assert_eq!(index.due_count("q", 1000, 2), 2, "at most max");
+        index.take_due("q", 100, 1);
+        assert_eq!(
+            index.due_count("q", 102, 10),
+            2,
+            "leased ones are not waiting"
+        );
+        assert_eq!(index.due_count("other", 1000, 10), 0);
     }
 
     #[test]

@@ -565,6 +565,11 @@ impl Spool {
         self.index().queue_names()
     }
 
+    /// How many waiting messages of `queue` are due at `now_ms`, at most `max` counted.
+    pub fn due_count(&self, queue: &str, now_ms: u64, max: usize) -> usize {
+        self.index().due_count(queue, now_ms, max)
+    }
+
     /// When the earliest waiting message of `queue` is due, if any is waiting.
     pub fn next_due(&self, queue: &str) -> Option<u64> {
         self.index().next_due(queue)

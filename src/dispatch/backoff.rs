@@ -70,6 +70,11 @@ impl TokenBucket {
         granted
     }
 
+    /// Returns `n` tokens taken but not used (another limit granted fewer).
+    pub fn give_back(&mut self, n: usize) {
+        self.tokens = (self.tokens + n as f64).min(self.capacity);
+    }
+
     /// How long until at least one token is available.
     pub fn wait_for_one(&mut self, now_ms: u64) -> Duration {
         self.refill(now_ms);

@@ -16,18 +16,20 @@
 //! A worker of a queue in [`Suspensions`] leases nothing.
 
 mod backoff;
+mod batching;
 mod budget;
 mod connection;
 pub mod decide;
 mod deliver;
 mod queue;
+mod rates;
 pub mod reaper;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use policy::{Policy, QueueConfig};
+use policy::Policy;
 use spool::Spool;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
@@ -86,6 +88,8 @@ pub(crate) struct WorkerEnv {
     retire: mpsc::UnboundedSender<Retire>,
     trim: reaper::Trim,
     budget: budget::Budget,
+    /// `overall_max_message_rate` buckets, shared by the queues of a tenant.
+    shared_rates: rates::SharedRates,
 }
 
 impl Dispatcher {
@@ -104,6 +108,7 @@ impl Dispatcher {
             retire: retire_tx,
             trim,
             budget: budget::Budget::new(self.max_connections),
+            shared_rates: rates::SharedRates::default(),
         };
         let mut workers: HashMap<String, Running> = HashMap::new();
         let mut idle = reaper::IdleQueues::default();
@@ -182,11 +187,4 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-/// The token bucket for a queue's `max_message_rate`, if it has one.
-fn token_bucket(cfg: &QueueConfig) -> Option<TokenBucket> {
-    cfg.max_message_rate
-        .as_ref()
-        .map(|rate| TokenBucket::new(rate.limit, rate.per, spool::now_ms()))
 }

@@ -3,7 +3,8 @@
 //! The worker never waits on a send itself: each send runs as its own task that settles its
 //! messages with the spool (see [`deliver`](super::deliver)), so a slow broker only ever
 //! holds its in-flight slots. The worker's loop is: refresh config → make room (open a
-//! connection if all are full) → lease as many due messages as there is room for → spawn
+//! connection if all are full) → lease as many due messages as there is room for (once
+//! `min_batch_size` of them gathered or `max_batch_latency` passed: `batching.rs`) → spawn
 //! sends → sleep until the next due time or connection idle deadline, a wake from the
 //! supervisor (its queue was touched), a finished send, a suspend/resume or shutdown. A
 //! worker with nothing timed to do sets no timer at all. Once its queue is empty, nothing
@@ -18,16 +19,19 @@ use spool::{Message, MessageId, Spool};
 use tokio::sync::{oneshot, Notify};
 use tokio::task::{Id, JoinSet};
 
-use super::backoff::{ConnectBackoff, TokenBucket};
+use super::backoff::ConnectBackoff;
+use super::batching::{BatchRule, Gather};
 use super::connection::{self, Pool};
 use super::decide::{decide, Event, Fate};
+use super::rates::QueueRates;
 use super::{deliver, Retire, WorkerEnv};
 use crate::shutdown::Shutdown;
 use crate::suspensions::Suspensions;
 use crate::telemetry::QueueTelemetry;
 
-/// How often a queue's config is asked again of the policy.
-const CONFIG_TTL: Duration = Duration::from_secs(60);
+/// The shortest `refresh_interval` honoured: each refresh is a call into the policy's
+/// shared Lua state, which every queue's config goes through.
+const MIN_CONFIG_TTL: Duration = Duration::from_secs(1);
 /// Upper bound on one connect (a constructor reaching a dead broker may hang).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How soon a worker looks again after a lease failed or came back empty although a
@@ -48,7 +52,8 @@ pub struct QueueWorker {
     /// What each running send holds (id only), so a send that panics or is aborted at
     /// shutdown can have its leases returned.
     leased: HashMap<Id, Vec<(String, MessageId)>>,
-    bucket: Option<TokenBucket>,
+    /// `max_message_rate` and `overall_max_message_rate`.
+    rates: QueueRates,
     backoff: ConnectBackoff,
     blocked_until: Option<Instant>,
     suspensions: Suspensions,
@@ -73,6 +78,7 @@ impl QueueWorker {
     ) -> Self {
         QueueWorker {
             pool: Pool::new(&queue, env.idle_timeout, env.trim, env.budget, wake.clone()),
+            rates: QueueRates::new(&queue, env.shared_rates),
             queue,
             spool: env.spool,
             policy: env.policy,
@@ -81,7 +87,6 @@ impl QueueWorker {
             config: None,
             sends: JoinSet::new(),
             leased: HashMap::new(),
-            bucket: None,
             backoff: ConnectBackoff::default(),
             blocked_until: None,
             suspensions: env.suspensions,
@@ -117,10 +122,17 @@ impl QueueWorker {
                 tracing::debug!(queue = %self.queue, "queue is empty; worker retires");
                 return;
             }
-            let wake_at = [nap.wake, self.pool.next_idle_deadline()]
-                .into_iter()
-                .flatten()
-                .min();
+            // A queue waiting for something timed (a rate token, a batch, a retry) also
+            // wakes when its config is due again, so a changed rate applies within
+            // `refresh_interval`, not after the old rate's wait.
+            let wake_at = [
+                nap.wake,
+                self.pool.next_idle_deadline(),
+                nap.wake.and(self.config_refresh_at()),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             tokio::select! {
                 Some(done) = self.sends.join_next_with_id(), if !self.sends.is_empty() => self.finished(done),
                 _ = wake.notified() => {}
@@ -186,11 +198,11 @@ impl QueueWorker {
         self.pool.set_send_size(per_send);
         loop {
             let now_ms = spool::now_ms();
-            match self.spool.next_due(&self.queue) {
-                Some(due) if due <= now_ms => {}
+            let oldest_due = match self.spool.next_due(&self.queue) {
+                Some(due) if due <= now_ms => due,
                 Some(due) => return later(Duration::from_millis(due - now_ms)),
                 None => return idle,
-            }
+            };
             // Saturated connections get company (at most one more per GROWTH_INTERVAL):
             // waiting until they are completely full would never happen, because each
             // finished send is replaced at once.
@@ -216,19 +228,31 @@ impl QueueWorker {
                 None => return later(connection::GROWTH_INTERVAL),
             };
             let mut want = (room * per_send).min(MAX_LEASE);
-            if let Some(bucket) = &mut self.bucket {
-                want = bucket.take(want, now_ms);
-                if want == 0 {
-                    return later(bucket.wait_for_one(now_ms));
+            if cfg.min_batch_size > 1 {
+                let due = self.spool.due_count(&self.queue, now_ms, want);
+                match batch_rule(&cfg).gather(due, oldest_due, now_ms) {
+                    Gather::Lease(n) => want = n.max(1),
+                    Gather::WaitUntil(at_ms) => {
+                        return NextWake {
+                            wake: Some(Instant::now() + Duration::from_millis(at_ms - now_ms)),
+                        }
+                    }
                 }
             }
+            want = match self.rates.take(want, now_ms) {
+                Ok(granted) => granted,
+                Err(wait) => return later(wait),
+            };
             let msgs = match self.spool.lease(&self.queue, want, now_ms) {
                 Ok(msgs) => msgs,
                 Err(e) => {
                     tracing::error!(queue = %self.queue, error = %e, "lease failed");
+                    self.rates.give_back(want);
                     return later(RETRY_SOON);
                 }
             };
+            // Fewer were due than there was room for: the rate limits keep the rest.
+            self.rates.give_back(want - msgs.len().min(want));
             if msgs.is_empty() {
                 return later(RETRY_SOON);
             }
@@ -294,23 +318,25 @@ impl QueueWorker {
         }
     }
 
-    /// The cached queue config, asked again every [`CONFIG_TTL`]. A failing refresh keeps
+    /// When the cached config is to be asked again, if there is one.
+    fn config_refresh_at(&self) -> Option<Instant> {
+        let (cfg, at) = self.config.as_ref()?;
+        Some(*at + cfg.refresh_interval.max(MIN_CONFIG_TTL))
+    }
+
+    /// The cached queue config, asked again after its `refresh_interval` (at least
+    /// [`MIN_CONFIG_TTL`]). A failing refresh keeps
     /// the old config; a failing first ask blocks the queue with backoff.
     async fn config(&mut self) -> Option<Arc<QueueConfig>> {
         if let Some((cfg, at)) = &self.config {
-            if at.elapsed() < CONFIG_TTL {
+            if at.elapsed() < cfg.refresh_interval.max(MIN_CONFIG_TTL) {
                 return Some(cfg.clone());
             }
         }
         match self.policy.queue_config(&self.queue).await {
             Ok(cfg) => {
-                let rate_changed = self
-                    .config
-                    .as_ref()
-                    .map(|(old, _)| old.max_message_rate != cfg.max_message_rate);
-                if rate_changed != Some(false) {
-                    self.bucket = super::token_bucket(&cfg);
-                }
+                let old = self.config.as_ref().map(|(old, _)| old.as_ref());
+                self.rates.update(old, &cfg, spool::now_ms());
                 let cfg = Arc::new(cfg);
                 self.config = Some((cfg.clone(), Instant::now()));
                 Some(cfg)
@@ -386,6 +412,15 @@ impl QueueWorker {
             }
         }
         self.pool.close_all().await;
+    }
+}
+
+/// The queue config's batching settings.
+fn batch_rule(cfg: &QueueConfig) -> BatchRule {
+    BatchRule {
+        batch_size: cfg.batch_size,
+        min_batch_size: cfg.min_batch_size,
+        max_latency_ms: u64::try_from(cfg.max_batch_latency.as_millis()).unwrap_or(u64::MAX),
     }
 }
 
