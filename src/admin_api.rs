@@ -41,6 +41,8 @@ pub struct Admin {
     pub suspensions: Suspensions,
     /// The drain switch.
     pub drain: Drain,
+    /// The running policy, for `POST /api/admin/reload`.
+    pub policy: policy::Policy,
 }
 
 /// The admin routes, behind the bearer token when there is one.
@@ -57,6 +59,7 @@ pub fn router(state: Admin, token: Option<String>) -> Router {
         .route("/api/admin/dead-letter", get(dead_letters))
         .route("/api/admin/dead-letter/requeue", post(requeue_dead_letters))
         .route("/api/admin/drain", post(drain).get(drain_status))
+        .route("/api/admin/reload", post(reload))
         .route_layer(middleware::from_fn_with_state(token, require_token))
         .with_state(state)
 }
@@ -380,6 +383,25 @@ async fn drain_status(
         Some(status) => json!(status),
         None => json!({ "draining": false }),
     }))
+}
+
+/// Reloads the policy file: 200 with the new generation, or 422 with the load error
+/// (`file:line`) while the old policy keeps running.
+async fn reload(State(admin): State<Admin>) -> Result<Json<Value>, ApiError> {
+    // Detached: a client hanging up must not cancel a reload half-way.
+    let policy = admin.policy.clone();
+    let done = tokio::spawn(async move { crate::reload::reload(&policy, "admin API").await })
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| {
+            ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("policy reload refused, the previous policy keeps running: {e}"),
+            )
+        })?;
+    Ok(Json(
+        json!({ "reloaded": true, "chunk": done.chunk, "generation": done.generation }),
+    ))
 }
 
 async fn suspended(State(admin): State<Admin>) -> Json<Value> {

@@ -39,6 +39,7 @@ pub mod ingest;
 pub mod log_hook_task;
 pub mod metrics;
 pub mod queue_series;
+pub mod reload;
 pub mod server;
 pub mod shutdown;
 pub mod suspensions;
@@ -172,6 +173,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
             spool: spool.clone(),
             suspensions: suspensions.clone(),
             drain: drain.clone(),
+            policy: config.policy.clone(),
         };
         app = app.merge(admin_api::router(state, config.admin_token.clone()));
     }
@@ -197,6 +199,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
         max_connections: config.queues.max_broker_connections,
     };
     let dispatch = tokio::spawn(dispatcher.run());
+    reload::on_sighup(config.policy.clone(), shutdown.clone());
     let task_spool = spool.clone();
     let task = tokio::spawn(async move {
         http.await.context("HTTP task failed")?;

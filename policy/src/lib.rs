@@ -98,6 +98,7 @@ mod message;
 pub mod outcome;
 mod queue_config;
 mod queue_name;
+mod reload;
 mod worker;
 
 pub use connection::Connection;
@@ -108,6 +109,7 @@ pub use message::PolicyMessage;
 pub use outcome::SendOutcome;
 pub use queue_config::{PermanentFailure, QueueConfig, Rate};
 pub use queue_name::QueueName;
+pub use reload::Reloaded;
 pub use worker::{
     PolicyLimits, DEFAULT_EVENT_TIMEOUT, DEFAULT_MEMORY_LIMIT, HOOK_EVERY, REPORT_GRACE,
 };

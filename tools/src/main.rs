@@ -118,6 +118,10 @@ enum Command {
     Suspend { queue: String },
     /// Deliver a suspended queue again (needs --url).
     Resume { queue: String },
+    /// Reload the daemon's policy file (needs --url); same as sending it SIGHUP. A policy
+    /// that fails to load is refused with its error (file:line) and the old one keeps
+    /// running (exit code 2).
+    Reload,
     /// Drain the daemon (needs --url): ingest and /readyz answer 503, delivery goes on, and
     /// the daemon exits once nothing deliverable remains or the deadline passed. Waits for
     /// that and exits with the daemon's code: 0 drained, 3 messages left (suspended, due
@@ -171,6 +175,7 @@ impl Command {
             Command::Suspend { .. } => "suspend",
             Command::Resume { .. } => "resume",
             Command::Drain { .. } => "drain",
+            Command::Reload => "reload",
         }
     }
 
@@ -252,6 +257,7 @@ fn run_online(cli: Cli, url: &str) -> anyhow::Result<ExitCode> {
         Command::Suspend { queue } => remote.suspension(&out, &queue, "suspend"),
         Command::Resume { queue } => remote.suspension(&out, &queue, "resume"),
         Command::Drain { deadline, no_wait } => remote.drain(&out, deadline.as_deref(), !no_wait),
+        Command::Reload => remote.reload(&out),
         other => anyhow::bail!(
             "`{}` works on the spool directory only: stop the daemon and run it without --url",
             other.name()
@@ -265,7 +271,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     if matches!(
         cli.command,
-        Command::Suspend { .. } | Command::Resume { .. } | Command::Drain { .. }
+        Command::Suspend { .. } | Command::Resume { .. } | Command::Drain { .. } | Command::Reload
     ) {
         anyhow::bail!(
             "`{}` changes a running daemon: pass --url http://HOST:PORT (its listen address)",
@@ -336,7 +342,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             transfer::export(&out, &spool, &file, skip_damaged)
         }
         Command::Import { file } => transfer::import(&out, &rt, &spool, &file),
-        Command::Suspend { .. } | Command::Resume { .. } | Command::Drain { .. } => {
+        Command::Suspend { .. }
+        | Command::Resume { .. }
+        | Command::Drain { .. }
+        | Command::Reload => {
             unreachable!("refused above")
         }
     }

@@ -180,6 +180,22 @@ impl Remote {
 }
 
 impl Remote {
+    /// `POST /api/admin/reload`: the daemon loads its policy file again; a refusal comes
+    /// back as the error (file:line).
+    pub fn reload(&self, out: &Output) -> anyhow::Result<ExitCode> {
+        let answer: Value = self.post("/api/admin/reload", json!({}))?;
+        if out.json {
+            out.json(&answer);
+        } else {
+            println!(
+                "policy {} reloaded (generation {})",
+                answer["chunk"].as_str().unwrap_or("?"),
+                answer["generation"]
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
     /// Starts a drain and, with `wait`, follows it (`GET /api/admin/drain?wait=`) to its
     /// end: the exit code is then the daemon's own (0 drained, 3 leftovers, 4 deadline).
     pub fn drain(
