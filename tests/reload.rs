@@ -143,3 +143,49 @@ async fn reload_under_load_switches_destination_and_loses_nothing() {
     );
     daemon.stop().await.expect("daemon stops");
 }
+
+/// SIGHUP reloads the policy of a daemon process: a message the old policy keeps failing
+/// (451, retried each second) is delivered by the new one, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_policy_file() {
+    let (_c, ch) = common::amqp::fresh_queue("spoolrelay_reload_hup").await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.lua");
+    let failing = amqp_policy("spoolrelay_reload_hup").replace(
+        "local result",
+        "kumo.reject(451, 'old policy')\n    local result",
+    );
+    std::fs::write(&file, failing).unwrap();
+    let port = common::free_port();
+    let mut child = common::relay_command(&file, &dir.path().join("spool"), port)
+        .spawn()
+        .expect("start spoolrelay");
+    common::wait_live(port).await;
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(format!(
+            "http://127.0.0.1:{port}/api/v1/queues/reload/messages"
+        ))
+        .body("across a SIGHUP")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        common::spooled(&http, port).await,
+        Some(1),
+        "the old policy never delivers"
+    );
+
+    std::fs::write(&file, amqp_policy("spoolrelay_reload_hup")).unwrap();
+    // SAFETY: kill(2) on our own child's pid.
+    let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGHUP) };
+    assert_eq!(sent, 0, "send SIGHUP");
+    let got = common::amqp::take_all(&ch, "spoolrelay_reload_hup", Duration::from_secs(5)).await;
+    let alive = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(alive, "SIGHUP must not stop the daemon");
+    assert_eq!(got, vec![b"across a SIGHUP".to_vec()]);
+}
