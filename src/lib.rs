@@ -134,7 +134,9 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
     };
     tracing::info!(%addr, admin_api = config.admin_api, admin_token = config.admin_token.is_some(), "HTTP API listening");
 
-    let suspensions = suspensions::Suspensions::default();
+    let suspensions = suspensions::Suspensions::load(spool.clone())
+        .await
+        .context("cannot read the queue suspensions kept in the spool")?;
     let drain = drain::Drain::new(spool.clone(), suspensions.clone(), shutdown.clone());
     let limits = &config.limits;
     let capacity = capacity::Capacity::new(

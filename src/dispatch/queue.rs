@@ -189,9 +189,13 @@ impl QueueWorker {
             wake: Some(now + d),
         };
         let idle = NextWake { wake: None };
-        if self.suspensions.is_suspended(&self.queue) {
-            // Nothing is leased; running sends finish. A resume wakes the worker.
-            return idle;
+        if let Some(suspended) = self.suspensions.get(&self.queue) {
+            // Nothing is leased; running sends finish. A resume wakes the worker, and so
+            // does the suspension's expiry.
+            let expires = suspended
+                .until_ms
+                .map(|until| now + Duration::from_millis(until.saturating_sub(spool::now_ms())));
+            return NextWake { wake: expires };
         }
         if let Some(until) = self.blocked_until {
             if until > now {

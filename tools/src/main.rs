@@ -114,8 +114,17 @@ enum Command {
     },
     /// Add messages from an export file, keeping their ids; idempotent.
     Import { file: PathBuf },
-    /// Stop delivering a queue (needs --url): ingest keeps accepting, nothing is sent.
-    Suspend { queue: String },
+    /// Stop delivering a queue (needs --url): ingest keeps accepting, nothing is sent. The
+    /// suspension is kept in the spool: it outlasts a restart of the daemon.
+    Suspend {
+        queue: String,
+        /// End it by itself after this long, e.g. 1h or 30m [default: until resumed].
+        #[arg(long = "for", value_name = "DURATION")]
+        lasting: Option<String>,
+        /// Why, shown by `summary`.
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Deliver a suspended queue again (needs --url).
     Resume { queue: String },
     /// Reload the daemon's policy file (needs --url); same as sending it SIGHUP. A policy
@@ -254,8 +263,17 @@ fn run_online(cli: Cli, url: &str) -> anyhow::Result<ExitCode> {
             remote.dead_letter_requeue(&out, queue.as_deref(), id)
         }
         Command::Requeue { queue, to } => remote.requeue(&out, &queue, to.as_deref()),
-        Command::Suspend { queue } => remote.suspension(&out, &queue, "suspend"),
-        Command::Resume { queue } => remote.suspension(&out, &queue, "resume"),
+        Command::Suspend {
+            queue,
+            lasting,
+            reason,
+        } => {
+            let body = serde_json::json!({ "for": lasting, "reason": reason });
+            remote.suspension(&out, &queue, "suspend", body)
+        }
+        Command::Resume { queue } => {
+            remote.suspension(&out, &queue, "resume", serde_json::json!({}))
+        }
         Command::Drain { deadline, no_wait } => remote.drain(&out, deadline.as_deref(), !no_wait),
         Command::Reload => remote.reload(&out),
         other => anyhow::bail!(

@@ -99,9 +99,21 @@ impl Remote {
         crate::inspect::print_summary(out, &stats, now, &suspended)
     }
 
-    fn suspended(&self) -> anyhow::Result<Vec<String>> {
+    /// The suspended queues with reason and expiry (an older daemon sends names only).
+    fn suspended(&self) -> anyhow::Result<Vec<crate::inspect::Suspended>> {
         let v: Value = self.get("/api/admin/suspended")?;
-        Ok(serde_json::from_value(v["suspended"].clone()).unwrap_or_default())
+        let names: Vec<String> = serde_json::from_value(v["suspended"].clone()).unwrap_or_default();
+        Ok(names
+            .into_iter()
+            .map(|queue| {
+                let detail = &v["details"][&queue];
+                crate::inspect::Suspended {
+                    reason: detail["reason"].as_str().map(str::to_owned),
+                    until_ms: detail["until_ms"].as_u64(),
+                    queue,
+                }
+            })
+            .collect())
     }
 
     pub fn ls(
@@ -156,10 +168,16 @@ impl Remote {
         out.done(what, count(&answer)?)
     }
 
-    /// `suspend` or `resume`.
-    pub fn suspension(&self, out: &Output, queue: &str, action: &str) -> anyhow::Result<ExitCode> {
+    /// `suspend` (with its optional `{"for", "reason"}`) or `resume`.
+    pub fn suspension(
+        &self,
+        out: &Output,
+        queue: &str,
+        action: &str,
+        body: Value,
+    ) -> anyhow::Result<ExitCode> {
         let path = format!("/api/admin/queues/{}/{action}", encode(queue));
-        let answer: Value = self.post(&path, json!({}))?;
+        let answer: Value = self.post(&path, body)?;
         if out.json {
             out.json(&answer);
         } else {
@@ -173,7 +191,14 @@ impl Remote {
             } else {
                 ""
             };
-            println!("queue {queue:?}: {state}{already}");
+            let until = match answer["until_ms"].as_u64() {
+                Some(until) => format!(
+                    " for {}",
+                    crate::output::age(until.saturating_sub(spool::now_ms()))
+                ),
+                None => String::new(),
+            };
+            println!("queue {queue:?}: {state}{already}{until}");
         }
         Ok(ExitCode::SUCCESS)
     }

@@ -291,3 +291,43 @@ async fn reload_reports_the_new_generation_or_the_load_error() {
     assert!(text.contains("reloaded (generation 2)"), "{text}");
     daemon.stop().await.unwrap();
 }
+
+/// `spoolctl suspend Q --for 1h --reason R`: `summary` shows the reason and the time left,
+/// also after the daemon restarted (the suspension is kept in the spool).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspend_with_reason_and_expiry_shows_in_summary_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = start(dir.path(), None).await;
+    let url = format!("http://{}", daemon.addr);
+    let out = spoolctl(args(&[
+        "--url",
+        &url,
+        "suspend",
+        "a",
+        "--for",
+        "1h",
+        "--reason",
+        "broker maintenance",
+    ]))
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("suspended for 59m"),
+        "{text}"
+    );
+    let bad = spoolctl(args(&["--url", &url, "suspend", "a", "--for", "soon"])).await;
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("\"soon\""));
+    daemon.stop().await.unwrap();
+
+    let daemon = start(dir.path(), None).await;
+    let url = format!("http://{}", daemon.addr);
+    let out = spoolctl(args(&["--url", &url, "summary"])).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("suspended: a (reason: broker maintenance; 59m"),
+        "{text}"
+    );
+    assert!(text.contains("left)"), "{text}");
+    daemon.stop().await.unwrap();
+}
