@@ -629,6 +629,7 @@ fn install_kumo(lua: &Lua) -> mlua::Result<()> {
     crate::json::install(lua, &kumo)?;
     crate::kafka::install(lua, &kumo)?;
     crate::amqp::install(lua, &kumo)?;
+    crate::http::install(lua, &kumo)?;
     crate::log_hook::install(lua, &kumo)?;
     lua.globals().set("kumo", kumo)?;
     Ok(())

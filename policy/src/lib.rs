@@ -91,6 +91,7 @@ mod error;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 mod host;
+mod http;
 mod json;
 mod kafka;
 mod log_hook;
