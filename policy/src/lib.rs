@@ -10,9 +10,9 @@
 //!
 //! [`Policy::load`] reads the file once and runs it in a fresh Lua state to validate it
 //! (syntax errors and top-level errors surface here, with `file:line`). The source text is
-//! kept in memory; the file is never re-read. Running the chunk registers handlers with
-//! `kumo.on(event, fn)`, which is only allowed while the chunk itself runs: a handler that
-//! calls `kumo.on` gets an error. `get_queue_config` may have several handlers (run in
+//! kept in memory; the file is read again only by [`Policy::reload`] (see `reload`).
+//! Running the chunk registers handlers with `kumo.on(event, fn)`, which is only allowed
+//! while the chunk itself runs: a handler that calls `kumo.on` gets an error. `get_queue_config` may have several handlers (run in
 //! order, first non-nil wins); every other event has exactly one, and a second
 //! registration names both places.
 //!
@@ -80,8 +80,9 @@
 //! names, read here and written by the daemon's ingest),
 //! `message` (the Message userdata), `outcome` (the result rule), `connection`
 //! (constructor, send, batch, close), `log_hook` (`should_enqueue_log_record`), `error`
-//! ([`PolicyError`]), `kafka`, `amqp`, `json`. `#![warn(missing_docs)]`: every public item
-//! is documented.
+//! ([`PolicyError`]), `kafka`, `amqp`, `http` (`kumo.http`, webhooks), `json`, `reload`
+//! ([`Policy::reload`]: a new generation, swapped in only if it loads).
+//! `#![warn(missing_docs)]`: every public item is documented.
 
 #![warn(missing_docs)]
 
