@@ -12,9 +12,9 @@
 //! (syntax errors and top-level errors surface here, with `file:line`). The source text is
 //! kept in memory; the file is read again only by [`Policy::reload`] (see `reload`).
 //! Running the chunk registers handlers with `kumo.on(event, fn)`, which is only allowed
-//! while the chunk itself runs: a handler that calls `kumo.on` gets an error. `get_queue_config` may have several handlers (run in
-//! order, first non-nil wins); every other event has exactly one, and a second
-//! registration names both places.
+//! while the chunk itself runs: a handler that calls `kumo.on` gets an error.
+//! `get_queue_config` may have several handlers (run in order, first non-nil wins); every
+//! other event has exactly one, and a second registration names both places.
 //!
 //! ## One Lua state per connection, each on its own thread
 //!
