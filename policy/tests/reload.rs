@@ -46,7 +46,7 @@ async fn reload_swaps_only_a_policy_that_loads() {
     let still = policy.connect("test").await.unwrap();
     assert_eq!(answer(&still).await, "250 old");
 
-    let mut ticks = policy.generations();
+    let ticks = policy.generations();
     std::fs::write(&file, answering("new")).unwrap();
     let done = policy.reload().await.unwrap();
     assert_eq!(done.generation, 1);
