@@ -4,7 +4,7 @@
 //! [`spool::view`] and [`spool::SpoolStats`]); writes go through the same `Spool` operator
 //! calls, so they are durable when they answer and never touch a message in flight.
 //! Suspending a queue is the one thing only a running daemon can do: its worker stops
-//! leasing until resumed (memory only: a restart resumes every queue).
+//! leasing until resumed or expired (kept in the spool: a restart keeps it).
 //!
 //! Draining (`/api/admin/drain`) is the other: it is [`crate::drain`]'s switch, and the
 //! daemon exits when the drain ends.
@@ -41,6 +41,8 @@ pub struct Admin {
     pub suspensions: Suspensions,
     /// The drain switch.
     pub drain: Drain,
+    /// The running policy, for `POST /api/admin/reload`.
+    pub policy: policy::Policy,
 }
 
 /// The admin routes, behind the bearer token when there is one.
@@ -57,6 +59,7 @@ pub fn router(state: Admin, token: Option<String>) -> Router {
         .route("/api/admin/dead-letter", get(dead_letters))
         .route("/api/admin/dead-letter/requeue", post(requeue_dead_letters))
         .route("/api/admin/drain", post(drain).get(drain_status))
+        .route("/api/admin/reload", post(reload))
         .route_layer(middleware::from_fn_with_state(token, require_token))
         .with_state(state)
 }
@@ -288,16 +291,39 @@ async fn requeue(
     Ok(Json(json!({ "count": n })))
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct SuspendRequest {
+    /// Why (shown by `summary`).
+    reason: Option<String>,
+    /// How long, e.g. `"1h"`; absent: until resumed.
+    #[serde(rename = "for")]
+    lasting: Option<String>,
+}
+
+/// Suspends a queue, durably (kept in the spool: a restart keeps it), with an optional
+/// reason and duration; a second suspend replaces both.
 async fn suspend(
     State(admin): State<Admin>,
     Path(queue): Path<String>,
+    bytes: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     check_queue(&queue)?;
-    let changed = admin.suspensions.suspend(&queue);
-    tracing::warn!(%queue, "admin: queue suspended (no deliveries until resumed)");
-    Ok(Json(
-        json!({ "queue": queue, "suspended": true, "changed": changed }),
-    ))
+    let req: SuspendRequest = body(&bytes)?;
+    let lasting = req
+        .lasting
+        .as_deref()
+        .map(|d| duration("for", d))
+        .transpose()?;
+    let (suspensions, q) = (admin.suspensions.clone(), queue.clone());
+    let (changed, s) =
+        detached(async move { suspensions.suspend(&q, req.reason, lasting).await }).await?;
+    tracing::warn!(%queue, reason = s.reason.as_deref().unwrap_or(""), until_ms = s.until_ms,
+        "admin: queue suspended (no deliveries until resumed or expired)");
+    Ok(Json(json!({
+        "queue": queue, "suspended": true, "changed": changed,
+        "reason": s.reason, "until_ms": s.until_ms,
+    })))
 }
 
 async fn resume(
@@ -305,7 +331,8 @@ async fn resume(
     Path(queue): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     check_queue(&queue)?;
-    let changed = admin.suspensions.resume(&queue);
+    let (suspensions, q) = (admin.suspensions.clone(), queue.clone());
+    let changed = detached(async move { suspensions.resume(&q).await }).await?;
     tracing::info!(%queue, "admin: queue resumed");
     Ok(Json(
         json!({ "queue": queue, "suspended": false, "changed": changed }),
@@ -382,8 +409,30 @@ async fn drain_status(
     }))
 }
 
+/// Reloads the policy file: 200 with the new generation, or 422 with the load error
+/// (`file:line`) while the old policy keeps running.
+async fn reload(State(admin): State<Admin>) -> Result<Json<Value>, ApiError> {
+    // Detached: a client hanging up must not cancel a reload half-way.
+    let policy = admin.policy.clone();
+    let done = tokio::spawn(async move { crate::reload::reload(&policy, "admin API").await })
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| {
+            ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("policy reload refused, the previous policy keeps running: {e}"),
+            )
+        })?;
+    Ok(Json(
+        json!({ "reloaded": true, "chunk": done.chunk, "generation": done.generation }),
+    ))
+}
+
+/// The suspended queues, and each one's reason, start and expiry.
 async fn suspended(State(admin): State<Admin>) -> Json<Value> {
-    Json(json!({ "suspended": admin.suspensions.list() }))
+    let details = admin.suspensions.details();
+    let names: Vec<&String> = details.keys().collect();
+    Json(json!({ "suspended": names, "details": details }))
 }
 
 #[cfg(test)]

@@ -39,6 +39,7 @@ pub mod ingest;
 pub mod log_hook_task;
 pub mod metrics;
 pub mod queue_series;
+pub mod reload;
 pub mod server;
 pub mod shutdown;
 pub mod suspensions;
@@ -133,7 +134,9 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
     };
     tracing::info!(%addr, admin_api = config.admin_api, admin_token = config.admin_token.is_some(), "HTTP API listening");
 
-    let suspensions = suspensions::Suspensions::default();
+    let suspensions = suspensions::Suspensions::load(spool.clone())
+        .await
+        .context("cannot read the queue suspensions kept in the spool")?;
     let drain = drain::Drain::new(spool.clone(), suspensions.clone(), shutdown.clone());
     let limits = &config.limits;
     let capacity = capacity::Capacity::new(
@@ -172,6 +175,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
             spool: spool.clone(),
             suspensions: suspensions.clone(),
             drain: drain.clone(),
+            policy: config.policy.clone(),
         };
         app = app.merge(admin_api::router(state, config.admin_token.clone()));
     }
@@ -197,6 +201,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
         max_connections: config.queues.max_broker_connections,
     };
     let dispatch = tokio::spawn(dispatcher.run());
+    reload::on_sighup(config.policy.clone(), shutdown.clone());
     let task_spool = spool.clone();
     let task = tokio::spawn(async move {
         http.await.context("HTTP task failed")?;

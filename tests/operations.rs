@@ -314,10 +314,9 @@ async fn a_suspended_queue_accepts_but_does_not_deliver_until_resumed() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (_, suspended) = get(&daemon, "/api/admin/suspended").await;
-    assert_eq!(
-        serde_json::from_str::<Value>(&suspended).unwrap(),
-        json!({"suspended": ["held"]})
-    );
+    let suspended = serde_json::from_str::<Value>(&suspended).unwrap();
+    assert_eq!(suspended["suspended"], json!(["held"]), "{suspended}");
+    assert_eq!(suspended["details"]["held"]["until_ms"], Value::Null);
     let m = metrics(&daemon).await;
     assert_eq!(m["spoolrelay_queue_suspended{queue=\"held\"}"], 1.0);
     assert_eq!(m["spoolrelay_queue_depth{queue=\"held\"}"], 10.0);

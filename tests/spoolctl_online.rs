@@ -254,3 +254,80 @@ async fn drain_waits_for_the_end_and_exits_with_the_daemons_code() {
         "the drained daemon released its spool"
     );
 }
+
+/// `spoolctl --url U reload` loads the daemon's policy file again: a good file answers with
+/// the new generation; a broken one exits 2 with the error's `file:line`, and the daemon
+/// keeps its policy (a later good reload is generation 2, not 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_reports_the_new_generation_or_the_load_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("stalled.lua");
+    std::fs::write(&file, STALLED).unwrap();
+    let policy = policy::Policy::load(&file).expect("policy loads");
+    let mut config = spoolrelay::Config::new(policy, dir.path().join("spool"));
+    config.listen = "127.0.0.1:0".into();
+    let daemon = spoolrelay::start(config, spoolrelay::Shutdown::new())
+        .await
+        .expect("daemon starts");
+    let url = format!("http://{}", daemon.addr);
+
+    let done = json(&["--url", &url, "--json", "reload"]).await;
+    assert_eq!(done["generation"], 1, "{done}");
+    std::fs::write(
+        &file,
+        "kumo.on('get_queue_config', function() end)\nlocal x = = 1\n",
+    )
+    .unwrap();
+    let refused = spoolctl(args(&["--url", &url, "reload"])).await;
+    assert_eq!(refused.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("stalled.lua:2") && err.contains("422"),
+        "{err}"
+    );
+    std::fs::write(&file, STALLED).unwrap();
+    let out = spoolctl(args(&["--url", &url, "reload"])).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("reloaded (generation 2)"), "{text}");
+    daemon.stop().await.unwrap();
+}
+
+/// `spoolctl suspend Q --for 1h --reason R`: `summary` shows the reason and the time left,
+/// also after the daemon restarted (the suspension is kept in the spool).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspend_with_reason_and_expiry_shows_in_summary_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = start(dir.path(), None).await;
+    let url = format!("http://{}", daemon.addr);
+    let out = spoolctl(args(&[
+        "--url",
+        &url,
+        "suspend",
+        "a",
+        "--for",
+        "1h",
+        "--reason",
+        "broker maintenance",
+    ]))
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("suspended for 59m"),
+        "{text}"
+    );
+    let bad = spoolctl(args(&["--url", &url, "suspend", "a", "--for", "soon"])).await;
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("\"soon\""));
+    daemon.stop().await.unwrap();
+
+    let daemon = start(dir.path(), None).await;
+    let url = format!("http://{}", daemon.addr);
+    let out = spoolctl(args(&["--url", &url, "summary"])).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("suspended: a (reason: broker maintenance; 59m"),
+        "{text}"
+    );
+    assert!(text.contains("left)"), "{text}");
+    daemon.stop().await.unwrap();
+}

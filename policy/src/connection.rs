@@ -33,6 +33,8 @@ pub struct Connection {
     memory_limit_mib: usize,
     /// Where the state goes after a clean close.
     warm: std::sync::Arc<WarmStates>,
+    /// The policy generation it was built from (see `reload`).
+    generation: u64,
 }
 
 impl std::fmt::Debug for Connection {
@@ -63,7 +65,20 @@ impl Connection {
             send_who,
             memory_limit_mib,
             warm,
+            generation: 0,
         }
+    }
+
+    /// Marks the policy generation the connection was built from.
+    pub(crate) fn of_generation(mut self, generation: u64) -> Connection {
+        self.generation = generation;
+        self
+    }
+
+    /// The policy generation this connection was built from: once
+    /// [`crate::Policy::generation`] moved past it, the connection runs an old policy.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// The queue this connection serves.

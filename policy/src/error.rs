@@ -17,6 +17,13 @@ pub enum PolicyError {
         source: std::io::Error,
     },
 
+    /// [`crate::Policy::reload`] on a policy built from source (it has no file to read).
+    #[error("policy {chunk} was not loaded from a file, so it cannot be reloaded")]
+    NotReloadable {
+        /// The policy's chunk name.
+        chunk: String,
+    },
+
     /// The chunk did not compile, or raised while running at load time.
     #[error("loading policy {chunk}: {error}")]
     Load {

@@ -39,13 +39,19 @@ pub struct InitConfig {
     pub log_hooks: Vec<String>,
 }
 
-/// A loaded, validated policy. Cheap to clone; `Send + Sync`.
+/// A loaded, validated policy. Cheap to clone; `Send + Sync`. Every clone sees a
+/// [`Policy::reload`]: it swaps the [`Loaded`] generation all of them share.
 #[derive(Clone)]
 pub struct Policy {
-    inner: Arc<Inner>,
+    pub(crate) cell: Arc<crate::reload::Cell>,
 }
 
-struct Inner {
+/// One loaded generation of the policy: its source and the states built from it. A reload
+/// builds a new one; the old one lives on in the connections still using it.
+pub(crate) struct Loaded {
+    /// Counts reloads: 0 for the first load. A connection remembers the generation it was
+    /// built from, so the dispatcher can tell it is outdated.
+    pub(crate) generation: u64,
     /// The chunk name (`kafka.lua`, shown in messages), its source, its directory and bounds.
     setup: Setup,
     /// The long-lived state `queue_config` runs in (thread `lua:shared`). Replaced by a
@@ -59,6 +65,24 @@ struct Inner {
     warm: Arc<WarmStates>,
 }
 
+impl Loaded {
+    /// A generation whose chunk already ran in `shared` (that run is the validation).
+    pub(crate) fn new(generation: u64, setup: Setup, shared: LuaThread) -> Loaded {
+        Loaded {
+            generation,
+            setup,
+            shared: Mutex::new(Some(Arc::new(shared))),
+            hooks: Mutex::new(None),
+            warm: Arc::default(),
+        }
+    }
+
+    /// The setup a reload starts from: same chunk name, directory and bounds.
+    pub(crate) fn setup(&self) -> &Setup {
+        &self.setup
+    }
+}
+
 /// Which long-lived state a call runs in.
 #[derive(Clone, Copy)]
 pub(crate) enum Shared {
@@ -69,7 +93,7 @@ pub(crate) enum Shared {
 impl std::fmt::Debug for Policy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Policy")
-            .field("chunk", &self.inner.setup.chunk)
+            .field("chunk", &self.inner().setup.chunk)
             .finish()
     }
 }
@@ -107,7 +131,9 @@ impl Policy {
             _ => PathBuf::from("."),
         };
         let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
-        Self::build(&path.display().to_string(), &source, Some(dir), limits)
+        let setup = Setup::new(&path.display().to_string(), &source, Some(dir), limits);
+        let shared = LuaThread::start_blocking("lua:shared", &setup)?;
+        Ok(Policy::new(Loaded::new(0, setup, shared), Some(path)))
     }
 
     /// Like [`Policy::load`] for an in-memory chunk; `chunk_name` appears in messages.
@@ -131,40 +157,28 @@ impl Policy {
         dir: Option<PathBuf>,
         limits: PolicyLimits,
     ) -> Result<Policy, PolicyError> {
-        let setup = Setup {
-            chunk: chunk_name.trim_start_matches(['@', '=']).to_string(),
-            source: source.into(),
-            dir,
-            limits,
-        };
+        let setup = Setup::new(chunk_name, source, dir, limits);
         let shared = LuaThread::start_blocking("lua:shared", &setup)?;
-        Ok(Policy {
-            inner: Arc::new(Inner {
-                setup,
-                shared: Mutex::new(Some(Arc::new(shared))),
-                hooks: Mutex::new(None),
-                warm: Arc::default(),
-            }),
-        })
+        Ok(Policy::new(Loaded::new(0, setup, shared), None))
     }
 
     /// The chunk name used in messages.
-    pub fn chunk_name(&self) -> &str {
-        &self.inner.setup.chunk
+    pub fn chunk_name(&self) -> String {
+        self.chunk()
     }
 
     /// The bounds this policy runs under.
     pub fn limits(&self) -> PolicyLimits {
-        self.inner.setup.limits
+        self.inner().setup.limits
     }
 
     fn chunk(&self) -> String {
-        self.inner.setup.chunk.clone()
+        self.inner().setup.chunk.clone()
     }
 
     /// Runs the optional `init` event in a fresh state and reports what it configured.
     pub async fn init_config(&self) -> Result<InitConfig, PolicyError> {
-        let thread = LuaThread::start("lua:init", &self.inner.setup).await?;
+        let thread = LuaThread::start("lua:init", &self.inner().setup).await?;
         let chunk = self.chunk();
         self.event(&thread, "event 'init'".into(), move |lua| async move {
             if let Some(handler) = single_handler(&chunk, &lua, "init")? {
@@ -196,9 +210,12 @@ impl Policy {
     /// there and runs the constructor event it names. The returned sender table lives in
     /// that state. Each step has its own bound ([`PolicyLimits::event_timeout`]).
     pub async fn connect(&self, queue_name: &str) -> Result<Connection, PolicyError> {
-        let thread = match self.inner.warm.take() {
+        // One generation throughout: a reload meanwhile leaves this connection outdated
+        // (the dispatcher then replaces it), never built from two policies.
+        let inner = self.inner();
+        let thread = match inner.warm.take() {
             Some(thread) => thread,
-            None => LuaThread::start(&format!("lua:{queue_name}"), &self.inner.setup).await?,
+            None => LuaThread::start(&format!("lua:{queue_name}"), &inner.setup).await?,
         };
         let (chunk, queue) = (self.chunk(), queue_name.to_string());
         let config = self
@@ -224,26 +241,28 @@ impl Policy {
             .await?;
         Ok(Connection::new(
             thread,
-            self.chunk(),
+            inner.setup.chunk.clone(),
             queue_name.to_string(),
             config,
             send_who,
-            self.inner.setup.limits.memory_limit_mib(),
-            self.inner.warm.clone(),
-        ))
+            inner.setup.limits.memory_limit_mib(),
+            inner.warm.clone(),
+        )
+        .of_generation(inner.generation))
     }
 
     /// Lets the warm states of closed connections go (their threads exit and free their
     /// memory); returns how many there were. The dispatcher calls it once traffic calmed.
     pub fn drop_warm_states(&self) -> usize {
-        self.inner.warm.clear()
+        self.inner().warm.clear()
     }
 
     /// A long-lived state, started or rebuilt if a call broke it.
     async fn shared(&self, which: Shared) -> Result<Arc<LuaThread>, PolicyError> {
+        let inner = self.inner();
         let (slot, name) = match which {
-            Shared::QueueConfig => (&self.inner.shared, "lua:shared"),
-            Shared::LogHooks => (&self.inner.hooks, "lua:hooks"),
+            Shared::QueueConfig => (&inner.shared, "lua:shared"),
+            Shared::LogHooks => (&inner.hooks, "lua:hooks"),
         };
         let had = {
             let current = slot.lock().unwrap_or_else(|e| e.into_inner());
@@ -253,10 +272,10 @@ impl Policy {
             }
         };
         if had {
-            tracing::warn!(target: "policy", chunk = %self.inner.setup.chunk, thread = name,
+            tracing::warn!(target: "policy", chunk = %inner.setup.chunk, thread = name,
                 "rebuilding a shared Lua state: a call there timed out or hit the memory limit");
         }
-        let thread = Arc::new(LuaThread::start(name, &self.inner.setup).await?);
+        let thread = Arc::new(LuaThread::start(name, &inner.setup).await?);
         *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread.clone());
         Ok(thread)
     }
@@ -290,7 +309,7 @@ impl Policy {
         F: FnOnce(Lua) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, PolicyError>> + 'static,
     {
-        let limits = self.inner.setup.limits;
+        let limits = self.limits();
         let chunk = self.chunk();
         match thread.call(limits.event_timeout, f).await {
             Ok(Ok(value)) => Ok(value),
@@ -615,6 +634,7 @@ fn install_kumo(lua: &Lua) -> mlua::Result<()> {
     crate::json::install(lua, &kumo)?;
     crate::kafka::install(lua, &kumo)?;
     crate::amqp::install(lua, &kumo)?;
+    crate::http::install(lua, &kumo)?;
     crate::log_hook::install(lua, &kumo)?;
     lua.globals().set("kumo", kumo)?;
     Ok(())

@@ -10,11 +10,12 @@
 //!
 //! [`Policy::load`] reads the file once and runs it in a fresh Lua state to validate it
 //! (syntax errors and top-level errors surface here, with `file:line`). The source text is
-//! kept in memory; the file is never re-read. Running the chunk registers handlers with
-//! `kumo.on(event, fn)`, which is only allowed while the chunk itself runs: a handler that
-//! calls `kumo.on` gets an error. `get_queue_config` and `should_enqueue_log_record` may
-//! have several handlers (run in order, first non-nil wins), as in KumoMTA; every other
-//! event has exactly one, and a second registration names both places.
+//! kept in memory; the file is read again only by [`Policy::reload`] (see `reload`).
+//! Running the chunk registers handlers with `kumo.on(event, fn)`, which is only allowed
+//! while the chunk itself runs: a handler that calls `kumo.on` gets an error.
+//! `get_queue_config` and `should_enqueue_log_record` may have several handlers (run in
+//! order, first non-nil wins), as in KumoMTA; every other event has exactly one, and a
+//! second registration names both places.
 //!
 //! ## One Lua state per connection, each on its own thread
 //!
@@ -80,8 +81,9 @@
 //! names, read here and written by the daemon's ingest),
 //! `message` (the Message userdata), `outcome` (the result rule), `connection`
 //! (constructor, send, batch, close), `log_hook` (`should_enqueue_log_record`), `error`
-//! ([`PolicyError`]), `kafka`, `amqp`, `json`. `#![warn(missing_docs)]`: every public item
-//! is documented.
+//! ([`PolicyError`]), `kafka`, `amqp`, `http` (`kumo.http`, webhooks), `json`, `reload`
+//! ([`Policy::reload`]: a new generation, swapped in only if it loads).
+//! `#![warn(missing_docs)]`: every public item is documented.
 
 #![warn(missing_docs)]
 
@@ -91,6 +93,7 @@ mod error;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 mod host;
+mod http;
 mod json;
 mod kafka;
 mod log_hook;
@@ -98,6 +101,7 @@ mod message;
 pub mod outcome;
 mod queue_config;
 mod queue_name;
+mod reload;
 mod worker;
 
 pub use connection::Connection;
@@ -108,6 +112,7 @@ pub use message::PolicyMessage;
 pub use outcome::SendOutcome;
 pub use queue_config::{PermanentFailure, QueueConfig, Rate, IGNORED_KUMO_FIELDS};
 pub use queue_name::QueueName;
+pub use reload::Reloaded;
 pub use worker::{
     PolicyLimits, DEFAULT_EVENT_TIMEOUT, DEFAULT_MEMORY_LIMIT, HOOK_EVERY, REPORT_GRACE,
 };

@@ -280,6 +280,23 @@ pub(crate) struct Setup {
     pub limits: PolicyLimits,
 }
 
+impl Setup {
+    /// `chunk_name` loses a leading `@` or `=` (Lua's chunk-name markers).
+    pub(crate) fn new(
+        chunk_name: &str,
+        source: &str,
+        dir: Option<PathBuf>,
+        limits: PolicyLimits,
+    ) -> Setup {
+        Setup {
+            chunk: chunk_name.trim_start_matches(['@', '=']).to_string(),
+            source: source.into(),
+            dir,
+            limits,
+        }
+    }
+}
+
 type Job = Box<dyn FnOnce(Lua) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
 
 /// How a new thread reports that its state is built (or why not).

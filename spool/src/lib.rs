@@ -31,6 +31,7 @@
 //!     meta              "id_hwm"                  -> highest id ever committed
 //!                       "commit_mark"             -> commit seq + highest id ([`ledger`])
 //!                       "large/" <id u64 BE>      -> queue name ([`keys::LARGE_RECORD`])
+//!                       "setting/" <name>         -> operator setting ([`Spool::put_setting`])
 //! ```
 //! One data tree holds every queue, because sled bloats when used with many trees (sled
 //! #1333, #1484); queue-prefixed keys keep each queue contiguous and FIFO by id.
@@ -106,6 +107,7 @@ pub mod meta_json;
 mod operator;
 pub mod record;
 pub mod recovery;
+mod settings;
 mod sled_files;
 mod spool;
 pub mod view;

@@ -247,6 +247,24 @@ impl Pool {
         self.close_retired();
     }
 
+    /// Retires the connections built from a policy generation other than `generation`
+    /// (after a reload): they take no new sends, their in-flight ones finish on the old
+    /// policy, and they close once those ended.
+    pub fn retire_outdated(&mut self, generation: u64) {
+        let (old, kept): (Vec<Slot>, Vec<Slot>) = self
+            .slots
+            .drain(..)
+            .partition(|s| s.conn.generation() != generation);
+        self.slots = kept;
+        for slot in old {
+            tracing::info!(queue = %self.queue, in_flight = Self::in_flight(&slot.conn),
+                "policy reloaded: retiring a connection of the old policy once its sends end");
+            slot.conn.retire();
+            self.retiring.push(slot.conn);
+        }
+        self.close_retired();
+    }
+
     fn close_retired(&mut self) {
         for conn in std::mem::take(&mut self.retiring) {
             match Arc::try_unwrap(conn) {

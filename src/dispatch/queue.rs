@@ -58,6 +58,9 @@ pub struct QueueWorker {
     blocked_until: Option<Instant>,
     suspensions: Suspensions,
     telemetry: QueueTelemetry,
+    /// The policy generation this worker's config and connections come from; a reload moves
+    /// it on (see [`QueueWorker::follow_reload`]).
+    generation: u64,
     /// Rung by the supervisor when the queue got new messages.
     wake: Arc<Notify>,
     retire: tokio::sync::mpsc::UnboundedSender<Retire>,
@@ -81,6 +84,7 @@ impl QueueWorker {
             rates: QueueRates::new(&queue, env.shared_rates),
             queue,
             spool: env.spool,
+            generation: env.policy.generation(),
             policy: env.policy,
             shutdown: env.shutdown,
             drain_timeout: env.drain_timeout,
@@ -100,9 +104,11 @@ impl QueueWorker {
     /// the supervisor let it retire.
     pub async fn run(mut self) {
         let mut suspensions = self.suspensions.watch();
+        let mut reloads = self.policy.generations();
         let shutdown = self.shutdown.clone();
         let wake = self.wake.clone();
         while !self.shutdown.is_triggered() {
+            self.follow_reload();
             // Other queues wait for a connection: give up idle ones unless work is due here.
             let make_room = self.pool.room_wanted() && !self.due_now();
             self.pool.close_idle(make_room);
@@ -137,6 +143,7 @@ impl QueueWorker {
                 Some(done) = self.sends.join_next_with_id(), if !self.sends.is_empty() => self.finished(done),
                 _ = wake.notified() => {}
                 _ = suspensions.changed() => {}
+                Ok(()) = reloads.changed() => {}
                 _ = sleep_until(wake_at) => {}
                 _ = self.shutdown.wait() => {}
             }
@@ -148,6 +155,21 @@ impl QueueWorker {
         }
         self.drain().await;
         self.telemetry.set_connections(0);
+    }
+
+    /// After a policy reload: the queue's config is asked again, and connections built
+    /// from the old policy take no new sends (theirs in flight finish on the old Lua state)
+    /// and close; the next fill connects through the new policy's constructor.
+    fn follow_reload(&mut self) {
+        let now = self.policy.generation();
+        if now == self.generation {
+            return;
+        }
+        self.generation = now;
+        self.config = None;
+        self.blocked_until = None;
+        self.backoff = ConnectBackoff::default();
+        self.pool.retire_outdated(now);
     }
 
     /// Whether a waiting message of this queue is due now.
@@ -179,9 +201,13 @@ impl QueueWorker {
             wake: Some(now + d),
         };
         let idle = NextWake { wake: None };
-        if self.suspensions.is_suspended(&self.queue) {
-            // Nothing is leased; running sends finish. A resume wakes the worker.
-            return idle;
+        if let Some(suspended) = self.suspensions.get(&self.queue) {
+            // Nothing is leased; running sends finish. A resume wakes the worker, and so
+            // does the suspension's expiry.
+            let expires = suspended
+                .until_ms
+                .map(|until| now + Duration::from_millis(until.saturating_sub(spool::now_ms())));
+            return NextWake { wake: expires };
         }
         if let Some(until) = self.blocked_until {
             if until > now {
@@ -255,6 +281,15 @@ impl QueueWorker {
             self.rates.give_back(want - msgs.len().min(want));
             if msgs.is_empty() {
                 return later(RETRY_SOON);
+            }
+            if self.policy.generation() != self.generation {
+                // A reload landed during this pass: `conn` runs the old policy. Checked
+                // after the lease, so a message taken in after the reload answered is
+                // always sent by the new one. Released untouched (no attempt counted).
+                for msg in &msgs {
+                    self.spool.release(msg);
+                }
+                return later(Duration::ZERO);
             }
             let mut live = Vec::with_capacity(msgs.len());
             for msg in msgs {

@@ -15,11 +15,33 @@ pub fn summary(out: &Output, spool: &Spool) -> anyhow::Result<ExitCode> {
 }
 
 /// `suspended` is only known online (a running daemon's state); offline it is empty.
+/// A suspended queue as the daemon reports it (`GET /api/admin/suspended`).
+pub struct Suspended {
+    pub queue: String,
+    pub reason: Option<String>,
+    /// When it ends by itself; `None`: until resumed.
+    pub until_ms: Option<u64>,
+}
+
+impl Suspended {
+    /// `reason: broker maintenance; 59m59s left`, or `until resumed`.
+    fn describe(&self, now: u64) -> String {
+        let left = match self.until_ms {
+            Some(until) => format!("{} left", age(until.saturating_sub(now))),
+            None => "until resumed".into(),
+        };
+        match &self.reason {
+            Some(reason) => format!("reason: {reason}; {left}"),
+            None => left,
+        }
+    }
+}
+
 pub fn print_summary(
     out: &Output,
     stats: &SpoolStats,
     now: u64,
-    suspended: &[String],
+    suspended: &[Suspended],
 ) -> anyhow::Result<ExitCode> {
     if out.json {
         out.json(&serde_json::to_value(stats)?);
@@ -31,7 +53,7 @@ pub fn print_summary(
         .map(|(name, q)| {
             let attempts: Vec<String> =
                 q.attempts.iter().map(|(a, n)| format!("{a}:{n}")).collect();
-            let name = if suspended.contains(name) {
+            let name = if suspended.iter().any(|s| &s.queue == name) {
                 format!("{name} (suspended)")
             } else {
                 name.clone()
@@ -62,8 +84,8 @@ pub fn print_summary(
         "\ndead-letter: {}   quarantine: {}",
         stats.dead_letter, stats.quarantine
     );
-    if !suspended.is_empty() {
-        println!("suspended: {}", suspended.join(", "));
+    for s in suspended {
+        println!("suspended: {} ({})", s.queue, s.describe(now));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -120,10 +120,23 @@ enum Command {
     },
     /// Add messages from an export file, keeping their ids; idempotent.
     Import { file: PathBuf },
-    /// Stop delivering a queue (needs --url): ingest keeps accepting, nothing is sent.
-    Suspend { queue: String },
+    /// Stop delivering a queue (needs --url): ingest keeps accepting, nothing is sent. The
+    /// suspension is kept in the spool: it outlasts a restart of the daemon.
+    Suspend {
+        queue: String,
+        /// End it by itself after this long, e.g. 1h or 30m [default: until resumed].
+        #[arg(long = "for", value_name = "DURATION")]
+        lasting: Option<String>,
+        /// Why, shown by `summary`.
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Deliver a suspended queue again (needs --url).
     Resume { queue: String },
+    /// Reload the daemon's policy file (needs --url); same as sending it SIGHUP. A policy
+    /// that fails to load is refused with its error (file:line) and the old one keeps
+    /// running (exit code 2).
+    Reload,
     /// Drain the daemon (needs --url): ingest and /readyz answer 503, delivery goes on, and
     /// the daemon exits once nothing deliverable remains or the deadline passed. Waits for
     /// that and exits with the daemon's code: 0 drained, 3 messages left (suspended, due
@@ -177,6 +190,7 @@ impl Command {
             Command::Suspend { .. } => "suspend",
             Command::Resume { .. } => "resume",
             Command::Drain { .. } => "drain",
+            Command::Reload => "reload",
         }
     }
 
@@ -257,9 +271,19 @@ fn run_online(cli: Cli, url: &str) -> anyhow::Result<ExitCode> {
             remote.dead_letter_requeue(&out, queue.as_deref(), id)
         }
         Command::Requeue { queue, to } => remote.requeue(&out, &queue, to.as_deref()),
-        Command::Suspend { queue } => remote.suspension(&out, &queue, "suspend"),
-        Command::Resume { queue } => remote.suspension(&out, &queue, "resume"),
+        Command::Suspend {
+            queue,
+            lasting,
+            reason,
+        } => {
+            let body = serde_json::json!({ "for": lasting, "reason": reason });
+            remote.suspension(&out, &queue, "suspend", body)
+        }
+        Command::Resume { queue } => {
+            remote.suspension(&out, &queue, "resume", serde_json::json!({}))
+        }
         Command::Drain { deadline, no_wait } => remote.drain(&out, deadline.as_deref(), !no_wait),
+        Command::Reload => remote.reload(&out),
         other => anyhow::bail!(
             "`{}` works on the spool directory only: stop the daemon and run it without --url",
             other.name()
@@ -273,7 +297,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     if matches!(
         cli.command,
-        Command::Suspend { .. } | Command::Resume { .. } | Command::Drain { .. }
+        Command::Suspend { .. } | Command::Resume { .. } | Command::Drain { .. } | Command::Reload
     ) {
         anyhow::bail!(
             "`{}` changes a running daemon: pass --url http://HOST:PORT (its listen address)",
@@ -344,7 +368,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             transfer::export(&out, &spool, &file, skip_damaged)
         }
         Command::Import { file } => transfer::import(&out, &rt, &spool, &file),
-        Command::Suspend { .. } | Command::Resume { .. } | Command::Drain { .. } => {
+        Command::Suspend { .. }
+        | Command::Resume { .. }
+        | Command::Drain { .. }
+        | Command::Reload => {
             unreachable!("refused above")
         }
     }

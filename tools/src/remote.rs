@@ -99,9 +99,21 @@ impl Remote {
         crate::inspect::print_summary(out, &stats, now, &suspended)
     }
 
-    fn suspended(&self) -> anyhow::Result<Vec<String>> {
+    /// The suspended queues with reason and expiry (an older daemon sends names only).
+    fn suspended(&self) -> anyhow::Result<Vec<crate::inspect::Suspended>> {
         let v: Value = self.get("/api/admin/suspended")?;
-        Ok(serde_json::from_value(v["suspended"].clone()).unwrap_or_default())
+        let names: Vec<String> = serde_json::from_value(v["suspended"].clone()).unwrap_or_default();
+        Ok(names
+            .into_iter()
+            .map(|queue| {
+                let detail = &v["details"][&queue];
+                crate::inspect::Suspended {
+                    reason: detail["reason"].as_str().map(str::to_owned),
+                    until_ms: detail["until_ms"].as_u64(),
+                    queue,
+                }
+            })
+            .collect())
     }
 
     pub fn ls(
@@ -156,10 +168,16 @@ impl Remote {
         out.done(what, count(&answer)?)
     }
 
-    /// `suspend` or `resume`.
-    pub fn suspension(&self, out: &Output, queue: &str, action: &str) -> anyhow::Result<ExitCode> {
+    /// `suspend` (with its optional `{"for", "reason"}`) or `resume`.
+    pub fn suspension(
+        &self,
+        out: &Output,
+        queue: &str,
+        action: &str,
+        body: Value,
+    ) -> anyhow::Result<ExitCode> {
         let path = format!("/api/admin/queues/{}/{action}", encode(queue));
-        let answer: Value = self.post(&path, json!({}))?;
+        let answer: Value = self.post(&path, body)?;
         if out.json {
             out.json(&answer);
         } else {
@@ -173,13 +191,36 @@ impl Remote {
             } else {
                 ""
             };
-            println!("queue {queue:?}: {state}{already}");
+            let until = match answer["until_ms"].as_u64() {
+                Some(until) => format!(
+                    " for {}",
+                    crate::output::age(until.saturating_sub(spool::now_ms()))
+                ),
+                None => String::new(),
+            };
+            println!("queue {queue:?}: {state}{already}{until}");
         }
         Ok(ExitCode::SUCCESS)
     }
 }
 
 impl Remote {
+    /// `POST /api/admin/reload`: the daemon loads its policy file again; a refusal comes
+    /// back as the error (file:line).
+    pub fn reload(&self, out: &Output) -> anyhow::Result<ExitCode> {
+        let answer: Value = self.post("/api/admin/reload", json!({}))?;
+        if out.json {
+            out.json(&answer);
+        } else {
+            println!(
+                "policy {} reloaded (generation {})",
+                answer["chunk"].as_str().unwrap_or("?"),
+                answer["generation"]
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
     /// Starts a drain and, with `wait`, follows it (`GET /api/admin/drain?wait=`) to its
     /// end: the exit code is then the daemon's own (0 drained, 3 leftovers, 4 deadline).
     pub fn drain(
