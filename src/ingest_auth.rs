@@ -100,15 +100,18 @@ impl Grant {
     }
 }
 
+/// One token (its bytes) and what it may write.
+pub type TokenEntry = (Vec<u8>, Vec<Grant>);
+
 /// The configured tokens and their grants. Empty means ingest is open.
 #[derive(Clone, Debug, Default)]
-pub struct Tokens(Arc<Vec<(Vec<u8>, Vec<Grant>)>>);
+pub struct Tokens(Arc<Vec<TokenEntry>>);
 
 impl Tokens {
     /// The tokens of the flags: each `--ingest-token` may write everything, the file's
     /// lines what they say. Empty tokens are ignored (an empty env var means "none").
     pub fn from_args(args: &AuthArgs) -> Result<Tokens, TokensError> {
-        let mut all: Vec<(Vec<u8>, Vec<Grant>)> = args
+        let mut all: Vec<TokenEntry> = args
             .ingest_token
             .iter()
             .filter(|t| !t.is_empty())
@@ -142,10 +145,7 @@ impl Tokens {
 }
 
 /// Parses the tokens file: `TOKEN GRANT...` per line, `#` comments, blank lines skipped.
-pub fn parse_tokens_file(
-    path: &Path,
-    text: &str,
-) -> Result<Vec<(Vec<u8>, Vec<Grant>)>, TokensError> {
+pub fn parse_tokens_file(path: &Path, text: &str) -> Result<Vec<TokenEntry>, TokensError> {
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or("").trim();

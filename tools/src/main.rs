@@ -5,6 +5,7 @@
 //! With `--url`, the commands that make sense on a live spool go through the daemon's
 //! admin API instead ([`remote`]), and print the same output.
 
+mod client_tls;
 mod inspect;
 mod output;
 mod remote;
@@ -49,6 +50,9 @@ struct Cli {
         hide_env_values = true
     )]
     token: Option<String>,
+    /// HTTPS options for --url (`--ca`, `--client-cert`, `--client-key`).
+    #[command(flatten)]
+    tls: client_tls::ClientTls,
     #[command(subcommand)]
     command: Command,
 }
@@ -232,7 +236,7 @@ fn open(
 /// The commands a running daemon serves; the rest need the spool directory itself.
 fn run_online(cli: Cli, url: &str) -> anyhow::Result<ExitCode> {
     let out = output::Output { json: cli.json };
-    let remote = remote::Remote::new(url, cli.token.clone())?;
+    let remote = remote::Remote::new(url, cli.token.clone(), &cli.tls)?;
     match cli.command {
         Command::Summary => remote.summary(&out),
         Command::Ls {
