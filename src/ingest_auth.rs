@@ -237,6 +237,34 @@ pub async fn authenticate(State(tokens): State<Tokens>, mut req: Request, next: 
     next.run(req).await
 }
 
+/// Whether `req` is an ingest request (the routes of [`crate::ingest::router`] that write).
+fn is_ingest(req: &Request) -> bool {
+    let path = req.uri().path();
+    req.method() == axum::http::Method::POST
+        && (path.starts_with("/api/v1/queues/") || path == "/api/inject/v1")
+}
+
+/// Middleware on the whole app, outside the body reader: the 401 of [`authenticate`] for an
+/// ingest request, answered before its body is read. [`authenticate`] stays on the routes
+/// themselves (it hands the handlers the token's [`Access`]); this only answers sooner.
+pub async fn refuse_early(State(tokens): State<Tokens>, req: Request, next: Next) -> Response {
+    if tokens.is_enabled()
+        && is_ingest(&req)
+        && bearer(req.headers())
+            .and_then(|t| tokens.lookup(t))
+            .is_none()
+    {
+        let mut resp = unauthorized("ingest", "--ingest-token / --ingest-tokens-file");
+        // The unread body stays on the socket: close rather than parse it as a request.
+        resp.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+        return resp;
+    }
+    next.run(req).await
+}
+
 /// Middleware on `/metrics` when `--metrics-token` is set: 401 without it.
 pub async fn require_metrics_token(
     State(token): State<Arc<str>>,

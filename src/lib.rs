@@ -166,7 +166,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
         config.max_body_bytes,
         capacity.clone(),
         drain.clone(),
-        tokens,
+        tokens.clone(),
     )
     .merge(metrics_router(
         &config,
@@ -198,6 +198,12 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
         .layer(axum::middleware::from_fn_with_state(
             http_limits.clone(),
             server::read_body_within,
+        ))
+        // Outside the body reader: a client without a valid ingest token is refused before
+        // its body is read, so it cannot make the relay buffer --max-body-bytes for it.
+        .layer(axum::middleware::from_fn_with_state(
+            tokens.clone(),
+            ingest_auth::refuse_early,
         ));
     let http = tokio::spawn(server::serve(
         listener,

@@ -311,3 +311,28 @@ async fn a_stalled_tls_handshake_blocks_neither_others_nor_shutdown() {
         .expect("shutdown not blocked by a stalled handshake")
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_request_without_a_token_is_refused_before_its_body_is_read() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = common::start_with(&common::hold_policy("held"), dir.path(), |c| {
+        c.auth.ingest_token = vec!["s3cret".into()];
+        c.limits.http_body_timeout = Duration::from_secs(60);
+    })
+    .await;
+    // Headers announce 8 MiB; the body never comes. The answer must not wait for it.
+    let mut socket = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    let head = "POST /api/v1/queues/orders/messages HTTP/1.1\r\nhost: x\r\n\
+                content-length: 8388608\r\n\r\n";
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut answer));
+    read.await
+        .expect("answered without waiting for the body")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert_eq!(common::queued(&daemon), 0);
+    daemon.stop().await.unwrap();
+}
