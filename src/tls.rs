@@ -149,6 +149,37 @@ mod tests {
     }
 
     #[test]
+    fn the_flags_parse_and_a_key_needs_a_certificate() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            tls: TlsArgs,
+            #[command(flatten)]
+            auth: crate::ingest_auth::AuthArgs,
+        }
+        let cli = Cli::try_parse_from([
+            "x",
+            "--tls-cert",
+            "c",
+            "--tls-key",
+            "k",
+            "--ingest-token",
+            "a",
+            "--ingest-token",
+            "b",
+            "--metrics-token",
+            "m",
+        ])
+        .unwrap();
+        assert_eq!(cli.tls.tls_cert, Some("c".into()));
+        assert_eq!(cli.auth.ingest_token, ["a", "b"]);
+        assert_eq!(cli.auth.metrics_token.as_deref(), Some("m"));
+        assert!(Cli::try_parse_from(["x", "--tls-key", "k"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--tls-client-ca", "ca"]).is_err());
+    }
+
+    #[test]
     fn a_missing_file_names_its_flag_and_path() {
         let args = TlsArgs {
             tls_cert: Some("/nonexistent/cert.pem".into()),
