@@ -10,8 +10,9 @@
 //! Grants: `--ingest-token T` may write every queue. `--ingest-tokens-file` lists one token
 //! per line followed by what it may write: `TOKEN queue-a prefix-* *` (an exact name, a
 //! prefix ending in `*`, or `*` for everything); `#` starts a comment. Tokens are compared
-//! in constant time ([`subtle`]), and every configured token is compared on each request,
-//! so timing says nothing about which token nearly matched.
+//! as SHA-256 digests in constant time ([`subtle`]), and every configured token is compared
+//! on each request, so timing says nothing about which token nearly matched, nor how long
+//! the tokens are.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -100,7 +101,7 @@ impl Grant {
     }
 }
 
-/// One token (its bytes) and what it may write.
+/// One token (the SHA-256 of its bytes) and what it may write.
 pub type TokenEntry = (Vec<u8>, Vec<Grant>);
 
 /// The configured tokens and their grants. Empty means ingest is open.
@@ -115,7 +116,7 @@ impl Tokens {
             .ingest_token
             .iter()
             .filter(|t| !t.is_empty())
-            .map(|t| (t.as_bytes().to_vec(), vec![Grant::Prefix(String::new())]))
+            .map(|t| (digest(t.as_bytes()), vec![Grant::Prefix(String::new())]))
             .collect();
         if let Some(path) = &args.ingest_tokens_file {
             let text = std::fs::read_to_string(path).map_err(|source| TokensError::Read {
@@ -134,14 +135,22 @@ impl Tokens {
 
     /// The grants of `given`, comparing it with every token in constant time.
     fn lookup(&self, given: &[u8]) -> Option<&[Grant]> {
+        let given = digest(given);
         let mut found = None;
         for (token, grants) in self.0.iter() {
-            if bool::from(token.as_slice().ct_eq(given)) && found.is_none() {
+            if bool::from(token.as_slice().ct_eq(&given)) && found.is_none() {
                 found = Some(grants.as_slice());
             }
         }
         found
     }
+}
+
+/// SHA-256 of a token: equal-length values to compare, whatever the tokens' lengths.
+fn digest(token: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, token)
+        .as_ref()
+        .to_vec()
 }
 
 /// Parses the tokens file: `TOKEN GRANT...` per line, `#` comments, blank lines skipped.
@@ -162,7 +171,7 @@ pub fn parse_tokens_file(path: &Path, text: &str) -> Result<Vec<TokenEntry>, Tok
                 why: "a token needs at least one queue, `prefix*` or `*` after it",
             });
         }
-        out.push((token.as_bytes().to_vec(), grants));
+        out.push((digest(token.as_bytes()), grants));
     }
     Ok(out)
 }
@@ -272,7 +281,9 @@ pub async fn require_metrics_token(
     next: Next,
 ) -> Response {
     match bearer(req.headers()) {
-        Some(given) if bool::from(given.ct_eq(token.as_bytes())) => next.run(req).await,
+        Some(given) if bool::from(digest(given).ct_eq(&digest(token.as_bytes()))) => {
+            next.run(req).await
+        }
         _ => unauthorized("/metrics", "--metrics-token"),
     }
 }
