@@ -81,6 +81,12 @@ pub struct RunArgs {
     /// Queue reaping and metrics labels (`--queue-reap-interval`, `--metrics-queue-label`).
     #[command(flatten)]
     pub queues: crate::queue_series::QueueArgs,
+    /// HTTPS and mutual TLS on the listener (`--tls-*`).
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
+    /// Ingest and metrics tokens (`--ingest-token*`, `--metrics-token`).
+    #[command(flatten)]
+    pub auth: crate::ingest_auth::AuthArgs,
 }
 
 /// Ingest bounds, HTTP time limits and spool capacity. One
@@ -173,6 +179,10 @@ pub struct Config {
     pub limits: Limits,
     /// Queue reaping and metrics labels.
     pub queues: crate::queue_series::QueueArgs,
+    /// HTTPS and mutual TLS on the listener.
+    pub tls: crate::tls::TlsArgs,
+    /// Ingest and metrics tokens.
+    pub auth: crate::ingest_auth::AuthArgs,
 }
 
 impl Config {
@@ -194,6 +204,8 @@ impl Config {
             lua_limits,
             limits: Limits::default(),
             queues: Default::default(),
+            tls: Default::default(),
+            auth: Default::default(),
         }
     }
 
@@ -239,6 +251,8 @@ impl Config {
             lua_limits,
             limits: args.limits,
             queues: args.queues,
+            tls: args.tls,
+            auth: args.auth,
         })
     }
 }

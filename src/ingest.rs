@@ -6,6 +6,11 @@
 //! group commit. Errors are JSON `{"error": "..."}` with 400 (the request is wrong),
 //! 413 (too large) or 503 (the spool could not make it durable: retry later).
 //!
+//! Access: with ingest tokens configured, [`crate::ingest_auth::authenticate`] answers 401
+//! before any handler runs, and each handler asks the token's
+//! [`Access`](crate::ingest_auth::Access) about every queue it would write (403) before
+//! it enqueues anything.
+//!
 //! Bounds: a request is measured before it is expanded. An NDJSON batch's
 //! lines are counted (one pass over the bytes, nothing allocated) before any is parsed;
 //! an injection's recipients are counted and its `content` and `metadata` measured as
@@ -14,7 +19,7 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -31,6 +36,7 @@ use std::sync::Arc;
 use crate::capacity::Capacity;
 use crate::config::Limits;
 use crate::http_error::{check_queue, ApiError};
+use crate::ingest_auth::{Access, Tokens};
 use crate::telemetry::Telemetry;
 
 /// What the handlers share: the spool, where accepted messages are reported, and the
@@ -76,12 +82,14 @@ impl Default for IngestLimits {
 
 /// Builds the router. `max_body_bytes` bounds every request body (413 above it); the
 /// capacity gate runs before every ingest handler (503 at the limit), and the drain gate
-/// before it (503 while draining).
+/// before it (503 while draining), and the token check before both (401 without a token
+/// when `tokens` is not empty).
 pub fn router(
     state: Ingest,
     max_body_bytes: usize,
     capacity: Arc<Capacity>,
     drain: crate::drain::Drain,
+    tokens: Tokens,
 ) -> Router {
     let ingest = Router::new()
         .route("/api/v1/queues/{queue}/messages", post(post_message))
@@ -94,6 +102,10 @@ pub fn router(
         .route_layer(axum::middleware::from_fn_with_state(
             drain,
             crate::drain::gate,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            tokens,
+            crate::ingest_auth::authenticate,
         ));
     Router::new()
         .route("/api/v1/stats", get(stats))
@@ -117,10 +129,12 @@ async fn post_message(
         spool, telemetry, ..
     }): State<Ingest>,
     Path(queue): Path<String>,
+    Extension(access): Extension<Access>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     check_queue(&queue)?;
+    access.check([queue.as_str()])?;
     let body = body?;
     let mut meta = Meta::new();
     for (name, value) in &headers {
@@ -213,9 +227,11 @@ async fn post_batch(
         ..
     }): State<Ingest>,
     Path(queue): Path<String>,
+    Extension(access): Extension<Access>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     check_queue(&queue)?;
+    access.check([queue.as_str()])?;
     let body = body?;
     check_batch_lines(&body, limits.max_batch_lines)?;
     let messages = parse_batch(&queue, &body)?;
@@ -410,10 +426,15 @@ async fn inject(
         limits,
         capacity,
     }): State<Ingest>,
+    Extension(access): Extension<Access>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, Response> {
     let body = body.map_err(|e| ApiError::from(e).into_response())?;
     let plan = plan_inject(&body, &limits).map_err(IntoResponse::into_response)?;
+    // Every recipient's queue, before anything is spooled: one refused refuses the request.
+    access
+        .check(plan.messages.iter().map(|m| m.queue.as_str()))
+        .map_err(IntoResponse::into_response)?;
     // The gate reserved the body; the recipients' copies of the content are the rest.
     let expanded: u64 = plan.messages.iter().map(|m| m.payload.len() as u64).sum();
     let _reservation = capacity

@@ -17,7 +17,8 @@
 //!
 //! In front of ingest: [`server`] (the accept loop: header, body and idle time limits, a
 //! connection cap, a bounded shutdown grace), [`capacity`] (503 + `Retry-After` at
-//! `--max-spool-bytes` / `--min-free-disk`) and [`health`] (`/livez`, `/readyz`).
+//! `--max-spool-bytes` / `--min-free-disk`), [`tls`] (HTTPS and mutual TLS), [`ingest_auth`]
+//! (ingest and `/metrics` bearer tokens: 401/403) and [`health`] (`/livez`, `/readyz`).
 //! [`drain`] (`POST /api/admin/drain`) turns ingest and readiness off and stops the
 //! daemon once nothing deliverable remains, with an exit code that says what is left.
 //!
@@ -36,6 +37,7 @@ pub mod drain;
 pub mod health;
 pub mod http_error;
 pub mod ingest;
+pub mod ingest_auth;
 pub mod log_hook_task;
 pub mod metrics;
 pub mod queue_series;
@@ -44,6 +46,7 @@ pub mod server;
 pub mod shutdown;
 pub mod suspensions;
 pub mod telemetry;
+pub mod tls;
 
 use std::net::SocketAddr;
 
@@ -93,6 +96,9 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
         .context("spool open task failed")?
         .with_context(|| format!("cannot open spool {}", config.spool_dir.display()))?;
     log_recovery(&config, &report);
+    // Bad certificates or token files stop the start with the flag and file named.
+    let tls = tls::acceptor(&config.tls)?;
+    let tokens = ingest_auth::Tokens::from_args(&config.auth)?;
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -132,7 +138,13 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
         tracing::info!(hooks = ?config.log_hooks, "log hooks enabled");
         Some(task)
     };
-    tracing::info!(%addr, admin_api = config.admin_api, admin_token = config.admin_token.is_some(), "HTTP API listening");
+    tracing::info!(%addr, admin_api = config.admin_api, admin_token = config.admin_token.is_some(),
+        tls = tls.is_some(), mutual_tls = config.tls.tls_client_ca.is_some(),
+        ingest_tokens = tokens.is_enabled(), "HTTP API listening");
+    if !tokens.is_enabled() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "ingest is open to anyone who can reach this non-loopback address; \
+            set --ingest-token or --ingest-tokens-file to require a bearer token");
+    }
 
     let suspensions = suspensions::Suspensions::load(spool.clone())
         .await
@@ -157,12 +169,14 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
         config.max_body_bytes,
         capacity.clone(),
         drain.clone(),
+        tokens.clone(),
     )
-    .merge(metrics::router(
-        spool.clone(),
-        telemetry.metrics.clone(),
-        suspensions.clone(),
-        capacity.clone(),
+    .merge(metrics_router(
+        &config,
+        &spool,
+        &telemetry,
+        &suspensions,
+        &capacity,
     ))
     .merge(health::router(health::Health {
         spool: spool.clone(),
@@ -188,8 +202,20 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
         .layer(axum::middleware::from_fn_with_state(
             http_limits.clone(),
             server::read_body_within,
+        ))
+        // Outside the body reader: a client without a valid ingest token is refused before
+        // its body is read, so it cannot make the relay buffer --max-body-bytes for it.
+        .layer(axum::middleware::from_fn_with_state(
+            tokens.clone(),
+            ingest_auth::refuse_early,
         ));
-    let http = tokio::spawn(server::serve(listener, app, http_limits, shutdown.clone()));
+    let http = tokio::spawn(server::serve(
+        listener,
+        app,
+        http_limits,
+        tls,
+        shutdown.clone(),
+    ));
     let dispatcher = dispatch::Dispatcher {
         spool: spool.clone(),
         policy: config.policy.clone(),
@@ -233,6 +259,34 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
         shutdown,
         task,
     })
+}
+
+/// `GET /metrics`, behind `--metrics-token` when one is set.
+fn metrics_router(
+    config: &Config,
+    spool: &Spool,
+    telemetry: &telemetry::Telemetry,
+    suspensions: &suspensions::Suspensions,
+    capacity: &std::sync::Arc<capacity::Capacity>,
+) -> axum::Router {
+    let router = metrics::router(
+        spool.clone(),
+        telemetry.metrics.clone(),
+        suspensions.clone(),
+        capacity.clone(),
+    );
+    match config
+        .auth
+        .metrics_token
+        .as_deref()
+        .filter(|t| !t.is_empty())
+    {
+        None => router,
+        Some(token) => router.route_layer(axum::middleware::from_fn_with_state(
+            std::sync::Arc::<str>::from(token),
+            ingest_auth::require_metrics_token,
+        )),
+    }
 }
 
 /// The startup summary: what the spool held, per queue.

@@ -14,6 +14,10 @@
 //!   once; beyond that the socket is just closed), so a client learns why rather than
 //!   hanging in the kernel's backlog behind the slow ones.
 //!
+//! - **TLS handshake** (with `--tls-cert`): done in the connection's own task under
+//!   `--http-header-timeout`, and abandoned when shutdown begins, so a client that opens a
+//!   socket and never finishes the handshake holds one permit for at most that long.
+//!
 //! Shutdown stops accepting at once, asks every connection to finish its current request
 //! (idle ones close immediately), and drops whatever is still open after
 //! `--http-shutdown-grace`. A trickling client therefore costs shutdown at most the grace.
@@ -40,6 +44,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
+use tokio_rustls::TlsAcceptor;
 
 use crate::config::Limits;
 use crate::http_error::ApiError;
@@ -80,7 +85,13 @@ impl HttpLimits {
 }
 
 /// Serves `app` on `listener` until `shutdown`, then drains as described above.
-pub async fn serve(listener: TcpListener, app: Router, limits: HttpLimits, shutdown: Shutdown) {
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    tls: Option<TlsAcceptor>,
+    shutdown: Shutdown,
+) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let refusers = Arc::new(Semaphore::new(REFUSERS));
     let (close_tx, close_rx) = watch::channel(false);
@@ -102,8 +113,12 @@ pub async fn serve(listener: TcpListener, app: Router, limits: HttpLimits, shutd
                 match permits.clone().try_acquire_owned() {
                     Ok(permit) => {
                         let (app, limits, close) = (app.clone(), limits.clone(), close_rx.clone());
+                        let tls = tls.clone();
                         conns.spawn(async move {
-                            serve_connection(stream, app, &limits, close).await;
+                            match tls {
+                                None => serve_connection(stream, app, &limits, close).await,
+                                Some(tls) => serve_tls(stream, tls, app, &limits, close).await,
+                            }
                             drop(permit);
                         });
                     }
@@ -139,12 +154,44 @@ pub async fn serve(listener: TcpListener, app: Router, limits: HttpLimits, shutd
     }
 }
 
-async fn serve_connection(
+/// Completes the TLS handshake within `--http-header-timeout` (or until shutdown), then
+/// serves the connection like a plain one. A failed handshake (no client certificate under
+/// mutual TLS, an untrusted one, plain HTTP on the TLS port) only closes this connection.
+async fn serve_tls(
     stream: TcpStream,
+    tls: TlsAcceptor,
     app: Router,
     limits: &HttpLimits,
     mut close: watch::Receiver<bool>,
 ) {
+    let peer = stream.peer_addr().ok();
+    let handshake = tokio::time::timeout(limits.header_timeout, tls.accept(stream));
+    let stream = tokio::select! {
+        done = handshake => match done {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                tracing::debug!(?peer, error = %e, "TLS handshake failed; connection closed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(?peer, timeout = ?limits.header_timeout,
+                    "TLS handshake not finished within --http-header-timeout; connection closed");
+                return;
+            }
+        },
+        _ = close.wait_for(|closing| *closing) => return,
+    };
+    serve_connection(stream, app, limits, close).await;
+}
+
+async fn serve_connection<S>(
+    stream: S,
+    app: Router,
+    limits: &HttpLimits,
+    mut close: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let activity = Arc::new(Activity::default());
     let io = TokioIo::new(IdleIo::new(stream, limits.idle_timeout, activity.clone()));
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -259,15 +306,15 @@ impl Drop for Busy {
 /// A TCP stream that reads as closed once the peer sent nothing for `idle` while no
 /// request of the connection was being handled. The timer is reset lazily: when it
 /// fires, the real deadline is computed from the last activity.
-struct IdleIo {
-    inner: TcpStream,
+struct IdleIo<S> {
+    inner: S,
     idle: Duration,
     timer: Pin<Box<Sleep>>,
     activity: Arc<Activity>,
 }
 
-impl IdleIo {
-    fn new(inner: TcpStream, idle: Duration, activity: Arc<Activity>) -> IdleIo {
+impl<S> IdleIo<S> {
+    fn new(inner: S, idle: Duration, activity: Arc<Activity>) -> IdleIo<S> {
         IdleIo {
             inner,
             idle,
@@ -277,7 +324,7 @@ impl IdleIo {
     }
 }
 
-impl AsyncRead for IdleIo {
+impl<S: AsyncRead + Unpin> AsyncRead for IdleIo<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -314,7 +361,7 @@ impl AsyncRead for IdleIo {
     }
 }
 
-impl AsyncWrite for IdleIo {
+impl<S: AsyncWrite + Unpin> AsyncWrite for IdleIo<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

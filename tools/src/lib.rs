@@ -11,6 +11,7 @@
 
 #![warn(missing_docs)]
 
+mod client_tls;
 mod inspect;
 mod output;
 mod remote;
@@ -55,6 +56,9 @@ struct Cli {
         hide_env_values = true
     )]
     token: Option<String>,
+    /// HTTPS options for --url (`--ca`, `--client-cert`, `--client-key`).
+    #[command(flatten)]
+    tls: client_tls::ClientTls,
     #[command(subcommand)]
     command: Command,
 }
@@ -254,7 +258,7 @@ fn open(
 /// The commands a running daemon serves; the rest need the spool directory itself.
 fn run_online(cli: Cli, url: &str) -> anyhow::Result<ExitCode> {
     let out = output::Output { json: cli.json };
-    let remote = remote::Remote::new(url, cli.token.clone())?;
+    let remote = remote::Remote::new(url, cli.token.clone(), &cli.tls)?;
     match cli.command {
         Command::Summary => remote.summary(&out),
         Command::Ls {

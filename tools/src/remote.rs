@@ -22,18 +22,26 @@ pub struct Remote {
 }
 
 impl Remote {
-    pub fn new(url: &str, token: Option<String>) -> anyhow::Result<Remote> {
+    pub fn new(
+        url: &str,
+        token: Option<String>,
+        tls: &crate::client_tls::ClientTls,
+    ) -> anyhow::Result<Remote> {
         anyhow::ensure!(
-            url.starts_with("http://"),
-            "--url must be an http:// address (e.g. http://127.0.0.1:8000), got {url:?}"
+            url.starts_with("http://") || url.starts_with("https://"),
+            "--url must be an http:// or https:// address (e.g. http://127.0.0.1:8000), \
+             got {url:?}"
         );
+        let mut agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(5))
+            .timeout(Duration::from_secs(120));
+        if let Some(config) = tls.config()? {
+            agent = agent.tls_config(config);
+        }
         Ok(Remote {
             base: url.trim_end_matches('/').to_owned(),
             token: token.filter(|t| !t.is_empty()),
-            agent: ureq::AgentBuilder::new()
-                .timeout_connect(Duration::from_secs(5))
-                .timeout(Duration::from_secs(120))
-                .build(),
+            agent: agent.build(),
         })
     }
 
