@@ -86,6 +86,7 @@
 #![warn(missing_docs)]
 
 mod amqp;
+mod amqp_connect;
 mod connection;
 mod error;
 #[cfg(feature = "fuzzing")]
