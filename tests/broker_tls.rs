@@ -342,37 +342,60 @@ fn consume_tls(port: u16, ca: &std::path::Path, topic: &str, want: usize) -> Vec
     got
 }
 
-/// Wrong CA: held with librdkafka's reason; restarted with the right CA (and zstd, and
-/// hostname verification): delivered, and read back over TLS.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn kafka_ssl_wrong_ca_is_held_then_delivered() {
+/// Held on a bad TLS endpoint (`bad_cert` served, `bad_ca` trusted) with librdkafka's reason
+/// in `last_error`; restarted with the right CA and certificate (zstd, hostname verification
+/// on): delivered, and read back over TLS.
+async fn kafka_held_then_delivered(
+    bad_cert: fn(&Pki) -> &Path,
+    bad_ca: fn(&Pki) -> &Path,
+    why: &str,
+    topic: &str,
+) {
     let pki = Pki::new();
     let port = common::free_port();
-    let kafka = mock_kafka_advertising(port, "tls-topic");
-    let _tls = Stunnel::start(&pki, &pki.cert, port, kafka.plain_port);
+    let kafka = mock_kafka_advertising(port, topic);
+    let bad = Stunnel::start(&pki, bad_cert(&pki), port, kafka.plain_port);
     let dir = tempfile::tempdir().unwrap();
 
-    let daemon = common::start(
-        &kafka_tls_policy(port, &pki.other_ca, "tls-topic"),
-        dir.path(),
-    )
-    .await;
+    let daemon = common::start(&kafka_tls_policy(port, bad_ca(&pki), topic), dir.path()).await;
     post(&daemon, "kq", "kafka over tls").await;
     let error = first_failure(&daemon, "kq").await;
-    assert!(
-        error.contains("certificate verify failed"),
-        "{error:?} should give the TLS reason"
-    );
+    assert!(error.contains(why), "{error:?} should say {why:?}");
     daemon.stop().await.unwrap();
+    drop(bad);
 
-    let daemon = common::start(&kafka_tls_policy(port, &pki.ca, "tls-topic"), dir.path()).await;
+    // The broker advertises this port: the good endpoint takes it over.
+    let _good = Stunnel::start(&pki, &pki.cert, port, kafka.plain_port);
+    let daemon = common::start(&kafka_tls_policy(port, &pki.ca, topic), dir.path()).await;
     wait_empty(&daemon).await;
     daemon.stop().await.unwrap();
-    let ca = pki.ca.clone();
-    let got = tokio::task::spawn_blocking(move || consume_tls(port, &ca, "tls-topic", 1))
+    let (ca, topic) = (pki.ca.clone(), topic.to_string());
+    let got = tokio::task::spawn_blocking(move || consume_tls(port, &ca, &topic, 1))
         .await
         .unwrap();
     assert_eq!(got, vec![b"kafka over tls".to_vec()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_ssl_wrong_ca_is_held_then_delivered() {
+    kafka_held_then_delivered(
+        |p| &p.cert,
+        |p| &p.other_ca,
+        "certificate verify failed",
+        "tls-wrong-ca",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_ssl_expired_certificate_is_held_then_delivered() {
+    kafka_held_then_delivered(
+        |p| &p.expired,
+        |p| &p.ca,
+        "certificate verify failed",
+        "tls-expired",
+    )
+    .await;
 }
 
 /// The build has what managed brokers need: TLS, SASL PLAIN/SCRAM over TLS and all four
