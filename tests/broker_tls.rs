@@ -128,6 +128,15 @@ fn spawn_relay(lua: &str, dir: &Path, ssl_cert_file: Option<&Path>) -> Relay {
     Relay { child, port, log }
 }
 
+/// A failed test must not leave the daemon running (it would also keep cargo's lock file
+/// open for whoever runs the tests under `flock`).
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Relay {
     async fn stop(mut self) {
         let ok = std::process::Command::new("kill")
