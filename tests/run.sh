@@ -17,6 +17,12 @@ command -v rabbitmq-server >/dev/null 2>&1 || need_apt+=(rabbitmq-server)
 command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)
 # systemd-analyze, for tests/packaging.rs (`verify` of deploy/systemd/spoolrelay.service).
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+# OpenSSL headers for rdkafka's `ssl` and lapin's `openssl` features (TLS to the brokers),
+# openssl and stunnel4 for tests/broker_tls.rs (test certificates, TLS in front of brokers).
+dpkg -s libssl-dev >/dev/null 2>&1 || need_apt+=(libssl-dev)
+command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+command -v stunnel4 >/dev/null 2>&1 || need_apt+=(stunnel4)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]} (apt-get)"
   export DEBIAN_FRONTEND=noninteractive

@@ -1,4 +1,5 @@
-//! `kumo.amqp.build_client(url | {url=, confirm=})`: one lapin connection + channel.
+//! `kumo.amqp.build_client(url | {url=, confirm=, tls=, heartbeat=, connect_timeout=})`: one
+//! lapin connection + channel (how it connects: [`crate::amqp_connect`]).
 //!
 //! Publisher confirms are ON by default, so `client:publish{...}:wait()` reports what the
 //! broker really did: `Ack`, `Nack`, `NotRequested` (confirms off), or `Returned` for a
@@ -9,7 +10,7 @@ use std::sync::Mutex;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Confirmation, ConnectionProperties, PublisherConfirm};
+use lapin::{BasicProperties, Confirmation, PublisherConfirm};
 use mlua::{Lua, Table, UserData, UserDataMethods, Value};
 
 pub(crate) fn install(lua: &Lua, kumo: &Table) -> mlua::Result<()> {
@@ -18,7 +19,7 @@ pub(crate) fn install(lua: &Lua, kumo: &Table) -> mlua::Result<()> {
     kumo.set("amqp", amqp)
 }
 
-fn err(what: &str, e: impl std::fmt::Display) -> mlua::Error {
+pub(crate) fn err(what: &str, e: impl std::fmt::Display) -> mlua::Error {
     mlua::Error::runtime(format!("amqp {what}: {e}"))
 }
 
@@ -28,37 +29,22 @@ struct AmqpClient {
 }
 
 async fn build_client(_: Lua, arg: Value) -> mlua::Result<AmqpClient> {
-    let (url, confirm) = match &arg {
-        Value::String(s) => (s.to_str()?.to_string(), true),
-        Value::Table(t) => (
-            t.get::<Option<String>>("url")?
-                .ok_or_else(|| err("build_client", "'url' is required"))?,
-            t.get::<Option<bool>>("confirm")?.unwrap_or(true),
-        ),
-        other => {
-            return Err(err(
-                "build_client",
-                format!(
-                    "expected a url string or {{url=..., confirm=...}}, got {}",
-                    crate::host::describe(other)
-                ),
-            ))
-        }
-    };
-    let conn = lapin::Connection::connect(&url, ConnectionProperties::default())
+    let opts = crate::amqp_connect::parse(&arg)?;
+    let shown = opts.shown_url();
+    let conn = crate::amqp_connect::connect(&opts)
         .await
-        .map_err(|e| err("build_client", format!("cannot connect to {url}: {e}")))?;
+        .map_err(|e| err("build_client", format!("cannot connect to {shown}: {e}")))?;
     let channel = conn.create_channel().await.map_err(|e| {
         err(
             "build_client",
-            format!("cannot open a channel on {url}: {e}"),
+            format!("cannot open a channel on {shown}: {e}"),
         )
     })?;
-    if confirm {
+    if opts.confirm {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
-            .map_err(|e| err("build_client", format!("confirm_select on {url}: {e}")))?;
+            .map_err(|e| err("build_client", format!("confirm_select on {shown}: {e}")))?;
     }
     Ok(AmqpClient {
         conn: std::sync::Arc::new(conn),

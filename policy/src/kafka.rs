@@ -7,9 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mlua::{Lua, Table, UserData, UserDataMethods, Value};
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 
 use crate::queue_config::parse_duration;
@@ -23,9 +26,41 @@ pub(crate) fn install(lua: &Lua, kumo: &Table) -> mlua::Result<()> {
     kumo.set("kafka", kafka)
 }
 
+type RelayProducer = FutureProducer<BrokerErrors>;
+
 struct KafkaProducer {
     /// `None` once closed.
-    inner: Mutex<Option<Arc<FutureProducer>>>,
+    inner: Mutex<Option<Arc<RelayProducer>>>,
+    /// The producer context's record of broker errors (librdkafka keeps the context itself
+    /// out of reach behind `FutureProducerContext`).
+    errors: BrokerErrors,
+}
+
+/// Remembers librdkafka's last client-level error (e.g. "SSL handshake failed: certificate
+/// verify failed"). A record that cannot reach a broker only times out, and "timed out" alone
+/// does not tell the operator to fix the CA or the certificate: the send error adds this.
+#[derive(Clone, Default)]
+struct BrokerErrors {
+    last: Arc<Mutex<Option<String>>>,
+}
+
+impl BrokerErrors {
+    fn last(&self) -> Option<String> {
+        self.last.lock().ok().and_then(|g| g.clone())
+    }
+}
+
+impl ClientContext for BrokerErrors {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(target: "librdkafka", "librdkafka: {error}: {reason}");
+        // "1/1 brokers are down" follows every connection failure and would hide its cause.
+        let summary = matches!(error, KafkaError::Global(RDKafkaErrorCode::AllBrokersDown));
+        if let Ok(mut g) = self.last.lock() {
+            if !summary || g.is_none() {
+                *g = Some(reason.to_string());
+            }
+        }
+    }
 }
 
 fn build_producer(_: &Lua, config: Table) -> mlua::Result<KafkaProducer> {
@@ -46,11 +81,13 @@ fn build_producer(_: &Lua, config: Table) -> mlua::Result<KafkaProducer> {
         };
         cc.set(k, v);
     }
-    let producer: FutureProducer = cc
-        .create()
+    let errors = BrokerErrors::default();
+    let producer: RelayProducer = cc
+        .create_with_context(errors.clone())
         .map_err(|e| mlua::Error::runtime(format!("kumo.kafka.build_producer: {e}")))?;
     Ok(KafkaProducer {
         inner: Mutex::new(Some(Arc::new(producer))),
+        errors,
     })
 }
 
@@ -113,7 +150,7 @@ fn parse_record(t: &Table) -> mlua::Result<Record> {
 }
 
 impl KafkaProducer {
-    fn producer(&self) -> mlua::Result<Arc<FutureProducer>> {
+    fn producer(&self) -> mlua::Result<Arc<RelayProducer>> {
         self.inner
             .lock()
             .map_err(|_| mlua::Error::runtime("kafka producer lock poisoned"))?
@@ -123,7 +160,11 @@ impl KafkaProducer {
 }
 
 /// Sends one record and waits for its delivery report: `(partition, offset)`.
-async fn send_record(producer: &FutureProducer, r: Record) -> Result<(i32, i64), String> {
+async fn send_record(
+    producer: &RelayProducer,
+    errors: &BrokerErrors,
+    r: Record,
+) -> Result<(i32, i64), String> {
     let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&r.topic);
     if let Some(p) = &r.payload {
         fr = fr.payload(&p[..]);
@@ -140,15 +181,19 @@ async fn send_record(producer: &FutureProducer, r: Record) -> Result<(i32, i64),
     // The queue timeout bounds waiting for room in librdkafka's queue; the outer one
     // bounds the whole delivery (librdkafka's own message.timeout.ms still applies).
     let send = producer.send(fr, Timeout::After(r.timeout));
-    match tokio::time::timeout(r.timeout, send).await {
+    let result = match tokio::time::timeout(r.timeout, send).await {
         Err(_) => Err(format!(
             "kafka send to '{}' timed out after {}",
             r.topic,
             humantime::format_duration(r.timeout)
         )),
         Ok(Err((e, _))) => Err(format!("kafka send to '{}' failed: {e}", r.topic)),
-        Ok(Ok(d)) => Ok((d.partition, d.offset)),
-    }
+        Ok(Ok(d)) => return Ok((d.partition, d.offset)),
+    };
+    result.map_err(|e| match errors.last() {
+        Some(last) => format!("{e} (last broker error: {last})"),
+        None => e,
+    })
 }
 
 impl UserData for KafkaProducer {
@@ -156,8 +201,9 @@ impl UserData for KafkaProducer {
         methods.add_async_method("send", |_, this, t: Table| async move {
             let record = parse_record(&t)?;
             let producer = this.producer()?;
+            let errors = this.errors.clone();
             drop(this);
-            send_record(&producer, record)
+            send_record(&producer, &errors, record)
                 .await
                 .map_err(mlua::Error::runtime)
         });
@@ -167,10 +213,14 @@ impl UserData for KafkaProducer {
                 records.push(parse_record(&rec?)?);
             }
             let producer = this.producer()?;
+            let errors = this.errors.clone();
             drop(this);
-            let results =
-                futures::future::join_all(records.into_iter().map(|r| send_record(&producer, r)))
-                    .await;
+            let results = futures::future::join_all(
+                records
+                    .into_iter()
+                    .map(|r| send_record(&producer, &errors, r)),
+            )
+            .await;
             let failed = lua.create_table()?;
             let errors = lua.create_table()?;
             for (i, r) in results.into_iter().enumerate() {

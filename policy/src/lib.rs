@@ -88,6 +88,7 @@
 #![warn(missing_docs)]
 
 mod amqp;
+mod amqp_connect;
 mod connection;
 mod error;
 #[cfg(feature = "fuzzing")]
