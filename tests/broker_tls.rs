@@ -1,6 +1,7 @@
 //! TLS (and what SASL can be shown here) to the brokers, end to end through the daemon:
 //! certificates made by the test, `stunnel4` terminating TLS in front of the shared RabbitMQ
-//! and of a librdkafka mock cluster that advertises stunnel's port.
+//! and of a librdkafka mock cluster that advertises stunnel's port, and in front of a local
+//! HTTP endpoint for `kumo.http`.
 //!
 //! Negative cases: a wrong CA and an expired certificate fail with the reason in the
 //! message's `last_error`, the message stays spooled, and a daemon restarted with a fixed
@@ -186,6 +187,27 @@ impl Relay {
         assert_eq!(resp.status(), 200, "ingest refused");
     }
 
+    /// Waits until the one message of `queue` has failed once (admin API); its `last_error`.
+    async fn last_error(&self, queue: &str) -> String {
+        let url = format!(
+            "http://127.0.0.1:{}/api/admin/queues/{queue}/messages",
+            self.port
+        );
+        let start = std::time::Instant::now();
+        loop {
+            let msgs: serde_json::Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+            if let Some(error) = msgs[0]["last_error"].as_str() {
+                return error.to_string();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "no failed attempt of {queue} within 30 s: {msgs}\n{}",
+                common::tail(&self.log, 10)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn spooled(&self) -> Option<u64> {
         common::spooled(&reqwest::Client::new(), self.port).await
     }
@@ -256,6 +278,82 @@ async fn amqps_expired_certificate_is_held_then_delivered() {
     // lapin's TLS layer (tcp-stream) keeps OpenSSL's error but drops its verify result, so
     // the log says "certificate verify failed", not "has expired" (see docs/connecting.md).
     held_then_delivered(bad, fixed, "certificate verify failed", rq).await;
+}
+
+/// A webhook policy (policy/examples/webhook.lua's shape) posting to `url`.
+fn webhook_policy(url: &str) -> String {
+    format!(
+        r#"
+kumo.on('get_queue_config', function(domain, tenant, campaign, routing_domain)
+  return kumo.make_queue_config {{
+    protocol = {{ custom_lua = {{ constructor = 'make.hook' }} }},
+    retry_interval = '1s',
+  }}
+end)
+kumo.on('make.hook', function(domain, tenant, campaign)
+  local client = kumo.http.build_client {{ timeout = '5s' }}
+  local sender = {{}}
+  function sender:send(message)
+    local response = client:post('{url}'):body(message:get_data()):send()
+    if response:status_is_success() then return '250 posted' end
+    kumo.reject(451, 'status ' .. response:status_code())
+  end
+  return sender
+end)
+"#
+    )
+}
+
+/// `kumo.http` trusts what the brokers trust (issue 14: "TLS uses the same trust settings
+/// as the brokers"): with the wrong CA in `SSL_CERT_FILE` the POST fails with OpenSSL's
+/// reason and the message stays; with the right one it reaches the endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn https_webhook_trusts_ssl_cert_file_like_the_brokers() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let posts = Arc::new(AtomicUsize::new(0));
+    let counter = posts.clone();
+    let app = axum::Router::new().route(
+        "/log",
+        axum::routing::post(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { "ok" }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let pki = Pki::new();
+    let tls = Stunnel::start(&pki, &pki.cert, 0, http_port);
+    let lua = webhook_policy(&format!("https://localhost:{}/log", tls.port));
+    let dir = tempfile::tempdir().unwrap();
+
+    let bad = spawn_relay(&lua, dir.path(), Some(&pki.other_ca));
+    bad.post("hookq", "over https").await;
+    let error = bad.last_error("hookq").await;
+    assert!(error.contains("certificate verify failed"), "{error}");
+    assert_eq!(
+        bad.spooled().await,
+        Some(1),
+        "the message must stay spooled"
+    );
+    assert_eq!(posts.load(Ordering::SeqCst), 0);
+    bad.stop().await;
+
+    let good = spawn_relay(&lua, dir.path(), Some(&pki.ca));
+    common::wait_live(good.port).await;
+    let start = std::time::Instant::now();
+    while good.spooled().await != Some(0) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "not delivered with the right CA: {}",
+            common::tail(&good.log, 20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(posts.load(Ordering::SeqCst), 1, "posted once over https");
+    good.stop().await;
 }
 
 // ---------------------------------------------------------------- Kafka

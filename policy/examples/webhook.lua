@@ -8,7 +8,7 @@
 --   any other status       -> kumo.reject(550): permanent; with on_permanent_failure =
 --                             'dead_letter' the message goes to the dead-letter area
 --   no answer in time, connection refused -> send() raises: retried later (451)
--- This build's kumo.http speaks plain http:// only (no TLS).
+-- https:// URLs trust what the broker clients trust: the system roots, or SSL_CERT_FILE.
 
 local WEBHOOK_URL = 'http://127.0.0.1:4242/log'
 

@@ -12,7 +12,9 @@
 //! request in place and return it, so they chain (`client:post(u):header(k, v):send()`)
 //! or can be called one by one as in KumoMTA's docs.
 //!
-//! This build has no TLS in reqwest: `https://` URLs fail with a clear error.
+//! `https://` goes through the system OpenSSL (reqwest's native-tls), as the Kafka and AMQP
+//! clients do, so one set of trust settings serves every destination: the system roots,
+//! or `SSL_CERT_FILE` / `SSL_CERT_DIR` (docs/connecting.md).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -45,7 +47,9 @@ fn duration_param(params: &Table, key: &str) -> mlua::Result<Option<Duration>> {
 }
 
 fn build_client(_: &Lua, params: Option<Table>) -> mlua::Result<HttpClient> {
-    let mut builder = Client::builder().timeout(DEFAULT_TIMEOUT);
+    // native-tls, not rustls (which the workspace's tests also compile in): the brokers'
+    // trust settings apply only through OpenSSL.
+    let mut builder = Client::builder().use_native_tls().timeout(DEFAULT_TIMEOUT);
     if let Some(params) = params {
         if let Some(agent) = params.get::<Option<String>>("user_agent")? {
             builder = builder.user_agent(agent);
