@@ -57,8 +57,11 @@ fn use_tls(config: &mut Config, dir: &Path, mutual: bool) {
 }
 
 /// An HTTPS client that trusts only the test CA, with the client certificate if asked.
+/// rustls, named: the workspace's reqwest also has native-tls (kumo.http), which would be
+/// the default and takes no PEM identity.
 fn client(pki: &Pki, with_cert: bool) -> reqwest::Client {
     let mut builder = reqwest::Client::builder()
+        .use_rustls_tls()
         .add_root_certificate(reqwest::Certificate::from_pem(pki.ca.as_bytes()).unwrap())
         .timeout(Duration::from_secs(10));
     if with_cert {
