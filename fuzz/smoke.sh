@@ -6,6 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 secs="${1:-30}"
 export RUSTC_BOOTSTRAP=1
+# cc instruments C dependencies with -fsanitize=address under cargo-fuzz (zstd-sys among
+# them); librdkafka's configure then links a check program against that libzstd with plain
+# gcc and fails on the __asan_* symbols ("Configure failed", rdkafka's zstd feature). Linking
+# its checks with the ASan runtime makes them pass; librdkafka itself stays uninstrumented.
+export LDFLAGS="${LDFLAGS:-} -fsanitize=address"
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --version 0.13.2
 cargo fuzz build -O
 for target in $(cargo fuzz list); do
