@@ -274,16 +274,25 @@ pub async fn refuse_early(State(tokens): State<Tokens>, req: Request, next: Next
     next.run(req).await
 }
 
+/// The `--metrics-token`, kept as its SHA-256: hashed once, not on every scrape.
+#[derive(Clone)]
+pub struct MetricsToken(Arc<[u8]>);
+
+impl MetricsToken {
+    /// The token `/metrics` will require.
+    pub fn new(token: &str) -> MetricsToken {
+        MetricsToken(digest(token.as_bytes()).into())
+    }
+}
+
 /// Middleware on `/metrics` when `--metrics-token` is set: 401 without it.
 pub async fn require_metrics_token(
-    State(token): State<Arc<str>>,
+    State(token): State<MetricsToken>,
     req: Request,
     next: Next,
 ) -> Response {
     match bearer(req.headers()) {
-        Some(given) if bool::from(digest(given).ct_eq(&digest(token.as_bytes()))) => {
-            next.run(req).await
-        }
+        Some(given) if bool::from(digest(given).ct_eq(&token.0)) => next.run(req).await,
         _ => unauthorized("/metrics", "--metrics-token"),
     }
 }

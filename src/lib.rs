@@ -283,7 +283,7 @@ fn metrics_router(
     {
         None => router,
         Some(token) => router.route_layer(axum::middleware::from_fn_with_state(
-            std::sync::Arc::<str>::from(token),
+            ingest_auth::MetricsToken::new(token),
             ingest_auth::require_metrics_token,
         )),
     }

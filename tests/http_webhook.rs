@@ -102,3 +102,36 @@ async fn webhook_example_delivers_retries_and_dead_letters() {
     );
     daemon.stop().await.unwrap();
 }
+
+/// A response body past kumo.http's bound (16 MiB) is not read whole into the relay's
+/// memory: `send()` raises, and the message stays spooled for a retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_response_body_is_cut_off_and_the_message_stays() {
+    let app = Router::new().route("/log", post(|| async { vec![b'x'; (16 << 20) + 1] }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = common::start(&example(&format!("http://{addr}/log")), dir.path()).await;
+    let resp = reqwest::Client::new()
+        .post(common::url(&daemon, "/api/v1/queues/webhook/messages"))
+        .body("big answer")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut error = String::new();
+    common::wait_until("a failed attempt", Duration::from_secs(20), || {
+        let left = daemon.spool.list("webhook", 10).unwrap();
+        error = left
+            .first()
+            .and_then(|m| m.last_error.clone())
+            .unwrap_or_default();
+        !error.is_empty()
+    })
+    .await;
+    assert!(error.contains("larger than 16 MiB"), "{error}");
+    assert_eq!(common::queued(&daemon), 1, "the message stays spooled");
+    daemon.stop().await.unwrap();
+}

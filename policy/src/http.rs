@@ -24,6 +24,9 @@ use reqwest::{Client, Method, RequestBuilder};
 
 use crate::queue_config::parse_duration;
 
+/// The largest response body `send()` reads; a larger one raises (a transient failure).
+const MAX_RESPONSE_BODY: usize = 16 << 20;
+
 /// KumoMTA's default per-request timeout.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -175,20 +178,41 @@ impl UserData for HttpRequest {
                     )
                 })
                 .collect();
-            let body = response.bytes().await.map_err(|e| {
-                err(
-                    "request:send",
-                    format!("{url}: reading the body: {}", describe(&e)),
-                )
-            })?;
+            let body = read_body(response, &url).await?;
             Ok(HttpResponse {
                 status: status.as_u16(),
                 reason: status.canonical_reason(),
                 headers,
-                body: body.to_vec(),
+                body,
             })
         });
     }
+}
+
+/// Reads a response body of at most [`MAX_RESPONSE_BODY`] bytes. The body is held outside
+/// the Lua state, where the policy's memory limit does not reach: without a bound, one
+/// endpoint answering without end would take the relay's memory, not only its queue's.
+async fn read_body(mut response: reqwest::Response, url: &str) -> mlua::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| {
+        err(
+            "request:send",
+            format!("{url}: reading the body: {}", describe(&e)),
+        )
+    })? {
+        if body.len() + chunk.len() > MAX_RESPONSE_BODY {
+            return Err(err(
+                "request:send",
+                format!(
+                    "{url}: the response body is larger than {} MiB; a webhook should answer \
+                     briefly",
+                    MAX_RESPONSE_BODY >> 20
+                ),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// The error with its causes (reqwest's own text stops at "error sending request").

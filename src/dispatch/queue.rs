@@ -289,6 +289,7 @@ impl QueueWorker {
                 for msg in &msgs {
                     self.spool.release(msg);
                 }
+                self.rates.give_back(msgs.len());
                 return later(Duration::ZERO);
             }
             let mut live = Vec::with_capacity(msgs.len());
