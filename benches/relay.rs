@@ -840,7 +840,7 @@ async fn p5_disk(s: &Settings) {
                 break;
             }
             for m in &leased {
-                spool.ack(m).expect("ack");
+                spool.ack(&m.lease).expect("ack");
             }
         }
         spool.sync().await.expect("sync");

@@ -46,7 +46,7 @@ fn tokio_free_batches(spool: &Spool) -> usize {
             .collect();
         n += spool.enqueue_blocking(batch).unwrap().len();
         for m in spool.lease(queue, 5, u64::MAX).unwrap() {
-            spool.ack(&m).unwrap();
+            spool.ack(&m.lease).unwrap();
         }
     }
     n

@@ -66,7 +66,10 @@
 //! ## Reading: leases
 //! The dispatcher calls `lease(queue, max, now)`; the index hands out due ids (earliest
 //! due first, then id: FIFO for first attempts) and the records are read from sled one by
-//! one, so a queue is never loaded whole. Leases are memory-only: after a crash every
+//! one, so a queue is never loaded whole. Each comes as a [`Leased`]: the message to send
+//! and its [`Lease`], a small handle (queue, id, attempts, times, where the record is
+//! stored) that every settlement takes, so in-flight tracking never copies a payload and a
+//! message read from anywhere else cannot settle anything. Leases are memory-only: after a crash every
 //! message is simply due again, and only what was in flight can be delivered twice.
 //! Deletes after delivery (`ack`) are not fsynced one by one; the next group commit or
 //! sled's background flush carries them. A crash in between means a duplicate, never a loss.
@@ -101,6 +104,7 @@ pub mod error;
 pub mod fuzzing;
 pub mod index;
 pub mod keys;
+mod lease;
 pub mod ledger;
 mod lock;
 pub mod meta_json;
@@ -115,6 +119,7 @@ pub mod view;
 pub use durability::SyncFaults;
 pub use error::{Result, SpoolError};
 pub use index::QueueStats;
+pub use lease::{Lease, Leased};
 pub use ledger::LostWrites;
 pub use record::{Message, MessageId, Meta, MetaValue};
 pub use recovery::{DamagedRecord, RecoveryReport};

@@ -166,8 +166,8 @@ impl Spool {
             }
             let chunk = self.read_taken(queue, taken)?;
             let mut job = Job::with_capacity(chunk.len());
-            for msg in &chunk {
-                let (ops, effects) = change(msg);
+            for leased in &chunk {
+                let (ops, effects) = change(&leased.message);
                 job.ops.extend(ops);
                 job.effects.extend(effects);
             }
@@ -176,7 +176,7 @@ impl Spool {
                 Err(e) => Err(e),
             };
             if let Err(e) = committed {
-                chunk.iter().for_each(|m| self.release(m));
+                chunk.iter().for_each(|l| self.release(&l.lease));
                 return Err(e);
             }
             done += chunk.len() as u64;

@@ -15,6 +15,7 @@ use crate::durability::{sync_dir, DiskSync, SyncFaults};
 use crate::error::{Result, SpoolError};
 use crate::index::{Index, QueueStats};
 use crate::keys;
+use crate::lease::{Lease, Leased};
 use crate::ledger::{self, CommitMark, Ledger};
 use crate::lock::DirLock;
 use crate::record::{self, Message, MessageId, Meta};
@@ -334,14 +335,14 @@ impl Spool {
         Ok((ids, self.submit(job)?))
     }
 
-    /// Leases up to `max` messages of `queue` that are due at `now_ms`. Each must then be
-    /// settled with [`ack`](Self::ack), [`retry`](Self::retry),
+    /// Leases up to `max` messages of `queue` that are due at `now_ms`. Each comes with its
+    /// [`Lease`], which must then settle it with [`ack`](Self::ack), [`retry`](Self::retry),
     /// [`dead_letter`](Self::dead_letter) or [`release`](Self::release); leases live in
     /// memory only, so a restart releases them all.
     ///
     /// A poisoned spool leases nothing (its settlements could not be written). A read
     /// error gives back every lease this call took, so nothing stays in flight.
-    pub fn lease(&self, queue: &str, max: usize, now_ms: u64) -> Result<Vec<Message>> {
+    pub fn lease(&self, queue: &str, max: usize, now_ms: u64) -> Result<Vec<Leased>> {
         self.check_poison()?;
         let taken = self.index().take_due(queue, now_ms, max);
         self.read_taken(queue, taken)
@@ -353,8 +354,8 @@ impl Spool {
         &self,
         queue: &str,
         taken: Vec<(u64, u64, crate::index::Slot)>,
-    ) -> Result<Vec<Message>> {
-        let mut leased: Vec<Message> = Vec::with_capacity(taken.len());
+    ) -> Result<Vec<Leased>> {
+        let mut leased: Vec<Leased> = Vec::with_capacity(taken.len());
         for (n, &(id, _, _)) in taken.iter().enumerate() {
             let key = keys::message_key(queue, MessageId(id));
             let raw = match self.inner.trees[TreeId::Messages as usize].get(&key) {
@@ -364,14 +365,17 @@ impl Spool {
                     for &(id, _, _) in &taken[n..] {
                         index.release(queue, id);
                     }
-                    for msg in &leased {
-                        index.release(queue, msg.id.0);
+                    for done in &leased {
+                        index.release(queue, done.lease.id.0);
                     }
                     return Err(self.storage(e));
                 }
             };
             match raw.map(|raw| (recovery::check_message(&key, &raw), raw)) {
-                Some((Ok(msg), _)) => leased.push(msg),
+                Some((Ok(message), raw)) => leased.push(Leased {
+                    lease: Lease::of(&message, raw.len()),
+                    message,
+                }),
                 Some((Err(reason), raw)) => self.quarantine_live(queue, id, &key, &raw, reason),
                 None => {
                     tracing::error!(
@@ -388,24 +392,24 @@ impl Spool {
 
     /// Delivered: deletes the message. The delete is made durable by the next group commit
     /// or sled's background flush; a crash before that redelivers it (at-least-once).
-    pub fn ack(&self, msg: &Message) -> Result<()> {
+    pub fn ack(&self, lease: &Lease) -> Result<()> {
         // One plain remove: a one-entry sled batch costs an extra log record.
-        self.check_leased(msg)?;
+        self.check_leased(lease)?;
         let removed = self.check_poison().and_then(|()| {
-            self.unmark_large(std::slice::from_ref(&msg))?;
-            let key = keys::message_key(&msg.queue, msg.id);
+            self.unmark_large(std::slice::from_ref(&lease))?;
+            let key = keys::message_key(&lease.queue, lease.id);
             self.inner.trees[TreeId::Messages as usize]
                 .remove(key)
                 .map_err(|e| self.write_failed(e))
         });
         match removed {
             Ok(_) => {
-                self.index().remove(&msg.queue, msg.id.0);
+                self.index().remove(&lease.queue, lease.id.0);
                 Ok(())
             }
             // Still on disk: due again rather than leased until a restart.
             Err(e) => {
-                self.release(msg);
+                self.release(lease);
                 Err(e)
             }
         }
@@ -413,27 +417,27 @@ impl Spool {
 
     /// [`ack`](Self::ack) for several delivered messages at once: one sled batch, so a
     /// dispatcher settling a `send_batch` pays for one tree update instead of one per
-    /// message. Messages not leased are skipped (and reported in the error); the rest are
-    /// still deleted.
-    pub fn ack_many(&self, msgs: &[&Message]) -> Result<()> {
-        match msgs {
+    /// message. Leases no longer held are skipped (and reported in the error); the rest
+    /// are still deleted.
+    pub fn ack_many(&self, leases: &[&Lease]) -> Result<()> {
+        match leases {
             // An empty sled batch still costs a log record: a send that failed entirely
             // acks nothing and must not write.
             [] => return Ok(()),
-            [msg] => return self.ack(msg),
+            [lease] => return self.ack(lease),
             _ => {}
         }
         let mut batch = sled::Batch::default();
-        let mut acked = Vec::with_capacity(msgs.len());
+        let mut acked = Vec::with_capacity(leases.len());
         let mut not_leased = None;
         {
             let index = self.index();
-            for msg in msgs {
-                if index.is_leased(&msg.queue, msg.id.0) {
-                    batch.remove(keys::message_key(&msg.queue, msg.id).as_slice());
-                    acked.push(*msg);
+            for lease in leases {
+                if index.is_leased(&lease.queue, lease.id.0) {
+                    batch.remove(keys::message_key(&lease.queue, lease.id).as_slice());
+                    acked.push(*lease);
                 } else {
-                    not_leased.get_or_insert((msg.queue.clone(), msg.id));
+                    not_leased.get_or_insert((lease.queue.clone(), lease.id));
                 }
             }
         }
@@ -444,12 +448,12 @@ impl Spool {
                 .map_err(|e| self.write_failed(e))
         });
         if let Err(e) = applied {
-            acked.into_iter().for_each(|m| self.release(m));
+            acked.into_iter().for_each(|l| self.release(l));
             return Err(e);
         }
         let mut index = self.index();
-        for msg in acked {
-            index.remove(&msg.queue, msg.id.0);
+        for lease in acked {
+            index.remove(&lease.queue, lease.id.0);
         }
         match not_leased {
             Some((queue, id)) => Err(SpoolError::NotLeased { queue, id }),
@@ -459,23 +463,29 @@ impl Spool {
 
     /// Not delivered: counts the attempt and reschedules the message for `next_due_ms`,
     /// durably, before returning.
-    pub async fn retry(&self, msg: &Message, error: &str, next_due_ms: u64) -> Result<()> {
-        self.check_leased(msg)?;
-        let done = match self.submit_retry(msg, error, next_due_ms) {
+    ///
+    /// Record format v1 keeps attempts, due time and last error inside the message's one
+    /// record, so this reads the record back and rewrites it whole (a retry is the
+    /// exception, not the path every message takes).
+    pub async fn retry(&self, lease: &Lease, error: &str, next_due_ms: u64) -> Result<()> {
+        self.check_leased(lease)?;
+        let done = match self
+            .read_leased(lease)
+            .and_then(|msg| self.submit_retry(msg, error, next_due_ms))
+        {
             Ok(rx) => self.await_commit(rx).await,
             Err(e) => Err(e),
         };
-        self.release_on_error(msg, done)
+        self.release_on_error(lease, done)
     }
 
     fn submit_retry(
         &self,
-        msg: &Message,
+        mut updated: Message,
         error: &str,
         due: u64,
     ) -> Result<oneshot::Receiver<Reply>> {
-        let mut updated = msg.clone();
-        updated.attempts = msg.attempts.saturating_add(1);
+        updated.attempts = updated.attempts.saturating_add(1);
         updated.due_ms = due;
         updated.last_error = Some(error.to_owned());
         let mut job = Job::with_capacity(1);
@@ -493,53 +503,92 @@ impl Spool {
     }
 
     /// Gives up on a message: moves it, with `reason`, to the dead-letter area, where it is
-    /// kept until an operator requeues or purges it.
-    pub async fn dead_letter(&self, msg: &Message, reason: &str) -> Result<()> {
-        self.check_leased(msg)?;
-        let mut dead = msg.clone();
+    /// kept until an operator requeues or purges it. Like [`retry`](Self::retry), it reads
+    /// the record back: the dead-letter copy is the whole message.
+    pub async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<()> {
+        self.check_leased(lease)?;
+        let done = match self
+            .read_leased(lease)
+            .and_then(|msg| self.submit_dead_letter(msg, reason))
+        {
+            Ok(rx) => self.await_commit(rx).await,
+            Err(e) => Err(e),
+        };
+        self.release_on_error(lease, done)
+    }
+
+    fn submit_dead_letter(
+        &self,
+        mut dead: Message,
+        reason: &str,
+    ) -> Result<oneshot::Receiver<Reply>> {
         dead.last_error = Some(reason.to_owned());
         let mut job = Job::with_capacity(2);
         job.ops.push(Op::Put(
             TreeId::DeadLetter,
-            keys::id_key(msg.id.0).to_vec(),
+            keys::id_key(dead.id.0).to_vec(),
             record::encode(&dead),
         ));
         job.ops.push(Op::Del(
             TreeId::Messages,
-            keys::message_key(&msg.queue, msg.id),
+            keys::message_key(&dead.queue, dead.id),
         ));
         job.effects.push(Effect::Forget {
-            queue: msg.queue.clone(),
-            id: msg.id.0,
+            queue: dead.queue.clone(),
+            id: dead.id.0,
         });
-        let done = match self.submit(job) {
-            Ok(rx) => self.await_commit(rx).await,
-            Err(e) => Err(e),
+        self.submit(job)
+    }
+
+    /// Reads a leased message's record again, to rewrite it. Nothing else writes a leased
+    /// record (operator rewrites take waiting messages only), so this is the record as
+    /// leased. A record that is gone or no longer reads is dropped from the index or
+    /// quarantined, as a lease would have done, and the settlement fails.
+    fn read_leased(&self, lease: &Lease) -> Result<Message> {
+        let key = keys::message_key(&lease.queue, lease.id);
+        let unreadable = |why: String| SpoolError::Unreadable {
+            queue: lease.queue.clone(),
+            id: lease.id,
+            why,
         };
-        self.release_on_error(msg, done)
+        match self.inner.trees[TreeId::Messages as usize].get(&key) {
+            Err(e) => Err(self.storage(e)),
+            Ok(None) => {
+                tracing::error!(queue = %lease.queue, id = %lease.id,
+                    "leased message has no record; dropping it from the index");
+                self.index().remove(&lease.queue, lease.id.0);
+                Err(unreadable("its record is gone".into()))
+            }
+            Ok(Some(raw)) => recovery::check_message(&key, &raw).map_err(|reason| {
+                let why = format!("its record is damaged ({reason}); quarantined");
+                self.quarantine_live(&lease.queue, lease.id.0, &key, &raw, reason);
+                unreadable(why)
+            }),
+        }
     }
 
     /// A settlement that could not be made durable leaves the message as it was on disk:
     /// give the lease back so it is tried again rather than stuck until a restart.
-    fn release_on_error(&self, msg: &Message, done: Result<()>) -> Result<()> {
+    fn release_on_error(&self, lease: &Lease, done: Result<()>) -> Result<()> {
         if done.is_err() {
-            self.release(msg);
+            self.release(lease);
         }
         done
     }
 
-    /// Removes the large-message markers of `msgs` (those that have one), *before* the
+    /// Removes the large-record markers of `leases` (those that have one), *before* the
     /// messages themselves: sled's log keeps that order, so a crash in between leaves a
     /// message without its marker (undetectable only if its blob is then lost too), never
-    /// a marker without its message, which the next open would report as a loss.
-    fn unmark_large(&self, msgs: &[&Message]) -> Result<()> {
+    /// a marker without its message, which the next open would report as a loss. The
+    /// lease's location says which records are large, without reading them.
+    fn unmark_large(&self, leases: &[&Lease]) -> Result<()> {
         let mut batch = sled::Batch::default();
         let mut any = false;
-        for msg in msgs
+        for lease in leases
             .iter()
-            .filter(|m| record::encoded_len(*m) >= keys::LARGE_RECORD)
+            .filter(|l| l.location.record_len >= keys::LARGE_RECORD)
         {
-            batch.remove(keys::large_marker(msg.id.0));
+            batch.remove(keys::large_marker(lease.id.0));
             any = true;
         }
         if !any {
@@ -551,10 +600,9 @@ impl Spool {
     }
 
     /// Returns a lease untouched: the message is due again at its old time.
-    pub fn release(&self, msg: &Message) {
-        self.index().release(&msg.queue, msg.id.0);
+    pub fn release(&self, lease: &Lease) {
+        self.index().release(&lease.queue, lease.id.0);
     }
-
     /// Makes every write so far durable (acks included). Used at shutdown.
     pub async fn sync(&self) -> Result<()> {
         self.await_commit(self.submit(Job::with_capacity(0))?).await
@@ -756,13 +804,13 @@ impl Spool {
         self.check_poison().err().map(|e| e.to_string())
     }
 
-    fn check_leased(&self, msg: &Message) -> Result<()> {
-        if self.index().is_leased(&msg.queue, msg.id.0) {
+    fn check_leased(&self, lease: &Lease) -> Result<()> {
+        if self.index().is_leased(&lease.queue, lease.id.0) {
             Ok(())
         } else {
             Err(SpoolError::NotLeased {
-                queue: msg.queue.clone(),
-                id: msg.id,
+                queue: lease.queue.clone(),
+                id: lease.id,
             })
         }
     }

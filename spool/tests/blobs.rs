@@ -135,9 +135,11 @@ async fn large_messages_that_leave_on_purpose_are_not_reported_lost() {
             .await
             .unwrap();
         let one = spool.lease("one", 10, u64::MAX).unwrap();
-        spool.ack(&one[0]).unwrap();
+        spool.ack(&one[0].lease).unwrap();
         let many = spool.lease("many", 10, u64::MAX).unwrap();
-        spool.ack_many(&many.iter().collect::<Vec<_>>()).unwrap();
+        spool
+            .ack_many(&many.iter().map(|l| &l.lease).collect::<Vec<_>>())
+            .unwrap();
         assert_eq!(spool.purge("purged").await.unwrap(), 1);
         spool.sync().await.unwrap();
     }

@@ -131,7 +131,10 @@ fn check_all_acked_present(
         report.quarantined_now, 0,
         "cycle {cycle}: corrupt records after SIGKILL"
     );
-    let present = lease_all(&spool, QUEUE);
+    let present: Vec<_> = lease_all(&spool, QUEUE)
+        .into_iter()
+        .map(|l| l.message)
+        .collect();
     let mut seen = HashMap::new();
     for m in &present {
         assert!(

@@ -60,7 +60,7 @@ async fn a_clean_spool_reopens_without_a_loss() {
         let leased = lease_all(&spool, "q");
         assert_eq!(leased.len(), round + 1);
         for m in &leased {
-            spool.release(m);
+            spool.release(&m.lease);
         }
     }
     let (_, report) = Spool::open(dir.path(), SpoolOptions::default()).unwrap();

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use common::{msg, open};
 use proptest::prelude::*;
-use spool::{Message, Spool};
+use spool::{Lease, Spool};
 
 const QUEUES: [&str; 3] = ["a", "b@example.com", "camp:ten@c"];
 
@@ -80,7 +80,7 @@ impl Model {
 struct Harness {
     dir: tempfile::TempDir,
     spool: Option<Spool>,
-    leased: Vec<Message>,
+    leased: Vec<Lease>,
     model: Model,
     rt: tokio::runtime::Runtime,
 }
@@ -90,7 +90,7 @@ impl Harness {
         self.spool.as_ref().expect("open")
     }
 
-    fn take_leased(&mut self, pick: usize) -> Option<Message> {
+    fn take_leased(&mut self, pick: usize) -> Option<Lease> {
         (!self.leased.is_empty()).then(|| self.leased.remove(pick % self.leased.len()))
     }
 
@@ -115,21 +115,26 @@ impl Harness {
                     .spool()
                     .lease(QUEUES[queue], max, self.model.now)
                     .unwrap();
-                let got: Vec<u64> = leased.iter().map(|m| m.id.0).collect();
+                let got: Vec<u64> = leased.iter().map(|l| l.lease.id().0).collect();
                 assert_eq!(got, want, "lease order/content differs from the model");
-                for m in &leased {
-                    let e = &self.model.queued[&m.id.0];
+                for l in &leased {
+                    let (m, e) = (&l.message, &self.model.queued[&l.lease.id().0]);
                     assert_eq!(
                         (&m.payload, m.attempts, &m.queue),
                         (&e.payload, e.attempts, &e.queue)
                     );
+                    assert_eq!(
+                        (l.lease.queue(), l.lease.id(), l.lease.attempts()),
+                        (m.queue.as_str(), m.id, m.attempts),
+                        "the lease handle names the message it came with"
+                    );
                 }
-                self.leased.extend(leased);
+                self.leased.extend(leased.into_iter().map(|l| l.lease));
             }
             Step::Ack(pick) => {
                 if let Some(m) = self.take_leased(pick) {
                     self.spool().ack(&m).unwrap();
-                    self.model.queued.remove(&m.id.0);
+                    self.model.queued.remove(&m.id().0);
                 }
             }
             Step::Retry { pick, delay } => {
@@ -138,7 +143,7 @@ impl Harness {
                     self.rt
                         .block_on(self.spool().retry(&m, "451 try later", due))
                         .unwrap();
-                    let e = self.model.queued.get_mut(&m.id.0).unwrap();
+                    let e = self.model.queued.get_mut(&m.id().0).unwrap();
                     e.attempts += 1;
                     e.due = due;
                 }
@@ -148,8 +153,8 @@ impl Harness {
                     self.rt
                         .block_on(self.spool().dead_letter(&m, "550 no"))
                         .unwrap();
-                    let e = self.model.queued.remove(&m.id.0).unwrap();
-                    self.model.dead.insert(m.id.0, e);
+                    let e = self.model.queued.remove(&m.id().0).unwrap();
+                    self.model.dead.insert(m.id().0, e);
                 }
             }
             Step::Release(pick) => {
@@ -169,7 +174,7 @@ impl Harness {
 
     /// What a lease must return: due messages in (due, id) order, minus those leased.
     fn due_not_leased(&self, queue: &str, max: usize) -> Vec<u64> {
-        let leased: Vec<u64> = self.leased.iter().map(|m| m.id.0).collect();
+        let leased: Vec<u64> = self.leased.iter().map(|m| m.id().0).collect();
         let mut all = self.model.due_in(queue, usize::MAX);
         all.retain(|id| !leased.contains(id));
         all.truncate(max);

@@ -16,7 +16,10 @@ async fn enqueued_messages_come_back_fifo_and_byte_for_byte() {
         ids.windows(2).all(|w| w[0] < w[1]),
         "ids are monotonic: {ids:?}"
     );
-    let leased = lease_all(&spool, "q");
+    let leased: Vec<Message> = lease_all(&spool, "q")
+        .into_iter()
+        .map(|l| l.message)
+        .collect();
     assert_eq!(leased.iter().map(|m| m.id).collect::<Vec<_>>(), ids);
     let got: Vec<&Vec<u8>> = leased.iter().map(|m| &m.payload).collect();
     assert_eq!(got, payloads.iter().collect::<Vec<_>>());
@@ -35,7 +38,7 @@ async fn ten_mib_payload_survives_reopen() {
     let leased = lease_all(&spool, "big");
     assert_eq!(leased.len(), 1);
     assert!(
-        leased[0].payload == big,
+        leased[0].message.payload == big,
         "10 MiB payload differs after reopen"
     );
 }
@@ -50,9 +53,9 @@ async fn ack_deletes_and_the_delete_survives_reopen_after_sync() {
             .await
             .unwrap();
         let leased = lease_all(&spool, "q");
-        spool.ack(&leased[0]).unwrap();
+        spool.ack(&leased[0].lease).unwrap();
         assert!(
-            spool.ack(&leased[0]).is_err(),
+            spool.ack(&leased[0].lease).is_err(),
             "a settled message cannot be acked twice"
         );
         spool.sync().await.unwrap();
@@ -60,7 +63,7 @@ async fn ack_deletes_and_the_delete_survives_reopen_after_sync() {
     let spool = open(dir.path());
     let left = lease_all(&spool, "q");
     assert_eq!(left.len(), 1);
-    assert_eq!(left[0].payload, b"b");
+    assert_eq!(left[0].message.payload, b"b");
 }
 
 #[tokio::test]
@@ -73,12 +76,12 @@ async fn ack_many_deletes_the_leased_and_reports_the_rest() {
             .collect();
         spool.enqueue(batch).await.unwrap();
         let leased = lease_all(&spool, "q");
-        spool.ack(&leased[9]).unwrap();
+        spool.ack(&leased[9].lease).unwrap();
         // Five leased plus one already settled: the five go, the error names the other.
-        let mut some: Vec<&spool::Message> = leased[..5].iter().collect();
-        some.push(&leased[9]);
+        let mut some: Vec<&spool::Lease> = leased[..5].iter().map(|l| &l.lease).collect();
+        some.push(&leased[9].lease);
         match spool.ack_many(&some) {
-            Err(spool::SpoolError::NotLeased { id, .. }) => assert_eq!(id, leased[9].id),
+            Err(spool::SpoolError::NotLeased { id, .. }) => assert_eq!(id, leased[9].lease.id()),
             other => panic!("expected NotLeased, got {other:?}"),
         }
         spool.sync().await.unwrap();
@@ -86,7 +89,7 @@ async fn ack_many_deletes_the_leased_and_reports_the_rest() {
     let spool = open(dir.path());
     let left: Vec<Vec<u8>> = lease_all(&spool, "q")
         .into_iter()
-        .map(|m| m.payload)
+        .map(|l| l.message.payload)
         .collect();
     let want: Vec<Vec<u8>> = (5..9).map(|i| format!("m{i}").into_bytes()).collect();
     assert_eq!(left, want);
@@ -100,7 +103,7 @@ async fn retry_persists_attempts_due_time_and_error() {
         let spool = open(dir.path());
         spool.enqueue(vec![msg("q", b"x")]).await.unwrap();
         let m = lease_all(&spool, "q").remove(0);
-        spool.retry(&m, "451 broker busy", due).await.unwrap();
+        spool.retry(&m.lease, "451 broker busy", due).await.unwrap();
         assert!(
             spool.lease("q", 10, due - 1).unwrap().is_empty(),
             "not due before next_due"
@@ -111,9 +114,50 @@ async fn retry_persists_attempts_due_time_and_error() {
         spool.lease("q", 10, due - 1).unwrap().is_empty(),
         "due time persisted"
     );
-    let m = spool.lease("q", 10, due).unwrap().remove(0);
+    let m = spool.lease("q", 10, due).unwrap().remove(0).message;
     assert_eq!((m.attempts, m.due_ms), (1, due));
     assert_eq!(m.last_error.as_deref(), Some("451 broker busy"));
+}
+
+/// Settling takes only the small lease handle, so retry and dead-letter rebuild the stored
+/// record themselves: the payload, meta and creation time must come through unchanged.
+#[tokio::test]
+async fn retry_and_dead_letter_by_lease_keep_payload_and_meta() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let ids = spool
+        .enqueue(vec![msg("q", b"retry me"), msg("q", b"bury me")])
+        .await
+        .unwrap();
+    let leased = lease_all(&spool, "q");
+    let (retried, dead) = (&leased[0], &leased[1]);
+    assert_eq!(
+        (
+            retried.lease.id(),
+            retried.lease.queue(),
+            retried.lease.attempts()
+        ),
+        (ids[0], "q", 0),
+        "the handle names the message it came with"
+    );
+    assert_eq!(retried.lease.created_ms(), retried.message.created_ms);
+    assert_eq!(retried.lease.due_ms(), retried.message.due_ms);
+    spool.retry(&retried.lease, "451 later", 1).await.unwrap();
+    spool.dead_letter(&dead.lease, "550 no").await.unwrap();
+    let back = lease_all(&spool, "q").remove(0).message;
+    let want = Message {
+        attempts: 1,
+        due_ms: 1,
+        last_error: Some("451 later".into()),
+        ..retried.message.clone()
+    };
+    assert_eq!(back, want);
+    let buried = spool.dead_letters().unwrap().remove(0);
+    let want = Message {
+        last_error: Some("550 no".into()),
+        ..dead.message.clone()
+    };
+    assert_eq!(buried, want);
 }
 
 #[tokio::test]
@@ -123,7 +167,7 @@ async fn dead_letter_keeps_the_message_out_of_the_queue() {
         let spool = open(dir.path());
         spool.enqueue(vec![msg("q", b"poison")]).await.unwrap();
         let m = lease_all(&spool, "q").remove(0);
-        spool.dead_letter(&m, "550 rejected").await.unwrap();
+        spool.dead_letter(&m.lease, "550 rejected").await.unwrap();
         assert!(lease_all(&spool, "q").is_empty());
     }
     let spool = open(dir.path());
@@ -146,7 +190,7 @@ async fn release_makes_a_lease_due_again_and_restart_releases_all() {
             .unwrap();
         let leased = lease_all(&spool, "q");
         assert!(lease_all(&spool, "q").is_empty());
-        spool.release(&leased[0]);
+        spool.release(&leased[0].lease);
         assert_eq!(lease_all(&spool, "q").len(), 1);
     }
     let spool = open(dir.path());
@@ -164,7 +208,7 @@ async fn ids_are_never_reused_even_after_everything_is_acked() {
         let spool = open(dir.path());
         let ids = spool.enqueue(vec![msg("q", b"1")]).await.unwrap();
         let m = lease_all(&spool, "q").remove(0);
-        spool.ack(&m).unwrap();
+        spool.ack(&m.lease).unwrap();
         spool.sync().await.unwrap();
         ids[0]
     };
@@ -245,7 +289,7 @@ async fn failed_fsync_poisons_the_spool_until_reopened() {
     assert_eq!(spool.poisoned(), None, "a reopen reads the disk again");
     let payloads: Vec<Vec<u8>> = lease_all(&spool, "q")
         .into_iter()
-        .map(|m| m.payload)
+        .map(|l| l.message.payload)
         .collect();
     assert_eq!(
         payloads,
@@ -294,13 +338,13 @@ async fn stats_report_counts_bytes_due_and_attempts() {
         .await
         .unwrap();
     let m = spool.lease("a", 1, LATER).unwrap().remove(0);
-    spool.retry(&m, "451", LATER).await.unwrap();
+    spool.retry(&m.lease, "451", LATER).await.unwrap();
     let stats = spool.stats(spool::now_ms());
     let a = &stats.queues["a"];
     assert_eq!((a.count, a.bytes, a.due_now), (2, 6, 1));
     assert_eq!(a.attempts.get(&1), Some(&1));
     assert_eq!(stats.queues["b"].count, 1);
-    assert!(spool.get(MessageId(m.id.0)).unwrap().is_some());
+    assert!(spool.get(m.lease.id()).unwrap().is_some());
 }
 
 #[tokio::test]
@@ -346,7 +390,7 @@ async fn disk_use_stays_bounded_over_fill_and_drain_cycles() {
             spool.enqueue(batch).await.unwrap();
         }
         for m in lease_all(&spool, "q") {
-            spool.ack(&m).unwrap();
+            spool.ack(&m.lease).unwrap();
         }
         spool.sync().await.unwrap();
         sizes.push(spool.disk_bytes().unwrap());
@@ -385,7 +429,7 @@ async fn imported_ids_are_bounded_and_ids_never_wrap() {
     );
     let leased = lease_all(&spool, "q");
     assert_eq!(leased.len(), 1, "nothing of it was written");
-    spool.release(&leased[0]);
+    spool.release(&leased[0].lease);
     // The largest id accepted: the next enqueue has no id left and says so.
     spool
         .import(vec![exported(MessageId::MAX.0, b"last id")], vec![])
@@ -397,7 +441,10 @@ async fn imported_ids_are_bounded_and_ids_never_wrap() {
         "{err:?}"
     );
     queued.push(MessageId::MAX);
-    let mut ids: Vec<MessageId> = lease_all(&spool, "q").iter().map(|m| m.id).collect();
+    let mut ids: Vec<MessageId> = lease_all(&spool, "q")
+        .iter()
+        .map(|l| l.lease.id())
+        .collect();
     ids.sort();
     assert_eq!(ids, queued, "no queued message was overwritten");
 }
@@ -423,9 +470,9 @@ async fn failed_settlements_give_their_leases_back() {
     faults.fail_with(std::io::ErrorKind::Other);
     assert!(spool.enqueue(vec![msg("other", b"x")]).await.is_err());
     assert!(spool.poisoned().is_some());
-    let acked = spool.ack(&leased[0]);
-    let retried = spool.retry(&leased[1], "451 later", LATER).await;
-    let dead = spool.dead_letter(&leased[2], "550 no").await;
+    let acked = spool.ack(&leased[0].lease);
+    let retried = spool.retry(&leased[1].lease, "451 later", LATER).await;
+    let dead = spool.dead_letter(&leased[2].lease, "550 no").await;
     for (what, result) in [("ack", acked), ("retry", retried), ("dead_letter", dead)] {
         assert!(
             matches!(result, Err(SpoolError::Poisoned { .. })),

@@ -48,7 +48,7 @@ async fn interrupt_after_first_chunk<F: Future>(spool: &Spool, op: F) {
 
 fn assert_all_leasable_once(spool: &Spool, queue: &str) {
     let leased = lease_all(spool, queue);
-    let ids: HashSet<_> = leased.iter().map(|m| m.id).collect();
+    let ids: HashSet<_> = leased.iter().map(|l| l.lease.id()).collect();
     assert_eq!(ids.len(), leased.len(), "a message was scheduled twice");
     assert_eq!(
         leased.len(),
@@ -81,7 +81,7 @@ async fn interrupted_rebind_leaves_every_message_leasable_once() {
     let moved = lease_all(&spool, "to");
     assert!(!moved.is_empty(), "the first chunk was moved");
     leased.extend(moved);
-    let ids: HashSet<_> = leased.iter().map(|m| m.id).collect();
+    let ids: HashSet<_> = leased.iter().map(|l| l.lease.id()).collect();
     assert_eq!(ids.len(), leased.len(), "a message was scheduled twice");
     assert_eq!(leased.len(), N, "messages stuck until a restart");
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use policy::{PolicyMessage, QueueConfig, SendOutcome};
-use spool::{meta_json, Message, Spool};
+use spool::{meta_json, Lease, Leased, Message, Spool};
 
 use super::connection::{PooledConnection, SendSign};
 use super::decide::{decide, Event, Fate};
@@ -27,16 +27,16 @@ pub fn policy_message(msg: &Message) -> PolicyMessage {
     }
 }
 
-/// Sends `msgs` (one `send`, or one `send_batch` for several) on `conn` and settles each
-/// message with the spool, as [`decide`] rules.
+/// Sends `leased` (one `send`, or one `send_batch` for several) on `conn` and settles each
+/// message with the spool through its lease, as [`decide`] rules.
 pub async fn deliver(
     spool: Spool,
     telemetry: QueueTelemetry,
     conn: Arc<PooledConnection>,
     cfg: Arc<QueueConfig>,
-    msgs: Vec<Message>,
+    leased: Vec<Leased>,
 ) {
-    let views: Vec<PolicyMessage> = msgs.iter().map(policy_message).collect();
+    let views: Vec<PolicyMessage> = leased.iter().map(|l| policy_message(&l.message)).collect();
     let started = std::time::Instant::now();
     let mark = conn.mark();
     // `Connection` bounds both calls with the queue's `send_timeout`, also for Lua code that
@@ -50,32 +50,32 @@ pub async fn deliver(
     conn.record_send(mark, SendSign::of(&outcomes));
     // The send is over: give the connection's in-flight slot back before the durable waits.
     drop(conn);
-    telemetry.sent(started.elapsed(), msgs.len() as u64);
-    if outcomes.len() != msgs.len() {
-        tracing::error!(queue = %msgs[0].queue, got = outcomes.len(), sent = msgs.len(),
+    telemetry.sent(started.elapsed(), leased.len() as u64);
+    if outcomes.len() != leased.len() {
+        tracing::error!(queue = %leased[0].lease.queue(), got = outcomes.len(), sent = leased.len(),
             "policy returned the wrong number of outcomes; retrying the unmatched messages");
     }
-    outcomes.resize_with(msgs.len(), || SendOutcome::Transient {
+    outcomes.resize_with(leased.len(), || SendOutcome::Transient {
         code: policy::outcome::TRANSIENT_CODE,
         response: "policy returned no outcome for this message".into(),
     });
     // Delivered messages are deleted together (one sled batch); the others are settled
     // one by one, each with its own durable retry or dead-letter write.
     let now_ms = spool::now_ms();
-    let mut delivered = Vec::with_capacity(msgs.len());
+    let mut delivered = Vec::with_capacity(leased.len());
     let mut failed = Vec::new();
-    for (msg, outcome) in msgs.iter().zip(outcomes) {
-        report(&telemetry, msg, &outcome);
-        match decide(Event::Sent(outcome), msg.into(), &cfg, now_ms, jitter()) {
+    for (Leased { lease, message }, outcome) in leased.iter().zip(outcomes) {
+        report(&telemetry, message, &outcome);
+        match decide(Event::Sent(outcome), message.into(), &cfg, now_ms, jitter()) {
             Fate::Ack { response } => {
-                tracing::debug!(queue = %msg.queue, id = %msg.id, %response, "delivered");
-                delivered.push(msg);
+                tracing::debug!(queue = %lease.queue(), id = %lease.id(), %response, "delivered");
+                delivered.push(lease);
             }
-            fate => failed.push(apply(&spool, &telemetry, msg, fate)),
+            fate => failed.push(apply(&spool, &telemetry, lease, message, fate)),
         }
     }
     if let Err(e) = spool.ack_many(&delivered) {
-        tracing::error!(queue = %msgs[0].queue, error = %e,
+        tracing::error!(queue = %leased[0].lease.queue(), error = %e,
             "delivered, but the spool could not delete them (they will be sent again)");
     }
     futures::future::join_all(failed).await;
@@ -95,36 +95,48 @@ pub fn jitter() -> f64 {
     rand::random::<f64>()
 }
 
-/// Carries out a fate other than `Send` on the spool.
-pub async fn apply(spool: &Spool, telemetry: &QueueTelemetry, msg: &Message, fate: Fate) {
-    let (queue, id) = (&msg.queue, msg.id);
+/// Carries out a fate other than `Send` on the spool, through the message's lease.
+pub async fn apply(
+    spool: &Spool,
+    telemetry: &QueueTelemetry,
+    lease: &Lease,
+    msg: &Message,
+    fate: Fate,
+) {
+    let (queue, id) = (lease.queue(), lease.id());
     match fate {
         Fate::Send => {
             tracing::error!(%queue, %id, "bug: apply() asked to send; releasing the lease");
-            spool.release(msg);
+            spool.release(lease);
         }
         Fate::Ack { response } => {
             tracing::debug!(%queue, %id, %response, "delivered");
-            if let Err(e) = spool.ack(msg) {
+            if let Err(e) = spool.ack(lease) {
                 tracing::error!(%queue, %id, error = %e, "delivered, but the spool could not delete it (it will be sent again)");
             }
         }
         Fate::Retry { due_ms, error, .. } => {
             let retry_in = Duration::from_millis(due_ms.saturating_sub(spool::now_ms()));
-            tracing::info!(%queue, %id, attempts = msg.attempts + 1,
+            tracing::info!(%queue, %id, attempts = lease.attempts() + 1,
                 retry_in = %humantime::format_duration(retry_in), %error, "delivery failed; will retry");
-            if let Err(e) = spool.retry(msg, &error, due_ms).await {
+            if let Err(e) = spool.retry(lease, &error, due_ms).await {
                 tracing::error!(%queue, %id, error = %e,
                     "could not record the failed attempt; the message stays due");
             }
         }
-        Fate::DeadLetter { reason, .. } => dead_letter(spool, telemetry, msg, &reason).await,
+        Fate::DeadLetter { reason, .. } => dead_letter(spool, telemetry, lease, msg, &reason).await,
     }
 }
 
-async fn dead_letter(spool: &Spool, telemetry: &QueueTelemetry, msg: &Message, reason: &str) {
+async fn dead_letter(
+    spool: &Spool,
+    telemetry: &QueueTelemetry,
+    lease: &Lease,
+    msg: &Message,
+    reason: &str,
+) {
     tracing::warn!(queue = %msg.queue, id = %msg.id, attempts = msg.attempts, %reason, "dead-lettering message");
-    match spool.dead_letter(msg, reason).await {
+    match spool.dead_letter(lease, reason).await {
         Ok(()) => telemetry.dead_lettered(msg, reason),
         Err(e) => tracing::error!(queue = %msg.queue, id = %msg.id, error = %e,
             "could not dead-letter; the message stays queued"),

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use policy::{Policy, QueueConfig};
-use spool::{Message, MessageId, Spool};
+use spool::{Lease, Leased, Spool};
 use tokio::sync::{oneshot, Notify};
 use tokio::task::{Id, JoinSet};
 
@@ -49,9 +49,9 @@ pub struct QueueWorker {
     config: Option<(Arc<QueueConfig>, Instant)>,
     pool: Pool,
     sends: JoinSet<()>,
-    /// What each running send holds (id only), so a send that panics or is aborted at
-    /// shutdown can have its leases returned.
-    leased: HashMap<Id, Vec<(String, MessageId)>>,
+    /// The leases each running send holds (handles only, no payload), so a send that
+    /// panics or is aborted at shutdown can give them back.
+    leased: HashMap<Id, Vec<Lease>>,
     /// `max_message_rate` and `overall_max_message_rate`.
     rates: QueueRates,
     backoff: ConnectBackoff,
@@ -269,7 +269,7 @@ impl QueueWorker {
                 Ok(granted) => granted,
                 Err(wait) => return later(wait),
             };
-            let msgs = match self.spool.lease(&self.queue, want, now_ms) {
+            let msgs: Vec<Leased> = match self.spool.lease(&self.queue, want, now_ms) {
                 Ok(msgs) => msgs,
                 Err(e) => {
                     tracing::error!(queue = %self.queue, error = %e, "lease failed");
@@ -286,54 +286,55 @@ impl QueueWorker {
                 // A reload landed during this pass: `conn` runs the old policy. Checked
                 // after the lease, so a message taken in after the reload answered is
                 // always sent by the new one. Released untouched (no attempt counted).
-                for msg in &msgs {
-                    self.spool.release(msg);
+                for leased in &msgs {
+                    self.spool.release(&leased.lease);
                 }
                 self.rates.give_back(msgs.len());
                 return later(Duration::ZERO);
             }
             let mut live = Vec::with_capacity(msgs.len());
-            for msg in msgs {
+            for leased in msgs {
                 match decide(
                     Event::Leased,
-                    (&msg).into(),
+                    (&leased.message).into(),
                     &cfg,
                     now_ms,
                     deliver::jitter(),
                 ) {
-                    Fate::Send => live.push(msg),
+                    Fate::Send => live.push(leased),
                     fate => {
                         let telemetry = self.telemetry.clone();
-                        let ids = vec![(msg.queue.clone(), msg.id)];
+                        let held = vec![leased.lease.clone()];
                         self.spawn(
                             move |spool| async move {
-                                deliver::apply(&spool, &telemetry, &msg, fate).await
+                                let Leased { lease, message } = leased;
+                                deliver::apply(&spool, &telemetry, &lease, &message, fate).await
                             },
-                            ids,
+                            held,
                         );
                     }
                 }
             }
             let mut live = live.into_iter().peekable();
             while live.peek().is_some() {
-                let batch: Vec<Message> = live.by_ref().take(per_send).collect();
-                let ids = batch.iter().map(|m| (m.queue.clone(), m.id)).collect();
+                let batch: Vec<Leased> = live.by_ref().take(per_send).collect();
+                let held = batch.iter().map(|l| l.lease.clone()).collect();
                 let (conn, cfg, telemetry) = (conn.clone(), cfg.clone(), self.telemetry.clone());
                 self.spawn(
                     move |spool| deliver::deliver(spool, telemetry, conn, cfg, batch),
-                    ids,
+                    held,
                 );
             }
         }
     }
 
-    fn spawn<F>(&mut self, send: impl FnOnce(Spool) -> F, ids: Vec<(String, MessageId)>)
+    fn spawn<F>(&mut self, send: impl FnOnce(Spool) -> F, held: Vec<Lease>)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
         let handle = self.sends.spawn(send(self.spool.clone()));
-        if !ids.is_empty() {
-            self.leased.insert(handle.id(), ids);
+        if !held.is_empty() {
+            self.leased.insert(handle.id(), held);
         }
     }
 
@@ -347,8 +348,8 @@ impl QueueWorker {
                 if e.is_panic() {
                     tracing::error!(queue = %self.queue, error = %e, "a send task panicked; releasing its messages");
                 }
-                for (queue, id) in self.leased.remove(&e.id()).unwrap_or_default() {
-                    self.spool.release(&lease_stub(queue, id));
+                for lease in self.leased.remove(&e.id()).unwrap_or_default() {
+                    self.spool.release(&lease);
                 }
             }
         }
@@ -465,19 +466,5 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
-    }
-}
-
-/// `Spool::release` only reads the queue and id of the message it is given.
-fn lease_stub(queue: String, id: MessageId) -> Message {
-    Message {
-        id,
-        queue,
-        created_ms: 0,
-        attempts: 0,
-        due_ms: 0,
-        last_error: None,
-        meta: Default::default(),
-        payload: Vec::new(),
     }
 }

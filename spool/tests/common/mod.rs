@@ -4,7 +4,7 @@ use std::path::Path;
 
 pub mod dirs;
 
-use spool::{Message, Meta, MetaValue, NewMessage, Spool, SpoolOptions};
+use spool::{Leased, Meta, MetaValue, NewMessage, Spool, SpoolOptions};
 
 pub fn open(dir: &Path) -> Spool {
     Spool::open(dir, SpoolOptions::default())
@@ -25,6 +25,6 @@ pub fn msg(queue: &str, payload: &[u8]) -> NewMessage {
 /// Far in the future: everything is due.
 pub const LATER: u64 = u64::MAX / 2;
 
-pub fn lease_all(spool: &Spool, queue: &str) -> Vec<Message> {
+pub fn lease_all(spool: &Spool, queue: &str) -> Vec<Leased> {
     spool.lease(queue, usize::MAX, LATER).expect("lease")
 }
