@@ -112,6 +112,7 @@ mod operator;
 pub mod record;
 pub mod recovery;
 mod settings;
+mod settle;
 mod sled_files;
 mod spool;
 pub mod view;

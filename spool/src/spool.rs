@@ -390,219 +390,6 @@ impl Spool {
         Ok(leased)
     }
 
-    /// Delivered: deletes the message. The delete is made durable by the next group commit
-    /// or sled's background flush; a crash before that redelivers it (at-least-once).
-    pub fn ack(&self, lease: &Lease) -> Result<()> {
-        // One plain remove: a one-entry sled batch costs an extra log record.
-        self.check_leased(lease)?;
-        let removed = self.check_poison().and_then(|()| {
-            self.unmark_large(std::slice::from_ref(&lease))?;
-            let key = keys::message_key(&lease.queue, lease.id);
-            self.inner.trees[TreeId::Messages as usize]
-                .remove(key)
-                .map_err(|e| self.write_failed(e))
-        });
-        match removed {
-            Ok(_) => {
-                self.index().remove(&lease.queue, lease.id.0);
-                Ok(())
-            }
-            // Still on disk: due again rather than leased until a restart.
-            Err(e) => {
-                self.release(lease);
-                Err(e)
-            }
-        }
-    }
-
-    /// [`ack`](Self::ack) for several delivered messages at once: one sled batch, so a
-    /// dispatcher settling a `send_batch` pays for one tree update instead of one per
-    /// message. Leases no longer held are skipped (and reported in the error); the rest
-    /// are still deleted.
-    pub fn ack_many(&self, leases: &[&Lease]) -> Result<()> {
-        match leases {
-            // An empty sled batch still costs a log record: a send that failed entirely
-            // acks nothing and must not write.
-            [] => return Ok(()),
-            [lease] => return self.ack(lease),
-            _ => {}
-        }
-        let mut batch = sled::Batch::default();
-        let mut acked = Vec::with_capacity(leases.len());
-        let mut not_leased = None;
-        {
-            let index = self.index();
-            for lease in leases {
-                if index.is_leased(&lease.queue, lease.id.0) {
-                    batch.remove(keys::message_key(&lease.queue, lease.id).as_slice());
-                    acked.push(*lease);
-                } else {
-                    not_leased.get_or_insert((lease.queue.clone(), lease.id));
-                }
-            }
-        }
-        let applied = self.check_poison().and_then(|()| {
-            self.unmark_large(&acked)?;
-            self.inner.trees[TreeId::Messages as usize]
-                .apply_batch(batch)
-                .map_err(|e| self.write_failed(e))
-        });
-        if let Err(e) = applied {
-            acked.into_iter().for_each(|l| self.release(l));
-            return Err(e);
-        }
-        let mut index = self.index();
-        for lease in acked {
-            index.remove(&lease.queue, lease.id.0);
-        }
-        match not_leased {
-            Some((queue, id)) => Err(SpoolError::NotLeased { queue, id }),
-            None => Ok(()),
-        }
-    }
-
-    /// Not delivered: counts the attempt and reschedules the message for `next_due_ms`,
-    /// durably, before returning.
-    ///
-    /// Record format v1 keeps attempts, due time and last error inside the message's one
-    /// record, so this reads the record back and rewrites it whole (a retry is the
-    /// exception, not the path every message takes).
-    pub async fn retry(&self, lease: &Lease, error: &str, next_due_ms: u64) -> Result<()> {
-        self.check_leased(lease)?;
-        let done = match self
-            .read_leased(lease)
-            .and_then(|msg| self.submit_retry(msg, error, next_due_ms))
-        {
-            Ok(rx) => self.await_commit(rx).await,
-            Err(e) => Err(e),
-        };
-        self.release_on_error(lease, done)
-    }
-
-    fn submit_retry(
-        &self,
-        mut updated: Message,
-        error: &str,
-        due: u64,
-    ) -> Result<oneshot::Receiver<Reply>> {
-        updated.attempts = updated.attempts.saturating_add(1);
-        updated.due_ms = due;
-        updated.last_error = Some(error.to_owned());
-        let mut job = Job::with_capacity(1);
-        job.effects.push(schedule(&updated));
-        let record = record::encode(&updated);
-        if record.len() >= keys::LARGE_RECORD {
-            job.ops.push(mark_large(&updated));
-        }
-        job.ops.push(Op::Put(
-            TreeId::Messages,
-            keys::message_key(&updated.queue, updated.id),
-            record,
-        ));
-        self.submit(job)
-    }
-
-    /// Gives up on a message: moves it, with `reason`, to the dead-letter area, where it is
-    /// kept until an operator requeues or purges it. Like [`retry`](Self::retry), it reads
-    /// the record back: the dead-letter copy is the whole message.
-    pub async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<()> {
-        self.check_leased(lease)?;
-        let done = match self
-            .read_leased(lease)
-            .and_then(|msg| self.submit_dead_letter(msg, reason))
-        {
-            Ok(rx) => self.await_commit(rx).await,
-            Err(e) => Err(e),
-        };
-        self.release_on_error(lease, done)
-    }
-
-    fn submit_dead_letter(
-        &self,
-        mut dead: Message,
-        reason: &str,
-    ) -> Result<oneshot::Receiver<Reply>> {
-        dead.last_error = Some(reason.to_owned());
-        let mut job = Job::with_capacity(2);
-        job.ops.push(Op::Put(
-            TreeId::DeadLetter,
-            keys::id_key(dead.id.0).to_vec(),
-            record::encode(&dead),
-        ));
-        job.ops.push(Op::Del(
-            TreeId::Messages,
-            keys::message_key(&dead.queue, dead.id),
-        ));
-        job.effects.push(Effect::Forget {
-            queue: dead.queue.clone(),
-            id: dead.id.0,
-        });
-        self.submit(job)
-    }
-
-    /// Reads a leased message's record again, to rewrite it. Nothing else writes a leased
-    /// record (operator rewrites take waiting messages only), so this is the record as
-    /// leased. A record that is gone or no longer reads is dropped from the index or
-    /// quarantined, as a lease would have done, and the settlement fails.
-    fn read_leased(&self, lease: &Lease) -> Result<Message> {
-        let key = keys::message_key(&lease.queue, lease.id);
-        let unreadable = |why: String| SpoolError::Unreadable {
-            queue: lease.queue.clone(),
-            id: lease.id,
-            why,
-        };
-        match self.inner.trees[TreeId::Messages as usize].get(&key) {
-            Err(e) => Err(self.storage(e)),
-            Ok(None) => {
-                tracing::error!(queue = %lease.queue, id = %lease.id,
-                    "leased message has no record; dropping it from the index");
-                self.index().remove(&lease.queue, lease.id.0);
-                Err(unreadable("its record is gone".into()))
-            }
-            Ok(Some(raw)) => recovery::check_message(&key, &raw).map_err(|reason| {
-                let why = format!("its record is damaged ({reason}); quarantined");
-                self.quarantine_live(&lease.queue, lease.id.0, &key, &raw, reason);
-                unreadable(why)
-            }),
-        }
-    }
-
-    /// A settlement that could not be made durable leaves the message as it was on disk:
-    /// give the lease back so it is tried again rather than stuck until a restart.
-    fn release_on_error(&self, lease: &Lease, done: Result<()>) -> Result<()> {
-        if done.is_err() {
-            self.release(lease);
-        }
-        done
-    }
-
-    /// Removes the large-record markers of `leases` (those that have one), *before* the
-    /// messages themselves: sled's log keeps that order, so a crash in between leaves a
-    /// message without its marker (undetectable only if its blob is then lost too), never
-    /// a marker without its message, which the next open would report as a loss. The
-    /// lease's location says which records are large, without reading them.
-    fn unmark_large(&self, leases: &[&Lease]) -> Result<()> {
-        let mut batch = sled::Batch::default();
-        let mut any = false;
-        for lease in leases
-            .iter()
-            .filter(|l| l.location.record_len >= keys::LARGE_RECORD)
-        {
-            batch.remove(keys::large_marker(lease.id.0));
-            any = true;
-        }
-        if !any {
-            return Ok(());
-        }
-        self.inner.trees[TreeId::Meta as usize]
-            .apply_batch(batch)
-            .map_err(|e| self.write_failed(e))
-    }
-
-    /// Returns a lease untouched: the message is due again at its old time.
-    pub fn release(&self, lease: &Lease) {
-        self.index().release(&lease.queue, lease.id.0);
-    }
     /// Makes every write so far durable (acks included). Used at shutdown.
     pub async fn sync(&self) -> Result<()> {
         self.await_commit(self.submit(Job::with_capacity(0))?).await
@@ -737,7 +524,14 @@ impl Spool {
         self.inner.db.size_on_disk().map_err(|e| self.storage(e))
     }
 
-    fn quarantine_live(&self, queue: &str, id: u64, key: &[u8], raw: &[u8], reason: String) {
+    pub(crate) fn quarantine_live(
+        &self,
+        queue: &str,
+        id: u64,
+        key: &[u8],
+        raw: &[u8],
+        reason: String,
+    ) {
         tracing::error!(queue, id, %reason, "quarantining corrupt spool record");
         let seq = self.inner.quarantine_seq.fetch_add(1, Ordering::Relaxed);
         let mut job = Job::with_capacity(2);
@@ -804,28 +598,8 @@ impl Spool {
         self.check_poison().err().map(|e| e.to_string())
     }
 
-    fn check_leased(&self, lease: &Lease) -> Result<()> {
-        if self.index().is_leased(&lease.queue, lease.id.0) {
-            Ok(())
-        } else {
-            Err(SpoolError::NotLeased {
-                queue: lease.queue.clone(),
-                id: lease.id,
-            })
-        }
-    }
-
     pub(crate) fn index(&self) -> MutexGuard<'_, Index> {
         self.inner.index.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A sled write outside the commit thread (an ack's delete) failed: like a failed
-    /// commit, it may have left sled wedged (see `commit::Poison`), so the spool is
-    /// poisoned before the error is returned.
-    fn write_failed(&self, source: sled::Error) -> SpoolError {
-        let e = self.storage(source);
-        self.inner.poison.set(&e.to_string());
-        e
     }
 
     pub(crate) fn storage(&self, source: sled::Error) -> SpoolError {
