@@ -196,8 +196,12 @@ impl Spool {
 
     /// A settlement that could not be made durable leaves the message as it was on disk:
     /// give the lease back so it is tried again rather than stuck until a restart.
+    ///
+    /// Except for an unreadable record: it was dropped from the index, or is on its way to
+    /// quarantine (the index forgets it with that commit), and a lease given back meanwhile
+    /// would be leased, found damaged and quarantined a second time.
     fn release_on_error(&self, lease: &Lease, done: Result<()>) -> Result<()> {
-        if done.is_err() {
+        if matches!(&done, Err(e) if !matches!(e, SpoolError::Unreadable { .. })) {
             self.release(lease);
         }
         done
@@ -248,5 +252,65 @@ impl Spool {
         let e = self.storage(source);
         self.inner.poison.set(&e.to_string());
         e
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{NewMessage, SpoolOptions};
+
+    const LATER: u64 = u64::MAX / 2;
+
+    /// A spool with one message, leased, and that message's key.
+    async fn one_leased() -> (tempfile::TempDir, Spool, Lease, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        let new = NewMessage {
+            queue: "q".into(),
+            meta: Default::default(),
+            payload: b"x".to_vec(),
+        };
+        spool.enqueue(vec![new]).await.unwrap();
+        let lease = spool.lease("q", 1, LATER).unwrap().remove(0).lease;
+        let key = keys::message_key("q", lease.id);
+        (dir, spool, lease, key)
+    }
+
+    #[tokio::test]
+    async fn a_retry_whose_record_is_gone_fails_and_forgets_it() {
+        let (_dir, spool, lease, key) = one_leased().await;
+        spool.inner.trees[TreeId::Messages as usize]
+            .remove(&key)
+            .unwrap();
+        let err = spool.retry(&lease, "451", LATER).await.unwrap_err();
+        assert!(matches!(err, SpoolError::Unreadable { .. }), "{err}");
+        assert_eq!(
+            spool.stats(0).queues.get("q"),
+            None,
+            "a message without a record is neither leased nor waiting"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_whose_record_is_damaged_quarantines_it() {
+        let (_dir, spool, lease, key) = one_leased().await;
+        let damaged: &[u8] = b"\x01\0\0\0\0not this message";
+        spool.inner.trees[TreeId::Messages as usize]
+            .insert(&key, damaged)
+            .unwrap();
+        let err = spool.dead_letter(&lease, "550").await.unwrap_err();
+        assert!(matches!(err, SpoolError::Unreadable { .. }), "{err}");
+        // Not given back: leasing it again would find it damaged and quarantine it twice.
+        assert!(spool.lease("q", 1, LATER).unwrap().is_empty());
+        spool.sync().await.unwrap();
+        let quarantined = spool.quarantined().unwrap();
+        assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+        assert_eq!(
+            (&quarantined[0].key, &quarantined[0].raw[..]),
+            (&key, damaged)
+        );
+        assert!(spool.dead_letters().unwrap().is_empty());
+        assert_eq!(spool.stats(0).queues.get("q"), None);
     }
 }
