@@ -10,6 +10,8 @@
 //! - the handle, not the message, says where the record is stored, so a later record
 //!   format can settle a message without reading it again (see [`Lease`]).
 
+use std::sync::Arc;
+
 use crate::record::{Message, MessageId};
 
 /// One leased message, as [`Spool::lease`](crate::Spool::lease) returns it.
@@ -31,6 +33,9 @@ pub struct Leased {
 /// its record is stored. Small and `Clone` (no payload), so a dispatcher can keep one per
 /// message in flight.
 ///
+/// The queue name is shared by every lease of one [`Spool::lease`](crate::Spool::lease) call
+/// (an `Arc`), so a handle costs no allocation of its own to make or to clone.
+///
 /// Only the spool makes leases. A lease names the message's storage location, so settling
 /// never has to look the record up first. In record format v1 the location is the record's
 /// key (queue and id) plus its encoded length, which says whether the record carries a
@@ -39,7 +44,7 @@ pub struct Leased {
 /// the message's bit in the chunk's settle record without reading the chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
-    pub(crate) queue: String,
+    pub(crate) queue: Arc<str>,
     pub(crate) id: MessageId,
     pub(crate) attempts: u32,
     pub(crate) created_ms: u64,
@@ -55,10 +60,11 @@ pub(crate) struct Location {
 }
 
 impl Lease {
-    /// Builds the handle for `msg`, whose record of `record_len` bytes was just read.
-    pub(crate) fn of(msg: &Message, record_len: usize) -> Lease {
+    /// Builds the handle for `msg` of `queue`, whose record of `record_len` bytes was just
+    /// read.
+    pub(crate) fn of(queue: &Arc<str>, msg: &Message, record_len: usize) -> Lease {
         Lease {
-            queue: msg.queue.clone(),
+            queue: queue.clone(),
             id: msg.id,
             attempts: msg.attempts,
             created_ms: msg.created_ms,

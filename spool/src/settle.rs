@@ -83,7 +83,10 @@ impl Spool {
             index.remove(&lease.queue, lease.id.0);
         }
         match not_leased {
-            Some((queue, id)) => Err(SpoolError::NotLeased { queue, id }),
+            Some((queue, id)) => Err(SpoolError::NotLeased {
+                queue: queue.to_string(),
+                id,
+            }),
             None => Ok(()),
         }
     }
@@ -174,7 +177,7 @@ impl Spool {
     fn read_leased(&self, lease: &Lease) -> Result<Message> {
         let key = keys::message_key(&lease.queue, lease.id);
         let unreadable = |why: String| SpoolError::Unreadable {
-            queue: lease.queue.clone(),
+            queue: lease.queue.to_string(),
             id: lease.id,
             why,
         };
@@ -239,7 +242,7 @@ impl Spool {
             Ok(())
         } else {
             Err(SpoolError::NotLeased {
-                queue: lease.queue.clone(),
+                queue: lease.queue.to_string(),
                 id: lease.id,
             })
         }

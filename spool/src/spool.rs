@@ -356,6 +356,7 @@ impl Spool {
         taken: Vec<(u64, u64, crate::index::Slot)>,
     ) -> Result<Vec<Leased>> {
         let mut leased: Vec<Leased> = Vec::with_capacity(taken.len());
+        let shared: std::sync::Arc<str> = queue.into();
         for (n, &(id, _, _)) in taken.iter().enumerate() {
             let key = keys::message_key(queue, MessageId(id));
             let raw = match self.inner.trees[TreeId::Messages as usize].get(&key) {
@@ -373,7 +374,7 @@ impl Spool {
             };
             match raw.map(|raw| (recovery::check_message(&key, &raw), raw)) {
                 Some((Ok(message), raw)) => leased.push(Leased {
-                    lease: Lease::of(&message, raw.len()),
+                    lease: Lease::of(&shared, &message, raw.len()),
                     message,
                 }),
                 Some((Err(reason), raw)) => self.quarantine_live(queue, id, &key, &raw, reason),
