@@ -68,14 +68,17 @@
 //! due first, then id: FIFO for first attempts) and the records are read from sled one by
 //! one, so a queue is never loaded whole. Each comes as a [`Leased`]: the message to send
 //! and its [`Lease`], a small handle (queue, id, attempts, times, where the record is
-//! stored) that every settlement takes, so in-flight tracking never copies a payload and a
-//! message read from anywhere else cannot settle anything. Leases are memory-only: after a crash every
-//! message is simply due again, and only what was in flight can be delivered twice.
-//! Deletes after delivery (`ack`) are not fsynced one by one; the next group commit or
-//! sled's background flush carries them. A crash in between means a duplicate, never a loss.
-//! Whatever fails after a lease was taken (a read, an ack, the hand-off of a retry or a
-//! dead-letter to the commit thread) gives the lease back, so nothing stays in flight until
-//! a restart. Operator rewrites (requeue, rebind) apply each chunk's index changes with
+//! stored) that every settlement takes (`settle.rs`), so in-flight tracking never copies a
+//! payload and a message read from anywhere else cannot settle anything. Leases are
+//! memory-only: after a crash every message is simply due again, and only what was in
+//! flight can be delivered twice. Deletes after delivery (`ack`) are not fsynced one by
+//! one; the next group commit or sled's background flush carries them. A crash in between
+//! means a duplicate, never a loss. `retry` and `dead_letter` read the record back (v1
+//! keeps the delivery state in it) and rewrite it durably. Whatever fails after a lease was
+//! taken (a read, an ack, the hand-off of a retry or a dead-letter to the commit thread)
+//! gives the lease back, so nothing stays in flight until a restart; only a record found
+//! gone or damaged at settlement is dropped or quarantined instead (`Unreadable`).
+//! Operator rewrites (requeue, rebind) apply each chunk's index changes with
 //! that chunk's commit, so an interrupted one leaves nothing leased.
 //!
 //! ## Recovery
