@@ -102,7 +102,7 @@ impl Grant {
 }
 
 /// One token (the SHA-256 of its bytes) and what it may write.
-pub type TokenEntry = (Vec<u8>, Vec<Grant>);
+pub type TokenEntry = (Vec<u8>, Arc<[Grant]>);
 
 /// The configured tokens and their grants. Empty means ingest is open.
 #[derive(Clone, Debug, Default)]
@@ -116,7 +116,12 @@ impl Tokens {
             .ingest_token
             .iter()
             .filter(|t| !t.is_empty())
-            .map(|t| (digest(t.as_bytes()), vec![Grant::Prefix(String::new())]))
+            .map(|t| {
+                (
+                    digest(t.as_bytes()),
+                    Arc::from([Grant::Prefix(String::new())]),
+                )
+            })
             .collect();
         if let Some(path) = &args.ingest_tokens_file {
             let text = std::fs::read_to_string(path).map_err(|source| TokensError::Read {
@@ -133,13 +138,23 @@ impl Tokens {
         !self.0.is_empty()
     }
 
+    /// What a request with these headers may write: [`Access::Open`] without configured
+    /// tokens, `None` without a known bearer token.
+    fn access(&self, headers: &axum::http::HeaderMap) -> Option<Access> {
+        if !self.is_enabled() {
+            return Some(Access::Open);
+        }
+        let grants = self.lookup(bearer(headers)?)?;
+        Some(Access::Granted(grants.clone()))
+    }
+
     /// The grants of `given`, comparing it with every token in constant time.
-    fn lookup(&self, given: &[u8]) -> Option<&[Grant]> {
+    fn lookup(&self, given: &[u8]) -> Option<&Arc<[Grant]>> {
         let given = digest(given);
         let mut found = None;
         for (token, grants) in self.0.iter() {
             if bool::from(token.as_slice().ct_eq(&given)) && found.is_none() {
-                found = Some(grants.as_slice());
+                found = Some(grants);
             }
         }
         found
@@ -171,7 +186,7 @@ pub fn parse_tokens_file(path: &Path, text: &str) -> Result<Vec<TokenEntry>, Tok
                 why: "a token needs at least one queue, `prefix*` or `*` after it",
             });
         }
-        out.push((digest(token.as_bytes()), grants));
+        out.push((digest(token.as_bytes()), grants.into()));
     }
     Ok(out)
 }
@@ -181,8 +196,8 @@ pub fn parse_tokens_file(path: &Path, text: &str) -> Result<Vec<TokenEntry>, Tok
 pub enum Access {
     /// No ingest token configured: everything is allowed.
     Open,
-    /// The grants of the request's token.
-    Granted(Vec<Grant>),
+    /// The grants of the request's token (shared with the token table: no copy per request).
+    Granted(Arc<[Grant]>),
 }
 
 impl Access {
@@ -232,17 +247,17 @@ fn unauthorized(what: &str, flag: &str) -> Response {
 }
 
 /// Middleware on the ingest routes: 401 without a known token; otherwise the token's
-/// [`Access`] goes to the handler in the request's extensions.
+/// [`Access`] goes to the handler in the request's extensions. [`refuse_early`] has
+/// usually looked the token up already and left its `Access` there: it is not looked up
+/// twice (each lookup hashes the token and compares it with every configured one).
 pub async fn authenticate(State(tokens): State<Tokens>, mut req: Request, next: Next) -> Response {
-    let access = if tokens.is_enabled() {
-        match bearer(req.headers()).and_then(|t| tokens.lookup(t)) {
-            Some(grants) => Access::Granted(grants.to_vec()),
+    if req.extensions().get::<Access>().is_none() {
+        let access = match tokens.access(req.headers()) {
+            Some(access) => access,
             None => return unauthorized("ingest", "--ingest-token / --ingest-tokens-file"),
-        }
-    } else {
-        Access::Open
-    };
-    req.extensions_mut().insert(access);
+        };
+        req.extensions_mut().insert(access);
+    }
     next.run(req).await
 }
 
@@ -255,21 +270,19 @@ fn is_ingest(req: &Request) -> bool {
 
 /// Middleware on the whole app, outside the body reader: the 401 of [`authenticate`] for an
 /// ingest request, answered before its body is read. [`authenticate`] stays on the routes
-/// themselves (it hands the handlers the token's [`Access`]); this only answers sooner.
-pub async fn refuse_early(State(tokens): State<Tokens>, req: Request, next: Next) -> Response {
-    if tokens.is_enabled()
-        && is_ingest(&req)
-        && bearer(req.headers())
-            .and_then(|t| tokens.lookup(t))
-            .is_none()
-    {
-        let mut resp = unauthorized("ingest", "--ingest-token / --ingest-tokens-file");
-        // The unread body stays on the socket: close rather than parse it as a request.
-        resp.headers_mut().insert(
-            header::CONNECTION,
-            header::HeaderValue::from_static("close"),
-        );
-        return resp;
+/// themselves; this answers sooner, and leaves the [`Access`] it found for [`authenticate`].
+pub async fn refuse_early(State(tokens): State<Tokens>, mut req: Request, next: Next) -> Response {
+    if tokens.is_enabled() && is_ingest(&req) {
+        let Some(access) = tokens.access(req.headers()) else {
+            let mut resp = unauthorized("ingest", "--ingest-token / --ingest-tokens-file");
+            // The unread body stays on the socket: close rather than parse it as a request.
+            resp.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            return resp;
+        };
+        req.extensions_mut().insert(access);
     }
     next.run(req).await
 }
@@ -305,7 +318,7 @@ mod tests {
         let parsed = parse_tokens_file(Path::new("tokens"), file).unwrap();
         Tokens(Arc::new(parsed))
             .lookup(token.as_bytes())
-            .map(|g| Access::Granted(g.to_vec()))
+            .map(|g| Access::Granted(g.clone()))
     }
 
     #[test]
@@ -327,5 +340,54 @@ mod tests {
     fn a_token_without_grants_names_its_line() {
         let err = parse_tokens_file(Path::new("f"), "ok q\nlonely\n").unwrap_err();
         assert!(err.to_string().contains("f, line 2"), "{err}");
+    }
+
+    /// The ingest routes' shape: `authenticate` on the route, `refuse_early` outside.
+    fn app(tokens: &Tokens, early: bool) -> axum::Router {
+        let show = |axum::Extension(access): axum::Extension<Access>| async move {
+            match access {
+                Access::Open => "open".to_string(),
+                Access::Granted(grants) => format!("granted {}", grants.len()),
+            }
+        };
+        let app = axum::Router::new()
+            .route("/api/v1/queues/orders", axum::routing::post(show))
+            .route_layer(axum::middleware::from_fn_with_state(
+                tokens.clone(),
+                authenticate,
+            ));
+        match early {
+            true => app.layer(axum::middleware::from_fn_with_state(
+                tokens.clone(),
+                refuse_early,
+            )),
+            false => app,
+        }
+    }
+
+    fn post(token: Option<&str>) -> Request {
+        let mut req = axum::http::Request::post("/api/v1/queues/orders");
+        if let Some(token) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        req.body(axum::body::Body::empty()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_token_is_looked_up_once_per_request() {
+        use tower_service::Service;
+        let parsed = parse_tokens_file(Path::new("tokens"), "t1 orders\n").unwrap();
+        let tokens = Tokens(Arc::new(parsed));
+        for early in [true, false] {
+            let ok = app(&tokens, early).call(post(Some("t1"))).await.unwrap();
+            assert_eq!(ok.status(), StatusCode::OK, "early: {early}");
+            let no = app(&tokens, early).call(post(None)).await.unwrap();
+            assert_eq!(no.status(), StatusCode::UNAUTHORIZED, "early: {early}");
+        }
+        // What `refuse_early` found is taken as is: `authenticate` does not look again.
+        let mut found = post(None);
+        found.extensions_mut().insert(Access::Open);
+        let resp = app(&tokens, false).call(found).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
     }
 }

@@ -40,6 +40,7 @@ pub mod ingest;
 pub mod ingest_auth;
 pub mod log_hook_task;
 pub mod metrics;
+pub mod queue_metrics;
 pub mod queue_series;
 pub mod reload;
 pub mod server;

@@ -2,9 +2,8 @@
 //!
 //! Three kinds of numbers:
 //! - **Counters** bumped where outcomes are decided (ingest, settlement). Each queue's
-//!   metrics are one [`QueueCounters`] that a queue worker looks up once and keeps (the
-//!   counters are shared atomics inside the registry's families), so the hot path is an
-//!   atomic add; only ingest looks a queue up per request (a read lock on a map). Only
+//!   metrics are one [`QueueCounters`] that a queue worker looks up once and keeps (shared
+//!   atomics, encoded at scrape time by `queue_metrics`), so the hot path is an atomic add; only ingest looks a queue up per request (a read lock on a map). Only
 //!   live queues have series; a reaped queue's counters fold into `queue="_reaped"`, and
 //!   `--metrics-queue-label` labels by a part of the name (see `queue_series`).
 //! - **Histograms**: send latency, send batch size and time from ingest to delivery, per
@@ -22,77 +21,27 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use spool::Spool;
 
 use crate::capacity::Capacity;
-use crate::queue_series::{Forgot, LiveSeries, QueueLabelMode, REAPED};
+pub use crate::queue_metrics::QueueCounters;
+use crate::queue_metrics::{
+    count_histogram, seconds_histogram, QueueLabel, QueueSeries, ReapedTotals,
+};
+use crate::queue_series::{Forgot, LiveSeries, QueueLabelMode};
 use crate::suspensions::Suspensions;
-
-/// The one label of per-queue metrics.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct QueueLabel {
-    /// The queue name, or the part of it `--metrics-queue-label` chose.
-    pub queue: String,
-}
-
-type HistogramFamily = Family<QueueLabel, Histogram, fn() -> Histogram>;
-
-/// Seconds, 1 ms to ~16 s (and `+Inf`): a send or an fsync.
-fn seconds_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.001, 2.0, 15))
-}
-
-/// Seconds, 10 ms to ~11 days: a message's time in the spool, retries included.
-fn age_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.01, 4.0, 14))
-}
-
-/// Messages, 1 to 4096.
-fn count_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(1.0, 2.0, 13))
-}
-
-/// One queue's metrics since the daemon started (handles into [`Metrics`]' families).
-#[derive(Debug, Clone)]
-pub struct QueueCounters {
-    /// Messages accepted by ingest (fsynced).
-    pub accepted: Counter,
-    /// Messages the broker accepted.
-    pub delivered: Counter,
-    /// Attempts that will be retried.
-    pub transient_failures: Counter,
-    /// Attempts refused for good.
-    pub permanent_failures: Counter,
-    /// Messages moved to the dead-letter area.
-    pub dead_lettered: Counter,
-    /// Open broker connections (a gauge the queue worker keeps current).
-    pub connections: Gauge,
-    /// Seconds from handing messages to the policy's send to its outcome, per message.
-    pub send_latency: Histogram,
-    /// Messages per send call.
-    pub send_batch_size: Histogram,
-    /// Seconds from ingest to the broker's acceptance.
-    pub ingest_to_delivery: Histogram,
-}
 
 /// Everything the daemon counts. Shared as `Arc<Metrics>`.
 pub struct Metrics {
+    /// The series of live queues (see `queue_metrics` for why there are no families).
     queues: RwLock<LiveSeries<QueueCounters>>,
-    accepted: Family<QueueLabel, Counter>,
-    delivered: Family<QueueLabel, Counter>,
-    transient_failures: Family<QueueLabel, Counter>,
-    permanent_failures: Family<QueueLabel, Counter>,
-    dead_lettered: Family<QueueLabel, Counter>,
-    connections: Family<QueueLabel, Gauge>,
-    send_latency: HistogramFamily,
-    send_batch_size: HistogramFamily,
-    ingest_to_delivery: HistogramFamily,
+    /// What reaped queues counted.
+    reaped: Arc<ReapedTotals>,
     /// Seconds per group commit's flush + fsync (the spool's commit thread observes it).
     pub fsync_latency: Histogram,
     /// Durable writes per group commit.
@@ -122,15 +71,7 @@ impl Metrics {
     pub fn new(mode: QueueLabelMode) -> Self {
         Self {
             queues: RwLock::new(LiveSeries::new(mode)),
-            accepted: Family::default(),
-            delivered: Family::default(),
-            transient_failures: Family::default(),
-            permanent_failures: Family::default(),
-            dead_lettered: Family::default(),
-            connections: Family::default(),
-            send_latency: Family::new_with_constructor(seconds_histogram),
-            send_batch_size: Family::new_with_constructor(count_histogram),
-            ingest_to_delivery: Family::new_with_constructor(age_histogram),
+            reaped: Arc::default(),
             fsync_latency: seconds_histogram(),
             commit_batch_size: count_histogram(),
             log_dropped: Arc::default(),
@@ -150,59 +91,22 @@ impl Metrics {
         self.queues
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert(queue, |label| {
-                let label = QueueLabel {
-                    queue: label.to_owned(),
-                };
-                QueueCounters {
-                    accepted: self.accepted.get_or_create_owned(&label),
-                    delivered: self.delivered.get_or_create_owned(&label),
-                    transient_failures: self.transient_failures.get_or_create_owned(&label),
-                    permanent_failures: self.permanent_failures.get_or_create_owned(&label),
-                    dead_lettered: self.dead_lettered.get_or_create_owned(&label),
-                    connections: self.connections.get_or_create_owned(&label),
-                    send_latency: self.send_latency.get_or_create_owned(&label),
-                    send_batch_size: self.send_batch_size.get_or_create_owned(&label),
-                    ingest_to_delivery: self.ingest_to_delivery.get_or_create_owned(&label),
-                }
-            })
+            .get_or_insert(queue, |_| QueueCounters::default())
     }
 
     /// Drops the series of a reaped `queue`, its counters added to `queue="_reaped"` first.
     /// False while a report on the queue is under way (ask again later).
     pub fn forget(&self, queue: &str) -> bool {
         let mut live = self.queues.write().unwrap_or_else(|e| e.into_inner());
-        let label = match live.forget(queue) {
-            Forgot::InUse => return false,
-            Forgot::Unknown | Forgot::Shared => return true,
-            Forgot::Last(label) => QueueLabel { queue: label },
-        };
-        let reaped = QueueLabel {
-            queue: REAPED.to_owned(),
-        };
-        // Under the write lock: no one can look the queue up (and count) midway.
-        for family in [
-            &self.accepted,
-            &self.delivered,
-            &self.transient_failures,
-            &self.permanent_failures,
-            &self.dead_lettered,
-        ] {
-            let count = family.get(&label).map_or(0, |c| c.get());
-            if count > 0 {
-                family.get_or_create(&reaped).inc_by(count);
+        match live.forget(queue) {
+            Forgot::InUse => false,
+            Forgot::Unknown | Forgot::Shared => true,
+            // Under the write lock: no one can look the queue up (and count) midway.
+            Forgot::Last(gone) => {
+                self.reaped.fold(&gone);
+                true
             }
-            family.remove(&label);
         }
-        self.connections.remove(&label);
-        for family in [
-            &self.send_latency,
-            &self.send_batch_size,
-            &self.ingest_to_delivery,
-        ] {
-            family.remove(&label);
-        }
-        true
     }
 
     /// What the spool's commit thread calls after each group commit.
@@ -224,51 +128,7 @@ impl Metrics {
     ) -> String {
         let mut r = Registry::default();
         // Counters: the encoder appends `_total` to a counter's name.
-        r.register(
-            "spoolrelay_accepted",
-            "Messages accepted by HTTP ingest (fsynced)",
-            self.accepted.clone(),
-        );
-        r.register(
-            "spoolrelay_delivered",
-            "Messages the broker accepted; deleted from the spool",
-            self.delivered.clone(),
-        );
-        r.register(
-            "spoolrelay_transient_failures",
-            "Send attempts that failed temporarily (4xx, timeouts); the message is retried",
-            self.transient_failures.clone(),
-        );
-        r.register(
-            "spoolrelay_permanent_failures",
-            "Send attempts rejected permanently (5xx)",
-            self.permanent_failures.clone(),
-        );
-        r.register(
-            "spoolrelay_dead_lettered",
-            "Messages moved to the dead-letter area (permanent failure or max_age)",
-            self.dead_lettered.clone(),
-        );
-        r.register(
-            "spoolrelay_connections",
-            "Open broker connections",
-            self.connections.clone(),
-        );
-        r.register(
-            "spoolrelay_send_latency_seconds",
-            "Time from handing messages to the policy's send to its outcome, per message",
-            self.send_latency.clone(),
-        );
-        r.register(
-            "spoolrelay_send_batch_size",
-            "Messages per call of the policy's send",
-            self.send_batch_size.clone(),
-        );
-        r.register(
-            "spoolrelay_ingest_to_delivery_seconds",
-            "Time from ingest to the broker's acceptance, retries included",
-            self.ingest_to_delivery.clone(),
-        );
+        r.register_collector(Box::new(self.queue_series()));
         r.register(
             "spoolrelay_spool_fsync_duration_seconds",
             "Time of one group commit's flush + fsync",
@@ -286,6 +146,23 @@ impl Metrics {
             out = format!("# metrics encoding failed: {e}\n");
         }
         out
+    }
+
+    /// A snapshot of the per-queue series for one scrape.
+    fn queue_series(&self) -> QueueSeries {
+        let live = self.queues.read().unwrap_or_else(|e| e.into_inner());
+        QueueSeries {
+            live: live
+                .series()
+                .map(|(label, series)| {
+                    let label = QueueLabel {
+                        queue: label.clone(),
+                    };
+                    (label, series.clone())
+                })
+                .collect(),
+            reaped: self.reaped.clone(),
+        }
     }
 
     /// Gauges and totals read now from the spool, in `r`.
@@ -471,5 +348,38 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn a_reaped_queue_leaves_only_its_counts_in_the_reaped_totals() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path(), Default::default()).unwrap();
+        let m = Metrics::default();
+        m.queue("gone@a.com").delivered.inc_by(2);
+        m.queue("gone@b.com").delivered.inc_by(3);
+        m.queue("live@c.com").send_latency.observe(0.5);
+        assert!(m.forget("gone@a.com") && m.forget("gone@b.com"));
+        let text = m.render(&spool, &[], |_| {});
+        assert!(!text.contains("gone@"), "reaped series stay: {text}");
+        assert!(
+            text.contains("spoolrelay_delivered_total{queue=\"_reaped\"} 5\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("spoolrelay_accepted_total{queue=\"_reaped\"}"),
+            "a total that never counted is not shown: {text}"
+        );
+        assert!(
+            text.contains("spoolrelay_send_latency_seconds_count{queue=\"live@c.com\"} 1\n"),
+            "{text}"
+        );
+        // Families keep their descriptor with no live queue, as a registered family did.
+        assert!(m.forget("live@c.com"));
+        let text = m.render(&spool, &[], |_| {});
+        assert!(
+            text.contains("# TYPE spoolrelay_connections gauge\n"),
+            "{text}"
+        );
+        assert!(!text.contains("live@c.com"), "{text}");
     }
 }

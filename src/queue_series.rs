@@ -104,15 +104,16 @@ pub struct LiveSeries<S> {
 
 /// What [`LiveSeries::forget`] did.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Forgot {
+pub enum Forgot<S> {
     /// Not a live queue.
     Unknown,
     /// Someone still holds the queue's series (a send being reported): try again later.
     InUse,
     /// The queue is gone; other live queues still use its label's series.
     Shared,
-    /// The queue and its label's series are gone: fold and drop the series of this label.
-    Last(String),
+    /// The queue and its label's series are gone: here is that series, to fold into the
+    /// totals of reaped queues.
+    Last(Arc<S>),
 }
 
 impl<S> LiveSeries<S> {
@@ -153,7 +154,7 @@ impl<S> LiveSeries<S> {
 
     /// Drops `queue` (reaped). When it was the last queue of its label, the caller folds
     /// and removes that label's series.
-    pub fn forget(&mut self, queue: &str) -> Forgot {
+    pub fn forget(&mut self, queue: &str) -> Forgot<S> {
         let Some(series) = self.queues.get(queue) else {
             return Forgot::Unknown;
         };
@@ -173,14 +174,21 @@ impl<S> LiveSeries<S> {
         if entry.1 > 0 {
             return Forgot::Shared;
         }
-        self.labels.remove(&label);
+        let (series, _) = self.labels.remove(&label).expect("label looked up above");
         shrink_if_sparse(&mut self.labels);
-        Forgot::Last(label)
+        Forgot::Last(series)
     }
 
     /// The label values of live queues.
     pub fn labels(&self) -> impl Iterator<Item = &String> {
         self.labels.keys()
+    }
+
+    /// Each live label value with its series.
+    pub fn series(&self) -> impl Iterator<Item = (&String, &Arc<S>)> {
+        self.labels
+            .iter()
+            .map(|(label, (series, _))| (label, series))
     }
 
     /// How many queues are live.
@@ -226,7 +234,10 @@ mod tests {
     fn a_label_series_goes_with_its_last_queue() {
         let mut live = LiveSeries::new(QueueLabelMode::Tenant);
         let made = std::cell::Cell::new(0);
-        let make = |_: &str| made.set(made.get() + 1);
+        let make = |label: &str| {
+            made.set(made.get() + 1);
+            label.to_string()
+        };
         live.get_or_insert("acme@a.com", make);
         live.get_or_insert("acme@b.com", make);
         live.get_or_insert("acme@b.com", make);
@@ -239,7 +250,10 @@ mod tests {
             "a report holds it"
         );
         drop(held);
-        assert_eq!(live.forget("acme@b.com"), Forgot::Last("acme".into()));
+        assert_eq!(
+            live.forget("acme@b.com"),
+            Forgot::Last(Arc::new("acme".to_string()))
+        );
         assert_eq!(live.forget("acme@b.com"), Forgot::Unknown);
         assert!(live.is_empty() && live.labels().next().is_none());
     }

@@ -27,15 +27,6 @@ kumo.on('make.ok', function()
 end)
 "#;
 
-fn queued_in(daemon: &spoolrelay::Daemon, queue: &str) -> u64 {
-    daemon
-        .spool
-        .stats(spool::now_ms())
-        .queues
-        .get(queue)
-        .map_or(0, |q| q.count)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overall_max_message_rate_is_shared_by_a_tenants_queues() {
     let dir = tempfile::tempdir().unwrap();
@@ -70,15 +61,16 @@ async fn overall_max_message_rate_is_shared_by_a_tenants_queues() {
     )
     .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let acme = queued_in(&daemon, "c1:acme@a.com") + queued_in(&daemon, "c2:acme@b.com");
+    let acme =
+        common::queued_in(&daemon, "c1:acme@a.com") + common::queued_in(&daemon, "c2:acme@b.com");
     assert_eq!(acme, 10, "acme's queues together sent only ten");
     assert_eq!(
-        queued_in(&daemon, "c1:zeta@a.com"),
+        common::queued_in(&daemon, "c1:zeta@a.com"),
         0,
         "zeta is not limited by acme"
     );
     assert_eq!(
-        queued_in(&daemon, "solo"),
+        common::queued_in(&daemon, "solo"),
         2,
         "max_message_rate let three through"
     );

@@ -104,15 +104,6 @@ async fn metrics(daemon: &spoolrelay::Daemon) -> HashMap<String, f64> {
     scrape_values(&text)
 }
 
-fn queue_depth(daemon: &spoolrelay::Daemon, queue: &str) -> u64 {
-    daemon
-        .spool
-        .stats(spool::now_ms())
-        .queues
-        .get(queue)
-        .map_or(0, |q| q.count)
-}
-
 /// `/metrics` read by a real Prometheus text parser (`prometheus-parse`): every sample
 /// line is understood, and the histograms (send latency, batch size, ingest to delivery,
 /// fsync latency, writes per group commit) come out as histograms with cumulative buckets
@@ -302,7 +293,7 @@ async fn a_suspended_queue_accepts_but_does_not_deliver_until_resumed() {
     // Another queue is not affected.
     push(&daemon, "free", &["free 1".to_owned()]).await;
     common::wait_until("the free queue to drain", LIMIT, || {
-        queue_depth(&daemon, "free") == 0
+        common::queued_in(&daemon, "free") == 0
     })
     .await;
 
@@ -333,7 +324,7 @@ async fn a_suspended_queue_accepts_but_does_not_deliver_until_resumed() {
         (false.into(), true.into())
     );
     common::wait_until("the resumed queue to drain", LIMIT, || {
-        queue_depth(&daemon, "held") == 0
+        common::queued_in(&daemon, "held") == 0
     })
     .await;
     assert_eq!(

@@ -45,15 +45,6 @@ async fn ingest(daemon: &Daemon, queue: &str) {
     assert_eq!(resp.status(), 200);
 }
 
-fn count(daemon: &Daemon, queue: &str) -> u64 {
-    daemon
-        .spool
-        .stats(spool::now_ms())
-        .queues
-        .get(queue)
-        .map_or(0, |q| q.count)
-}
-
 async fn restart(daemon: Daemon, dir: &Path) -> Daemon {
     daemon.stop().await.expect("daemon stops");
     common::start(DELIVER, dir).await
@@ -91,7 +82,10 @@ async fn suspension_survives_a_restart_and_expires_by_itself() {
     assert_eq!(listed["details"]["held"]["until_ms"], Value::Null);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(
-        (count(&daemon, "brief"), count(&daemon, "held")),
+        (
+            common::queued_in(&daemon, "brief"),
+            common::queued_in(&daemon, "held")
+        ),
         (1, 1),
         "suspended queues deliver nothing after the restart"
     );
@@ -100,14 +94,14 @@ async fn suspension_survives_a_restart_and_expires_by_itself() {
     common::wait_until(
         "brief's expiry to deliver it",
         Duration::from_secs(10),
-        || count(&daemon, "brief") == 0,
+        || common::queued_in(&daemon, "brief") == 0,
     )
     .await;
-    assert_eq!(count(&daemon, "held"), 1);
+    assert_eq!(common::queued_in(&daemon, "held"), 1);
     let resumed = admin(&daemon, "/api/admin/queues/held/resume", json!({})).await;
     assert_eq!(resumed["changed"], true);
     common::wait_until("held to be delivered", Duration::from_secs(10), || {
-        count(&daemon, "held") == 0
+        common::queued_in(&daemon, "held") == 0
     })
     .await;
 

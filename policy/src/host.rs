@@ -210,6 +210,26 @@ impl Policy {
     /// there and runs the constructor event it names. The returned sender table lives in
     /// that state. Each step has its own bound ([`PolicyLimits::event_timeout`]).
     pub async fn connect(&self, queue_name: &str) -> Result<Connection, PolicyError> {
+        self.connect_from(queue_name, None).await
+    }
+
+    /// Like [`connect`](Self::connect), with the queue's config already resolved (the
+    /// dispatcher caches it per queue): one policy call fewer per new connection, which is
+    /// what a burst over thousands of new queues pays for. As in KumoMTA, the constructor
+    /// may run in a different Lua state than the `get_queue_config` that named it.
+    pub async fn connect_with(
+        &self,
+        queue_name: &str,
+        config: QueueConfig,
+    ) -> Result<Connection, PolicyError> {
+        self.connect_from(queue_name, Some(config)).await
+    }
+
+    async fn connect_from(
+        &self,
+        queue_name: &str,
+        known: Option<QueueConfig>,
+    ) -> Result<Connection, PolicyError> {
         // One generation throughout: a reload meanwhile leaves this connection outdated
         // (the dispatcher then replaces it), never built from two policies.
         let inner = self.inner();
@@ -217,14 +237,18 @@ impl Policy {
             Some(thread) => thread,
             None => LuaThread::start(&format!("lua:{queue_name}"), &inner.setup).await?,
         };
-        let (chunk, queue) = (self.chunk(), queue_name.to_string());
-        let config = self
-            .event(
-                &thread,
-                format!("event '{MULTI_HANDLER_EVENT}' for queue '{queue_name}'"),
-                move |lua| async move { queue_config_in(&chunk, &lua, &queue).await },
-            )
-            .await?;
+        let config = match known {
+            Some(config) => config,
+            None => {
+                let (chunk, queue) = (self.chunk(), queue_name.to_string());
+                self.event(
+                    &thread,
+                    format!("event '{MULTI_HANDLER_EVENT}' for queue '{queue_name}'"),
+                    move |lua| async move { queue_config_in(&chunk, &lua, &queue).await },
+                )
+                .await?
+            }
+        };
         let constructor = config
             .constructor
             .clone()

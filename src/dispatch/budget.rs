@@ -92,6 +92,16 @@ impl Budget {
         open.push_back((conn, Arc::downgrade(owner)));
     }
 
+    /// Forgets the entries of closed connections. Each one's `Weak`s keep two small
+    /// allocations (the connection's and its worker's bell) from being freed, scattered over
+    /// pages the burst touched; after a burst those pages could not go back to the system.
+    /// The supervisor calls it when it reaps idle queues.
+    pub fn forget_closed(&self) {
+        let mut open = self.lock();
+        open.retain(|(conn, _)| conn.strong_count() > 0);
+        open.shrink_to_fit();
+    }
+
     /// Retires the first idle connection in clock order and wakes its owner; false if every
     /// open connection is busy. Closed connections met on the way are forgotten.
     pub fn evict_one(&self) -> bool {
@@ -137,5 +147,37 @@ impl<'a> Waiting<'a> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Conn;
+    impl Evictable for Conn {
+        fn is_retired(&self) -> bool {
+            false
+        }
+        fn retire(&self) {}
+    }
+
+    #[test]
+    fn closed_connections_are_forgotten() {
+        let budget = Budget::new(4);
+        let (owner, closed_owner) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let kept = Arc::new(Conn);
+        budget.register(&kept, &owner);
+        budget.register(&Arc::new(Conn), &closed_owner);
+        // The closed connection's entry still holds its allocation and its owner's bell.
+        assert_eq!(Arc::weak_count(&closed_owner), 1);
+        budget.forget_closed();
+        assert_eq!(
+            Arc::weak_count(&closed_owner),
+            0,
+            "the closed entry is gone"
+        );
+        assert_eq!(Arc::weak_count(&owner), 1, "the open one stays");
+        assert_eq!(budget.lock().len(), 1);
     }
 }

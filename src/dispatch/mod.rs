@@ -137,7 +137,7 @@ impl Dispatcher {
                         idle.push(ask.queue, tokio::time::Instant::now() + self.reap_interval);
                     }
                 }
-                _ = sleep_until(reap_at) => self.reap(&mut idle),
+                _ = sleep_until(reap_at) => self.reap(&mut idle, &env),
                 _ = self.shutdown.wait() => {}
             }
         }
@@ -163,8 +163,10 @@ impl Dispatcher {
     }
 
     /// Forgets the idle queues whose reap deadline passed, except suspended ones (they are
-    /// looked at again one interval later).
-    fn reap(&self, idle: &mut reaper::IdleQueues) {
+    /// looked at again one interval later), then asks for a trim: the reaped series, map
+    /// entries and closed connections' budget entries are freed memory glibc would
+    /// otherwise keep.
+    fn reap(&self, idle: &mut reaper::IdleQueues, env: &WorkerEnv) {
         let now = tokio::time::Instant::now();
         let due = idle.due(now);
         let mut reaped = 0usize;
@@ -177,6 +179,8 @@ impl Dispatcher {
         }
         if reaped > 0 {
             tracing::debug!(reaped, still_idle = idle.len(), "reaped idle queues");
+            env.budget.forget_closed();
+            env.trim.freed();
         }
     }
 }

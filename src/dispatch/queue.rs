@@ -233,7 +233,7 @@ impl QueueWorker {
             // waiting until they are completely full would never happen, because each
             // finished send is replaced at once.
             if self.pool.all_busy() && self.pool.may_grow(cfg.connection_limit) {
-                if !self.connect().await {
+                if !self.connect(&cfg).await {
                     return NextWake {
                         wake: Some(self.blocked_until.unwrap_or(now + RETRY_SOON)),
                     };
@@ -243,7 +243,7 @@ impl QueueWorker {
             let (conn, room) = match self.pool.with_room() {
                 Some(found) => found,
                 None if self.pool.may_grow(cfg.connection_limit) => {
-                    if !self.connect().await {
+                    if !self.connect(&cfg).await {
                         return NextWake {
                             wake: Some(self.blocked_until.unwrap_or(now + RETRY_SOON)),
                         };
@@ -390,16 +390,18 @@ impl QueueWorker {
         }
     }
 
-    /// Opens one more connection. On failure the queue backs off (nothing was leased).
-    async fn connect(&mut self) -> bool {
-        // The policy host bounds each of a connect's three steps (the chunk,
-        // get_queue_config, the constructor) by --lua-event-timeout; this guard stays above
-        // their sum so their clearer errors come first.
+    /// Opens one more connection for the queue's current config (`cfg`, from
+    /// [`config`](Self::config)). On failure the queue backs off (nothing was leased).
+    async fn connect(&mut self, cfg: &QueueConfig) -> bool {
+        // The policy host bounds each of a connect's steps (the chunk, the constructor) by
+        // --lua-event-timeout; this guard stays above their sum so their clearer errors
+        // come first.
         let limit =
             CONNECT_TIMEOUT.max(self.policy.limits().event_timeout * 3 + Duration::from_secs(1));
         // Waits while --max-broker-connections are open and busy (not a connect failure).
         let permit = self.pool.permit().await;
-        match tokio::time::timeout(limit, self.policy.connect(&self.queue)).await {
+        let connect = self.policy.connect_with(&self.queue, cfg.clone());
+        match tokio::time::timeout(limit, connect).await {
             Ok(Ok(conn)) => {
                 self.backoff.succeeded();
                 self.pool.add(conn, permit);

@@ -122,6 +122,16 @@ pub fn queued(daemon: &Daemon) -> u64 {
         .sum()
 }
 
+/// Messages still in the spool (queued or leased) in `queue`.
+pub fn queued_in(daemon: &Daemon, queue: &str) -> u64 {
+    daemon
+        .spool
+        .stats(spool::now_ms())
+        .queues
+        .get(queue)
+        .map_or(0, |q| q.count)
+}
+
 /// Waits until `cond` holds, or panics with `what` after `limit`.
 pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
