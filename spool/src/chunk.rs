@@ -26,8 +26,13 @@ use serde::{Deserialize, Serialize};
 use crate::record::{MessageId, Meta};
 
 mod bitmap;
+mod error;
+mod header;
 
 pub use bitmap::{BitmapError, SettleBitmap};
+pub use error::{ChunkError, EncodeError, ReadError, RecordError, RecordFault};
+use header::le_u32;
+pub use header::{decode_header, encode_header, ChunkHeader};
 
 /// The chunk value's first four bytes ("spool chunk", format 2).
 pub const MAGIC: [u8; 4] = *b"SPC2";
@@ -78,58 +83,6 @@ impl RecordBody {
     }
 }
 
-/// A chunk's header: enough to index it (ids, sizes, age) without reading a payload.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChunkHeader {
-    /// The id of record 0; record `i` is `first_id + i`.
-    pub first_id: u64,
-    /// How many records the chunk holds (at least one).
-    pub count: u16,
-    /// When the group was accepted (ms since the Unix epoch).
-    pub created_ms: u64,
-    /// Each record's body length, in order (`count` entries).
-    pub sizes: Vec<u32>,
-}
-
-impl ChunkHeader {
-    /// The header's encoded length.
-    pub fn len(&self) -> usize {
-        FIXED_HEAD + 4 * self.sizes.len() + 4
-    }
-
-    /// Always false: a header has its fixed fields even with no sizes.
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
-    /// The id of record `index`.
-    pub fn id(&self, index: usize) -> MessageId {
-        MessageId(self.first_id + index as u64)
-    }
-
-    /// Where record `index` (its `len`, `crc` and body) lies in the chunk value, or `None`
-    /// past the last record. The range may reach past a truncated value: slice with `get`.
-    pub fn record_range(&self, index: usize) -> Option<Range<usize>> {
-        let body = *self.sizes.get(index)? as usize;
-        let before: usize = self.sizes[..index]
-            .iter()
-            .map(|&s| RECORD_FRAME + s as usize)
-            .sum();
-        let start = self.len() + before;
-        Some(start..start + RECORD_FRAME + body)
-    }
-
-    /// The chunk value's full length as the header describes it.
-    pub fn chunk_len(&self) -> usize {
-        self.len()
-            + self
-                .sizes
-                .iter()
-                .map(|&s| RECORD_FRAME + s as usize)
-                .sum::<usize>()
-    }
-}
-
 /// One chunk as written: its header and its value (header then records).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EncodedChunk {
@@ -155,154 +108,6 @@ pub struct DecodedChunk {
     pub records: Vec<Result<RecordBody, RecordError>>,
     /// Bytes after the last record. A writer never leaves any: the caller reports them.
     pub trailing_bytes: usize,
-}
-
-/// Why a group could not be encoded (a caller's bug or an impossible message).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum EncodeError {
-    /// No records: a chunk holds at least one.
-    #[error("chunk at id {first_id}: no records to encode")]
-    Empty {
-        /// The id the chunk would have started at.
-        first_id: u64,
-    },
-    /// More records than a chunk's u16 count ([`cut`] never makes such a chunk).
-    #[error("chunk at id {first_id}: {count} records, more than a chunk's 65535")]
-    TooManyRecords {
-        /// The chunk's first id.
-        first_id: u64,
-        /// How many records were given.
-        count: usize,
-    },
-    /// A record body of 4 GiB or more does not fit its u32 length.
-    #[error("record id {id}: body of {len} bytes does not fit a chunk's u32 length")]
-    RecordTooLarge {
-        /// The record's id.
-        id: u64,
-        /// Its body length.
-        len: usize,
-    },
-    /// The ids would pass [`MessageId::MAX`].
-    #[error(
-        "chunk at id {first_id} with {count} records passes the largest id {}",
-        MessageId::MAX
-    )]
-    IdRange {
-        /// The chunk's first id.
-        first_id: u64,
-        /// Its record count.
-        count: usize,
-    },
-}
-
-/// Why a chunk's header cannot be trusted: the whole chunk is quarantined with its key.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ChunkError {
-    /// Fewer bytes than the header needs.
-    #[error("chunk header truncated: {len} bytes, the header needs {need} (quarantine the chunk with its key)")]
-    Truncated {
-        /// Bytes found.
-        len: usize,
-        /// Bytes the header needs (as far as could be read).
-        need: usize,
-    },
-    /// Not a v2 chunk at all.
-    #[error(
-        "not a chunk: magic {found:02x?}, expected \"SPC2\" (quarantine the value with its key)"
-    )]
-    Magic {
-        /// The first four bytes found.
-        found: [u8; 4],
-    },
-    /// A chunk layout this build does not read.
-    #[error("chunk version {found}, this build reads version {CHUNK_VERSION} (quarantine it; a newer build may read it)")]
-    Version {
-        /// The version byte found.
-        found: u8,
-    },
-    /// The header's CRC-32 fails: none of its fields can be trusted.
-    #[error("chunk header checksum mismatch (claims first id {claimed_first_id}, {claimed_count} records): stored {stored:#010x}, computed {computed:#010x}; quarantine the chunk with its key")]
-    Checksum {
-        /// The first id as read (unverified): for the operator's report only.
-        claimed_first_id: u64,
-        /// The count as read (unverified).
-        claimed_count: u16,
-        /// The checksum stored.
-        stored: u32,
-        /// The checksum of the bytes as read.
-        computed: u32,
-    },
-    /// A sound header with no records or ids past [`MessageId::MAX`]: a writer bug.
-    #[error("chunk header at id {first_id} with {count} records is invalid (no records, or ids past {})", MessageId::MAX)]
-    Invalid {
-        /// The first id.
-        first_id: u64,
-        /// The count.
-        count: u16,
-    },
-}
-
-/// What is wrong with one record; its chunk's other records are unaffected.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RecordFault {
-    /// The value ends inside the record.
-    #[error("truncated: the record needs bytes up to offset {end}, the chunk has {len}")]
-    Truncated {
-        /// Where the record should end.
-        end: usize,
-        /// The chunk value's length.
-        len: usize,
-    },
-    /// The record's `len` field disagrees with the header's size.
-    #[error("length field says {stored}, the header says {expected}")]
-    Length {
-        /// The record's own length field.
-        stored: u32,
-        /// The header's size for it.
-        expected: u32,
-    },
-    /// The record's CRC-32 fails.
-    #[error("checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
-    Checksum {
-        /// The checksum stored.
-        stored: u32,
-        /// The checksum of the bytes as read.
-        computed: u32,
-    },
-    /// The checksum holds but the body does not decode (a writer bug or a foreign record).
-    #[error("body does not decode: {0}")]
-    Body(String),
-    /// [`decode_record`] was asked for an index the chunk does not have.
-    #[error("no such record: the chunk has {count}")]
-    NoSuchIndex {
-        /// The chunk's record count.
-        count: u16,
-    },
-}
-
-/// One record that cannot be read, with where it is: quarantine only it, set its settled bit.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("record {index} (id {}) of chunk {first_id} at offset {offset}: {fault} (quarantine this record alone)", first_id + *index as u64)]
-pub struct RecordError {
-    /// The chunk's first id.
-    pub first_id: u64,
-    /// The record's index in the chunk.
-    pub index: usize,
-    /// The record's offset in the chunk value.
-    pub offset: usize,
-    /// What is wrong.
-    pub fault: RecordFault,
-}
-
-/// Why [`decode_record`] returned no body: the chunk's header, or that one record.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ReadError {
-    /// The header failed: the whole chunk is unreadable.
-    #[error(transparent)]
-    Chunk(#[from] ChunkError),
-    /// The header held; this record did not.
-    #[error(transparent)]
-    Record(#[from] RecordError),
 }
 
 fn bincode_options() -> impl Options {
@@ -415,84 +220,6 @@ pub fn encode_group(
         .into_iter()
         .map(|range| frame(first_id + range.start as u64, created_ms, &bodies[range]))
         .collect()
-}
-
-/// The header's bytes (the `heads` tree's value; also the chunk value's prefix).
-pub fn encode_header(header: &ChunkHeader) -> Vec<u8> {
-    let mut out = Vec::with_capacity(header.len());
-    out.extend_from_slice(&MAGIC);
-    out.push(CHUNK_VERSION);
-    out.extend_from_slice(&header.count.to_le_bytes());
-    out.extend_from_slice(&header.first_id.to_le_bytes());
-    out.extend_from_slice(&header.created_ms.to_le_bytes());
-    for size in &header.sizes {
-        out.extend_from_slice(&size.to_le_bytes());
-    }
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_le_bytes());
-    out
-}
-
-fn le_u16(raw: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([raw[at], raw[at + 1]])
-}
-
-fn le_u32(raw: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(raw[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn le_u64(raw: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(raw[at..at + 8].try_into().expect("8 bytes"))
-}
-
-/// Reads a header from the start of `raw` (a `heads` value, or a whole chunk value; bytes
-/// after the header are ignored). Checks magic, version, length and CRC before trusting any
-/// field; the sizes are allocated only once the input is known to hold them.
-pub fn decode_header(raw: &[u8]) -> Result<ChunkHeader, ChunkError> {
-    if raw.len() < FIXED_HEAD + 4 {
-        return Err(ChunkError::Truncated {
-            len: raw.len(),
-            need: FIXED_HEAD + 4,
-        });
-    }
-    let found: [u8; 4] = raw[..4].try_into().expect("4 bytes");
-    if found != MAGIC {
-        return Err(ChunkError::Magic { found });
-    }
-    if raw[4] != CHUNK_VERSION {
-        return Err(ChunkError::Version { found: raw[4] });
-    }
-    let count = le_u16(raw, 5);
-    let first_id = le_u64(raw, 7);
-    let need = FIXED_HEAD + 4 * usize::from(count) + 4;
-    if raw.len() < need {
-        return Err(ChunkError::Truncated {
-            len: raw.len(),
-            need,
-        });
-    }
-    let stored = le_u32(raw, need - 4);
-    let computed = crc32fast::hash(&raw[..need - 4]);
-    if stored != computed {
-        return Err(ChunkError::Checksum {
-            claimed_first_id: first_id,
-            claimed_count: count,
-            stored,
-            computed,
-        });
-    }
-    if count == 0 || first_id.saturating_add(u64::from(count)) > MessageId::MAX.0 {
-        return Err(ChunkError::Invalid { first_id, count });
-    }
-    let sizes = (0..usize::from(count))
-        .map(|i| le_u32(raw, FIXED_HEAD + 4 * i))
-        .collect();
-    Ok(ChunkHeader {
-        first_id,
-        count,
-        created_ms: le_u64(raw, 15),
-        sizes,
-    })
 }
 
 /// Reads record `index` at `offset` (from the header's sizes) and checks it alone.
