@@ -106,7 +106,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
     let mut value = chunk.value.clone();
     let mut origin: Vec<Option<usize>> = (0..value.len()).map(Some).collect();
     mutate(u, &mut value, &mut origin)?;
-    let header_whole = untouched(&origin, 0..header.len());
+    let header_whole = untouched(&origin, 0..header.encoded_len());
     match decode_chunk(&value) {
         Err(e) => assert!(!header_whole, "untouched header failed: {e}"),
         Ok(decoded) => {

@@ -95,7 +95,7 @@ pub struct EncodedChunk {
 impl EncodedChunk {
     /// The `heads` tree's value: the header alone, a prefix of [`EncodedChunk::value`].
     pub fn head(&self) -> &[u8] {
-        &self.value[..self.header.len()]
+        &self.value[..self.header.encoded_len()]
     }
 }
 
@@ -265,7 +265,7 @@ fn record_at(
 /// Decodes a whole chunk value: a bad header fails the chunk, a bad record only itself.
 pub fn decode_chunk(raw: &[u8]) -> Result<DecodedChunk, ChunkError> {
     let header = decode_header(raw)?;
-    let mut offset = header.len();
+    let mut offset = header.encoded_len();
     let mut records = Vec::with_capacity(header.sizes.len());
     for index in 0..header.sizes.len() {
         records.push(record_at(&header, raw, index, offset));

@@ -145,7 +145,7 @@ fn flipping_any_record_byte_fails_exactly_that_record() {
 #[test]
 fn flipping_any_header_byte_fails_the_header() {
     let chunk = encode_chunk(9, 2, &refs(&sample(4))).unwrap();
-    for at in 0..chunk.header.len() {
+    for at in 0..chunk.header.encoded_len() {
         for bit in 0..8 {
             let mut bad = chunk.value.clone();
             bad[at] ^= 1 << bit;
@@ -163,7 +163,7 @@ fn truncation_at_every_offset_never_yields_a_wrong_record() {
     for len in 0..chunk.value.len() {
         let cut_value = &chunk.value[..len];
         match decode_chunk(cut_value) {
-            Err(ChunkError::Truncated { .. }) => assert!(len < chunk.header.len()),
+            Err(ChunkError::Truncated { .. }) => assert!(len < chunk.header.encoded_len()),
             Err(other) => panic!("cut at {len}: unexpected {other}"),
             Ok(decoded) => {
                 for (i, got) in decoded.records.iter().enumerate() {

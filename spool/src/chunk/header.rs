@@ -20,13 +20,8 @@ pub struct ChunkHeader {
 
 impl ChunkHeader {
     /// The header's encoded length.
-    pub fn len(&self) -> usize {
+    pub fn encoded_len(&self) -> usize {
         FIXED_HEAD + 4 * self.sizes.len() + 4
-    }
-
-    /// Always false: a header has its fixed fields even with no sizes.
-    pub fn is_empty(&self) -> bool {
-        false
     }
 
     /// The id of record `index`.
@@ -42,13 +37,13 @@ impl ChunkHeader {
             .iter()
             .map(|&s| RECORD_FRAME + s as usize)
             .sum();
-        let start = self.len() + before;
+        let start = self.encoded_len() + before;
         Some(start..start + RECORD_FRAME + body)
     }
 
     /// The chunk value's full length as the header describes it.
     pub fn chunk_len(&self) -> usize {
-        self.len()
+        self.encoded_len()
             + self
                 .sizes
                 .iter()
@@ -59,7 +54,7 @@ impl ChunkHeader {
 
 /// The header's bytes (the `heads` tree's value; also the chunk value's prefix).
 pub fn encode_header(header: &ChunkHeader) -> Vec<u8> {
-    let mut out = Vec::with_capacity(header.len());
+    let mut out = Vec::with_capacity(header.encoded_len());
     out.extend_from_slice(&MAGIC);
     out.push(CHUNK_VERSION);
     out.extend_from_slice(&header.count.to_le_bytes());
