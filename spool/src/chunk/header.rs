@@ -53,7 +53,10 @@ impl ChunkHeader {
 }
 
 /// The header's bytes (the `heads` tree's value; also the chunk value's prefix).
+/// `count` must equal `sizes.len()`, as in every header the encoder or decoder makes;
+/// a header built otherwise encodes bytes whose sizes do not match their count.
 pub fn encode_header(header: &ChunkHeader) -> Vec<u8> {
+    debug_assert_eq!(usize::from(header.count), header.sizes.len());
     let mut out = Vec::with_capacity(header.encoded_len());
     out.extend_from_slice(&MAGIC);
     out.push(CHUNK_VERSION);
