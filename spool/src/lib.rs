@@ -100,6 +100,7 @@
 
 #![warn(missing_docs)]
 
+pub mod chunk;
 mod commit;
 pub mod durability;
 pub mod error;
