@@ -144,6 +144,10 @@ pub fn decide(rem: &Remaining, deadline_passed: bool) -> Option<Outcome> {
     })
 }
 
+/// How long the daemon still answers (the outcome included) after a drain ended, before it
+/// closes its listener and exits.
+pub const OUTCOME_LINGER: Duration = Duration::from_secs(2);
+
 /// A drain's state, as `GET /api/admin/drain` shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
@@ -290,6 +294,13 @@ impl Drain {
             });
             if let Some(outcome) = outcome {
                 report(outcome, &rem);
+                // A follower (`spoolctl drain --wait`) polls with `GET ?wait=`; if the drain
+                // ended between two of its requests, the next one must still find the
+                // listener open to learn the outcome. A signal cuts the pause short.
+                tokio::select! {
+                    _ = tokio::time::sleep(OUTCOME_LINGER) => {}
+                    _ = self.shutdown.wait() => {}
+                }
                 self.shutdown.trigger();
                 return;
             }

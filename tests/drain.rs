@@ -213,3 +213,23 @@ async fn drain_deadline_passing_first_exits_4() {
         "it stopped before its deadline"
     );
 }
+
+/// `spoolctl drain --wait` follows a drain with `GET ?wait=` requests one after another. A
+/// drain that ends between two of them must still be answered: the daemon keeps its
+/// listener open for a moment after the outcome (`OUTCOME_LINGER`), then exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outcome_is_still_answered_after_the_drain_ended() {
+    let mut relay = Relay::start().await;
+    // Nothing queued: the drain ends at its first look, with no request waiting for it.
+    let started = relay.drain("1m", "").await;
+    assert!(started["outcome"].is_null(), "{started}");
+    tokio::time::sleep(spoolrelay::drain::POLL * 2).await;
+    let late = relay.http.get(relay.url("/api/admin/drain")).send().await;
+    let late: Value = late
+        .expect("the listener stays open after the outcome")
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(late["outcome"], "drained", "{late}");
+    assert_eq!(relay.exit_code().await, 0);
+}
