@@ -3,7 +3,8 @@
 //! Three kinds of numbers:
 //! - **Counters** bumped where outcomes are decided (ingest, settlement). Each queue's
 //!   metrics are one [`QueueCounters`] that a queue worker looks up once and keeps (shared
-//!   atomics, encoded at scrape time by `queue_metrics`), so the hot path is an atomic add; only ingest looks a queue up per request (a read lock on a map). Only
+//!   atomics, encoded at scrape time by `queue_metrics`), so the hot path is an atomic add;
+//!   only ingest looks a queue up per request (a read lock on a map). Only
 //!   live queues have series; a reaped queue's counters fold into `queue="_reaped"`, and
 //!   `--metrics-queue-label` labels by a part of the name (see `queue_series`).
 //! - **Histograms**: send latency, send batch size and time from ingest to delivery, per

@@ -23,7 +23,7 @@ use std::ops::Range;
 use bincode::Options;
 use serde::{Deserialize, Serialize};
 
-use crate::record::{MessageId, Meta};
+use crate::record::{bincode_options, MessageId, Meta};
 
 mod bitmap;
 mod error;
@@ -108,10 +108,6 @@ pub struct DecodedChunk {
     pub records: Vec<Result<RecordBody, RecordError>>,
     /// Bytes after the last record. A writer never leaves any: the caller reports them.
     pub trailing_bytes: usize,
-}
-
-fn bincode_options() -> impl Options {
-    bincode::DefaultOptions::new()
 }
 
 fn record_crc(len: u32, body: &[u8]) -> u32 {

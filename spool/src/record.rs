@@ -115,7 +115,8 @@ pub enum DecodeError {
     Body(String),
 }
 
-fn bincode_options() -> impl Options {
+/// The bincode options of every record body the spool writes (v1 records and v2 chunks).
+pub(crate) fn bincode_options() -> impl Options {
     bincode::DefaultOptions::new()
 }
 
