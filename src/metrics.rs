@@ -49,6 +49,10 @@ pub struct Metrics {
     pub commit_batch_size: Histogram,
     /// Delivery-log records dropped because the writer fell behind (or failed to write).
     pub log_dropped: Arc<AtomicU64>,
+    /// Queue workers running (the dispatcher's supervisor sets it).
+    pub dispatch_workers: Gauge,
+    /// Queues with messages that wait for a start slot (`dispatch/admission.rs`).
+    pub dispatch_waiting: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -76,6 +80,8 @@ impl Metrics {
             fsync_latency: seconds_histogram(),
             commit_batch_size: count_histogram(),
             log_dropped: Arc::default(),
+            dispatch_workers: Gauge::default(),
+            dispatch_waiting: Gauge::default(),
         }
     }
 
@@ -139,6 +145,17 @@ impl Metrics {
             "spoolrelay_spool_commit_batch_size",
             "Durable writes carried by one group commit (one fsync)",
             self.commit_batch_size.clone(),
+        );
+        r.register(
+            "spoolrelay_dispatch_workers",
+            "Queue workers running: queues with work, or idle less than the reap interval",
+            self.dispatch_workers.clone(),
+        );
+        r.register(
+            "spoolrelay_dispatch_queues_waiting_to_start",
+            "Queues with messages whose worker waits for a start slot (at most \
+             --max-broker-connections workers start at once)",
+            self.dispatch_waiting.clone(),
         );
         self.register_spool_readings(&mut r, spool, suspended);
         extra(&mut r);

@@ -232,3 +232,47 @@ async fn queues_past_the_connection_budget_take_idle_connections() {
     assert!(most <= 3, "{most} connection threads at once");
     daemon.stop().await.unwrap();
 }
+
+/// Sends that take a minute: connections stay busy.
+const SLOW: &str = r#"
+kumo.on('get_queue_config', function()
+  return kumo.make_queue_config {
+    protocol = { custom_lua = { constructor = 'make.slow' } },
+  }
+end)
+kumo.on('make.slow', function()
+  local sender = {}
+  function sender:send(message)
+    kumo.sleep(60)
+    return '250 ok'
+  end
+  return sender
+end)
+"#;
+
+/// With room for two connections, both busy, a burst over twelve new queues starts at
+/// most two workers beyond the two that hold the connections: the other queues wait in
+/// line as names, not as workers (each a task with its pool and series).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_queues_wait_for_a_start_slot_while_every_connection_is_busy() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = common::start_with(SLOW, dir.path(), |c| {
+        c.queues.max_broker_connections = 2;
+        c.drain_timeout = Duration::from_millis(100);
+    })
+    .await;
+    for i in 0..12 {
+        post(&daemon, &format!("slow{i}")).await;
+    }
+    let m = wait_metrics(&daemon, "eight queues waiting to start", |m| {
+        m.get("spoolrelay_dispatch_queues_waiting_to_start") == Some(&8.0)
+    })
+    .await;
+    assert_eq!(m.get("spoolrelay_dispatch_workers"), Some(&4.0), "{m:?}");
+    // Steady: nothing moves until a send ends.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let m = metrics(&daemon).await;
+    assert_eq!(m.get("spoolrelay_dispatch_workers"), Some(&4.0), "{m:?}");
+    assert_eq!(common::queued(&daemon), 12, "nothing was lost or sent");
+    daemon.stop().await.unwrap();
+}

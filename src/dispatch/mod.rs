@@ -14,7 +14,11 @@
 //! will see as touched, and it starts a new worker for it). Retired queues are reaped later
 //! (`reaper.rs`). At shutdown the supervisor waits for every worker to drain.
 //! A worker of a queue in [`Suspensions`] leases nothing.
+//!
+//! New workers start no faster than connections can be handed out: a new queue that finds
+//! every start slot taken waits in line as a name (`admission.rs`).
 
+mod admission;
 mod backoff;
 mod batching;
 mod budget;
@@ -69,10 +73,14 @@ pub(crate) struct Retire {
     reply: oneshot::Sender<bool>,
 }
 
-/// A running worker and the bell that wakes it.
-struct Running {
-    handle: JoinHandle<()>,
-    wake: Arc<Notify>,
+/// A queue's worker, or its place in the line for a start slot.
+enum Worker {
+    Running {
+        handle: JoinHandle<()>,
+        wake: Arc<Notify>,
+    },
+    /// In [`admission::Admission`]'s line.
+    Waiting,
 }
 
 /// What every worker shares with the supervisor.
@@ -110,24 +118,43 @@ impl Dispatcher {
             budget: budget::Budget::new(self.max_connections),
             shared_rates: rates::SharedRates::default(),
         };
-        let mut workers: HashMap<String, Running> = HashMap::new();
+        let mut workers: HashMap<String, Worker> = HashMap::new();
+        let mut admission = admission::Admission::new(self.max_connections);
         let mut idle = reaper::IdleQueues::default();
         let mut changes = self.spool.watch_changes();
         let mut spool_alive = true;
         while !self.shutdown.is_triggered() {
             for queue in self.spool.take_touched_queues() {
                 match workers.get(&queue) {
-                    Some(w) if !w.handle.is_finished() => w.wake.notify_one(),
+                    Some(Worker::Running { handle, wake }) if !handle.is_finished() => {
+                        wake.notify_one()
+                    }
+                    Some(Worker::Waiting) => {}
                     _ => {
                         idle.remove(&queue);
-                        let running = self.start_worker(&env, queue.clone());
-                        workers.insert(queue, running);
+                        let worker = match admission.try_start() {
+                            Some(slot) => self.start_worker(&env, queue.clone(), slot),
+                            None => {
+                                admission.wait(queue.clone());
+                                Worker::Waiting
+                            }
+                        };
+                        workers.insert(queue, worker);
                     }
                 }
             }
+            let metrics = &self.telemetry.metrics;
+            metrics.dispatch_waiting.set(gauge(admission.waiting()));
+            metrics
+                .dispatch_workers
+                .set(gauge(workers.len().saturating_sub(admission.waiting())));
             let reap_at = idle.next_deadline();
             tokio::select! {
                 changed = changes.changed(), if spool_alive => spool_alive = changed.is_ok(),
+                (queue, slot) = admission.next(), if admission.has_waiting() => {
+                    let worker = self.start_worker(&env, queue.clone(), slot);
+                    workers.insert(queue, worker);
+                }
                 Some(ask) = retire_rx.recv() => {
                     // Still empty: any message scheduled from now on is touched, and gets a new worker.
                     let granted = self.spool.next_due(&ask.queue).is_none();
@@ -145,19 +172,22 @@ impl Dispatcher {
         // Workers asking to retire get "no" (their reply senders are dropped with the
         // queue), see the shutdown and drain.
         drop(retire_rx);
+        // Queues still waiting for a start slot keep their messages spooled for the next start.
         for (queue, worker) in workers {
-            if let Err(e) = worker.handle.await {
-                tracing::error!(%queue, error = %e, "queue worker failed");
+            if let Worker::Running { handle, .. } = worker {
+                if let Err(e) = handle.await {
+                    tracing::error!(%queue, error = %e, "queue worker failed");
+                }
             }
         }
     }
 
-    fn start_worker(&self, env: &WorkerEnv, queue: String) -> Running {
+    fn start_worker(&self, env: &WorkerEnv, queue: String, slot: admission::StartSlot) -> Worker {
         let wake = Arc::new(Notify::new());
         let telemetry = self.telemetry.for_queue(&queue);
         let worker = queue::QueueWorker::new(queue, env.clone(), wake.clone(), telemetry);
-        Running {
-            handle: tokio::spawn(worker.run()),
+        Worker::Running {
+            handle: tokio::spawn(worker.run(slot)),
             wake,
         }
     }
@@ -183,6 +213,11 @@ impl Dispatcher {
             env.trim.freed();
         }
     }
+}
+
+/// A count as a gauge's value.
+fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// Sleeps until `at`, or for ever without one.

@@ -101,8 +101,10 @@ impl QueueWorker {
     }
 
     /// Runs until shutdown, or until the queue is empty with no connection left open and
-    /// the supervisor let it retire.
-    pub async fn run(mut self) {
+    /// the supervisor let it retire. `start` is held for the first fill only (see
+    /// `admission.rs`).
+    pub async fn run(mut self, start: super::admission::StartSlot) {
+        let mut start = Some(start);
         let mut suspensions = self.suspensions.watch();
         let mut reloads = self.policy.generations();
         let shutdown = self.shutdown.clone();
@@ -119,6 +121,9 @@ impl QueueWorker {
                 nap = self.fill() => nap,
                 _ = shutdown.wait() => break,
             };
+            // The first fill is over (connected, nothing due, or backing off): the next new
+            // queue may start.
+            start.take();
             self.telemetry.set_connections(self.pool.len());
             if self.sends.is_empty()
                 && self.pool.is_empty()
