@@ -250,9 +250,10 @@ kumo.on('make.slow', function()
 end)
 "#;
 
-/// With room for two connections, both busy, a burst over twelve new queues starts at
-/// most two workers beyond the two that hold the connections: the other queues wait in
-/// line as names, not as workers (each a task with its pool and series).
+/// With room for two connections, both busy, a burst over twenty new queues starts at
+/// most eight workers (four start slots per connection) beyond the two that hold the
+/// connections: the other queues wait in line as names, not as workers (each a task with its
+/// pool and series).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_queues_wait_for_a_start_slot_while_every_connection_is_busy() {
     let dir = tempfile::tempdir().unwrap();
@@ -261,18 +262,24 @@ async fn new_queues_wait_for_a_start_slot_while_every_connection_is_busy() {
         c.drain_timeout = Duration::from_millis(100);
     })
     .await;
-    for i in 0..12 {
+    for i in 0..20 {
         post(&daemon, &format!("slow{i}")).await;
     }
-    let m = wait_metrics(&daemon, "eight queues waiting to start", |m| {
-        m.get("spoolrelay_dispatch_queues_waiting_to_start") == Some(&8.0)
+    let dispatch = |m: &HashMap<String, f64>| {
+        let get = |name: &str| m.get(name).copied();
+        (
+            get("spoolrelay_dispatch_workers"),
+            get("spoolrelay_dispatch_queues_waiting_to_start"),
+        )
+    };
+    wait_metrics(&daemon, "ten queues waiting to start", |m| {
+        dispatch(m).1 == Some(10.0)
     })
     .await;
-    assert_eq!(m.get("spoolrelay_dispatch_workers"), Some(&4.0), "{m:?}");
     // Steady: nothing moves until a send ends.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let m = metrics(&daemon).await;
-    assert_eq!(m.get("spoolrelay_dispatch_workers"), Some(&4.0), "{m:?}");
-    assert_eq!(common::queued(&daemon), 12, "nothing was lost or sent");
+    assert_eq!(dispatch(&m), (Some(10.0), Some(10.0)), "(workers, waiting)");
+    assert_eq!(common::queued(&daemon), 20, "nothing was lost or sent");
     daemon.stop().await.unwrap();
 }

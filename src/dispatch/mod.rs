@@ -119,7 +119,10 @@ impl Dispatcher {
             shared_rates: rates::SharedRates::default(),
         };
         let mut workers: HashMap<String, Worker> = HashMap::new();
-        let mut admission = admission::Admission::new(self.max_connections);
+        let mut admission = admission::Admission::new(
+            self.max_connections
+                .saturating_mul(admission::SLOTS_PER_CONNECTION),
+        );
         let mut idle = reaper::IdleQueues::default();
         let mut changes = self.spool.watch_changes();
         let mut spool_alive = true;
@@ -151,9 +154,12 @@ impl Dispatcher {
             let reap_at = idle.next_deadline();
             tokio::select! {
                 changed = changes.changed(), if spool_alive => spool_alive = changed.is_ok(),
-                (queue, slot) = admission.next(), if admission.has_waiting() => {
-                    let worker = self.start_worker(&env, queue.clone(), slot);
-                    workers.insert(queue, worker);
+                first = admission.next(), if admission.has_waiting() => {
+                    // Every slot free now, not one per pass: a pass takes the index lock.
+                    for (queue, slot) in std::iter::once(first).chain(std::iter::from_fn(|| admission.start_now())) {
+                        let worker = self.start_worker(&env, queue.clone(), slot);
+                        workers.insert(queue, worker);
+                    }
                 }
                 Some(ask) = retire_rx.recv() => {
                     // Still empty: any message scheduled from now on is touched, and gets a new worker.
