@@ -20,6 +20,8 @@ mod check;
 mod common;
 #[path = "model/harness.rs"]
 mod harness;
+#[path = "model/operator.rs"]
+mod operator;
 #[path = "model/state.rs"]
 mod state;
 
@@ -63,8 +65,22 @@ enum Step {
         queue: Option<usize>,
         id: Option<usize>,
     },
+    Import(Import),
     Tick(u64),
     Reopen,
+}
+
+/// An import of new messages into one queue or the dead letters, ids `gap` above the
+/// highest so far, due `delay` after now; `again` offers an id already present too.
+#[derive(Debug, Clone)]
+struct Import {
+    queue: usize,
+    payloads: Vec<Vec<u8>>,
+    dead: bool,
+    attempts: u32,
+    delay: u64,
+    gap: u64,
+    again: Option<usize>,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -83,11 +99,35 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (queue.clone(), queue.clone()).prop_map(|(from, to)| Step::Rebind { from, to }),
         1 => queue.clone().prop_map(Step::Expedite),
         1 => queue.clone().prop_map(Step::Purge),
-        1 => (prop::option::of(queue), prop::option::of(any::<usize>()))
+        2 => (prop::option::of(queue), prop::option::of(any::<usize>()))
             .prop_map(|(queue, id)| Step::RequeueDead { queue, id }),
+        1 => import().prop_map(Step::Import),
         2 => (1..40u64).prop_map(Step::Tick),
         1 => Just(Step::Reopen),
     ]
+}
+
+fn import() -> impl Strategy<Value = Import> {
+    let payloads = prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40), 1..4);
+    let numbers = (0..4u32, 0..50u64, 0..1000u64);
+    (
+        0..QUEUES.len(),
+        payloads,
+        any::<bool>(),
+        numbers,
+        any::<Option<usize>>(),
+    )
+        .prop_map(
+            |(queue, payloads, dead, (attempts, delay, gap), again)| Import {
+                queue,
+                payloads,
+                dead,
+                attempts,
+                delay,
+                gap,
+                again,
+            },
+        )
 }
 
 /// `default` cases, or `PROPTEST_CASES` when set.

@@ -49,11 +49,31 @@ impl Harness {
                 .map(|m| Expected::of(&m).1);
             assert_eq!(got.as_ref(), Some(e), "get {id}");
         }
-        let dead = spool.dead_letters().unwrap();
+        let mut all = Vec::new();
+        spool
+            .for_each_message(|m| {
+                all.push(m);
+                Ok(())
+            })
+            .unwrap();
+        all.sort_by_key(|m| m.id);
+        let queued = self.model.queued.iter().map(|(id, e)| (*id, e));
         assert_eq!(
-            observed(&dead),
-            owned(self.model.dead.iter().map(|(id, e)| (*id, e))),
+            observed(&all),
+            owned(queued),
+            "every message (export's walk)"
+        );
+        let dead = owned(self.model.dead.iter().map(|(id, e)| (*id, e)));
+        assert_eq!(
+            observed(&spool.dead_letters().unwrap()),
+            dead,
             "dead letters"
+        );
+        let (good, bad) = spool.dead_letter_records().unwrap();
+        assert_eq!(
+            (observed(&good), bad),
+            (dead, vec![]),
+            "dead-letter records"
         );
         for &id in self.model.dead.keys() {
             assert_eq!(

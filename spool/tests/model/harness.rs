@@ -22,6 +22,9 @@ pub struct Harness {
     pub rt: tokio::runtime::Runtime,
     /// Close and reopen the spool after every step (see `reopen_keeping_leases`).
     pub reopen_each_step: bool,
+    /// Queues the step scheduled a message in: the spool must name them to the
+    /// dispatcher (`take_touched_queues`), or their new work waits unseen.
+    pub touched: BTreeSet<String>,
 }
 
 impl Harness {
@@ -42,6 +45,7 @@ impl Harness {
                 .build()
                 .unwrap(),
             reopen_each_step,
+            touched: BTreeSet::new(),
         }
     }
 
@@ -94,6 +98,7 @@ impl Harness {
                     e.attempts += 1;
                     e.due = due;
                     e.last_error = Some(error);
+                    self.touched.insert(l.queue().into());
                     self.settled.push(l);
                 }
             }
@@ -117,9 +122,11 @@ impl Harness {
             Step::Expedite(queue) => self.expedite(QUEUES[queue]),
             Step::Purge(queue) => self.purge(QUEUES[queue]),
             Step::RequeueDead { queue, id } => self.requeue_dead(queue, id),
+            Step::Import(import) => self.import(import),
             Step::Tick(ms) => self.model.now += ms,
             Step::Reopen => self.reopen(),
         }
+        self.check_touched();
         self.check();
         if self.reopen_each_step {
             self.reopen_keeping_leases();
@@ -138,6 +145,7 @@ impl Harness {
             .collect();
         let after = spool::now_ms();
         self.model.note_new_ids(&ids);
+        self.touched.insert(queue.into());
         for (&id, payload) in ids.iter().zip(payloads) {
             // Stamped with the real clock: read the stamp back, within the call's bounds.
             let created = self.stamp(id, before, after);
@@ -154,7 +162,7 @@ impl Harness {
     }
 
     /// The due time the spool gave `id` from its clock, checked to lie in `[lo, hi]`.
-    fn stamp(&self, id: u64, lo: u64, hi: u64) -> u64 {
+    pub fn stamp(&self, id: u64, lo: u64, hi: u64) -> u64 {
         let m = self
             .spool()
             .get(MessageId(id))
@@ -230,83 +238,30 @@ impl Harness {
         self.settled.append(&mut acked);
     }
 
-    /// Runs an async operator call on the current spool.
-    fn block_on<T, F: std::future::Future<Output = spool::Result<T>>>(
-        &self,
-        call: impl FnOnce(Spool) -> F,
-    ) -> T {
-        self.rt.block_on(call(self.spool().clone())).unwrap()
-    }
-
-    /// Rebind moves the waiting messages, attempts, due time and error kept; leased ones
-    /// stay where they are, in flight.
-    fn rebind(&mut self, from: &str, to: &str) {
-        let waiting = self.model.waiting(from, &self.leased_ids());
-        let (f, t) = (from.to_owned(), to.to_owned());
-        let moved = self.block_on(|s| async move { s.rebind(&f, &t).await });
-        assert_eq!(moved, waiting.len() as u64, "rebind {from} -> {to} count");
-        for id in waiting {
-            self.model.queued.get_mut(&id).unwrap().queue = to.into();
-        }
-    }
-
-    /// Expedite makes the waiting messages due now (by the spool's clock), nothing else.
-    fn expedite(&mut self, queue: &str) {
-        let waiting = self.model.waiting(queue, &self.leased_ids());
-        let before = spool::now_ms();
-        let q = queue.to_owned();
-        let n = self.block_on(|s| async move { s.expedite(&q).await });
-        let after = spool::now_ms();
-        assert_eq!(n, waiting.len() as u64, "expedite {queue} count");
-        for id in waiting {
-            let due = self.stamp(id, before, after);
-            self.model.queued.get_mut(&id).unwrap().due = due;
-        }
-    }
-
-    /// Purge deletes the waiting messages; leased ones stay in flight.
-    fn purge(&mut self, queue: &str) {
-        let waiting = self.model.waiting(queue, &self.leased_ids());
-        let q = queue.to_owned();
-        let n = self.block_on(|s| async move { s.purge(&q).await });
-        assert_eq!(n, waiting.len() as u64, "purge {queue} count");
-        for id in waiting {
-            self.model.queued.remove(&id);
-        }
-    }
-
-    /// Dead-letter requeue: back to their own queue, due now, attempts reset, the reason
-    /// kept as last error. `id` picks one dead letter (or, with none, an unknown id).
-    fn requeue_dead(&mut self, queue: Option<usize>, id: Option<usize>) {
-        let queue = queue.map(|q| QUEUES[q]);
-        let dead: Vec<u64> = self.model.dead.keys().copied().collect();
-        let id = id.map(|p| p.checked_rem(dead.len()).map_or(u64::MAX >> 2, |n| dead[n]));
-        let selected: Vec<u64> = self
-            .model
-            .dead
-            .iter()
-            .filter(|(i, e)| queue.is_none_or(|q| e.queue == q) && id.is_none_or(|id| **i == id))
-            .map(|(i, _)| *i)
-            .collect();
-        let before = spool::now_ms();
-        let (q, id) = (queue.map(str::to_owned), id.map(MessageId));
-        let n = self.block_on(|s| async move { s.requeue_dead_letters(q.as_deref(), id).await });
-        let after = spool::now_ms();
-        assert_eq!(n, selected.len() as u64, "dead-letter requeue count");
-        for id in selected {
-            let mut e = self.model.dead.remove(&id).unwrap();
-            e.attempts = 0;
-            e.due = self.stamp(id, before, after);
-            self.model.queued.insert(id, e);
-        }
-    }
-
     /// Closes and reopens the spool: every lease is gone, every leased message due again.
     pub fn reopen(&mut self) {
         self.spool = None; // drop closes it and releases the lock
         let lost = self.batches.drain(..).flatten();
         self.settled.extend(lost);
         self.spool = Some(open(self.dir.path()));
+        // Every queue recovered with messages is work for the dispatcher.
+        self.touched = self
+            .model
+            .queued
+            .values()
+            .map(|e| e.queue.clone())
+            .collect();
+        self.check_touched();
+    }
+
+    /// The step's queues are among those the spool reports touched.
+    fn check_touched(&mut self) {
+        let got: BTreeSet<String> = self.spool().take_touched_queues().into_iter().collect();
+        let want = std::mem::take(&mut self.touched);
+        assert!(
+            got.is_superset(&want),
+            "touched queues {got:?}, expected {want:?} among them"
+        );
     }
 
     /// Closes and reopens the spool, checks the whole model with no lease held, then takes
