@@ -1,13 +1,32 @@
 //! Model-based test: random sequences of spool operations, checked after every step
 //! against a plain in-memory model of what the spool promises.
+//!
+//! It is the safety net for the spool v2 rewrite (docs/spool-v2-design.md), so it reaches
+//! the spool through its public API only and compares everything an operator or the
+//! dispatcher can see: each queue's messages (`list`, `get`), the dead letters, the stats
+//! (counts, bytes, leased, due now, next due, oldest, attempts), `next_due`, `due_count`,
+//! `queue_names`, `queued_bytes`, and that ids only ever rise, across reopens too.
+//!
+//! Steps: enqueue, lease, ack, partial `ack_many` (a subset of one lease call's leases, at
+//! times with a stale lease among them), retry, dead-letter, release, rebind, expedite,
+//! purge, dead-letter requeue, clock ticks and reopen. A second property closes and reopens
+//! the spool after every step, checks the whole model with every lease gone, then takes the
+//! same messages in flight again: every intermediate state survives a restart.
+//!
+//! `PROPTEST_CASES` overrides the case counts for a longer run.
 
+#[path = "model/check.rs"]
+mod check;
 mod common;
+#[path = "model/harness.rs"]
+mod harness;
+#[path = "model/operator.rs"]
+mod operator;
+#[path = "model/state.rs"]
+mod state;
 
-use std::collections::BTreeMap;
-
-use common::{msg, open};
+use harness::Harness;
 use proptest::prelude::*;
-use spool::{Lease, Spool};
 
 const QUEUES: [&str; 3] = ["a", "b@example.com", "camp:ten@c"];
 
@@ -22,212 +41,125 @@ enum Step {
         max: usize,
     },
     Ack(usize),
+    /// `ack_many` of the leases of one lease call picked by `mask`; `stale` adds a lease
+    /// no longer held.
+    AckMany {
+        batch: usize,
+        mask: u16,
+        stale: bool,
+    },
     Retry {
         pick: usize,
         delay: u64,
     },
     DeadLetter(usize),
     Release(usize),
+    Rebind {
+        from: usize,
+        to: usize,
+    },
+    Expedite(usize),
+    Purge(usize),
+    /// Dead-letter requeue, narrowed to a queue and/or one dead letter.
+    RequeueDead {
+        queue: Option<usize>,
+        id: Option<usize>,
+    },
+    Import(Import),
     Tick(u64),
     Reopen,
 }
 
+/// An import of new messages into one queue or the dead letters, ids `gap` above the
+/// highest so far, due `delay` after now; `again` offers an id already present too.
+#[derive(Debug, Clone)]
+struct Import {
+    queue: usize,
+    payloads: Vec<Vec<u8>>,
+    dead: bool,
+    attempts: u32,
+    delay: u64,
+    gap: u64,
+    again: Option<usize>,
+}
+
 fn step() -> impl Strategy<Value = Step> {
     let payload = prop::collection::vec(any::<u8>(), 0..40);
+    let queue = 0..QUEUES.len();
     prop_oneof![
-        3 => (0..3usize, prop::collection::vec(payload, 1..5))
+        4 => (queue.clone(), prop::collection::vec(payload, 1..5))
             .prop_map(|(queue, payloads)| Step::Enqueue { queue, payloads }),
-        3 => (0..3usize, 1..6usize).prop_map(|(queue, max)| Step::Lease { queue, max }),
+        4 => (queue.clone(), 1..6usize).prop_map(|(queue, max)| Step::Lease { queue, max }),
         2 => any::<usize>().prop_map(Step::Ack),
-        2 => (any::<usize>(), 0..50u64).prop_map(|(pick, delay)| Step::Retry { pick, delay }),
-        1 => any::<usize>().prop_map(Step::DeadLetter),
+        3 => (any::<usize>(), any::<u16>(), prop::bool::weighted(0.3))
+            .prop_map(|(batch, mask, stale)| Step::AckMany { batch, mask, stale }),
+        3 => (any::<usize>(), 0..50u64).prop_map(|(pick, delay)| Step::Retry { pick, delay }),
+        3 => any::<usize>().prop_map(Step::DeadLetter),
         1 => any::<usize>().prop_map(Step::Release),
-        1 => (1..40u64).prop_map(Step::Tick),
+        1 => (queue.clone(), queue.clone()).prop_map(|(from, to)| Step::Rebind { from, to }),
+        1 => queue.clone().prop_map(Step::Expedite),
+        1 => queue.clone().prop_map(Step::Purge),
+        2 => (prop::option::of(queue), prop::option::of(any::<usize>()))
+            .prop_map(|(queue, id)| Step::RequeueDead { queue, id }),
+        1 => import().prop_map(Step::Import),
+        2 => (1..40u64).prop_map(Step::Tick),
         1 => Just(Step::Reopen),
     ]
 }
 
-#[derive(Debug, Clone, PartialEq)]
-struct Expected {
-    queue: String,
-    payload: Vec<u8>,
-    attempts: u32,
-    due: u64,
+fn import() -> impl Strategy<Value = Import> {
+    let payloads = prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40), 1..4);
+    let numbers = (0..4u32, 0..50u64, 0..1000u64);
+    (
+        0..QUEUES.len(),
+        payloads,
+        any::<bool>(),
+        numbers,
+        any::<Option<usize>>(),
+    )
+        .prop_map(
+            |(queue, payloads, dead, (attempts, delay, gap), again)| Import {
+                queue,
+                payloads,
+                dead,
+                attempts,
+                delay,
+                gap,
+                again,
+            },
+        )
 }
 
-/// What the spool should hold. Time is a logical clock far above the real one, so every
-/// message is due at enqueue and due times are under the test's control.
-#[derive(Default)]
-struct Model {
-    queued: BTreeMap<u64, Expected>,
-    dead: BTreeMap<u64, Expected>,
-    now: u64,
-}
-
-impl Model {
-    fn due_in(&self, queue: &str, max: usize) -> Vec<u64> {
-        let mut due: Vec<(u64, u64)> = self
-            .queued
-            .iter()
-            .filter(|(_, e)| e.queue == queue && e.due <= self.now)
-            .map(|(id, e)| (e.due, *id))
-            .collect();
-        due.sort();
-        due.into_iter().take(max).map(|(_, id)| id).collect()
-    }
-}
-
-struct Harness {
-    dir: tempfile::TempDir,
-    spool: Option<Spool>,
-    leased: Vec<Lease>,
-    model: Model,
-    rt: tokio::runtime::Runtime,
-}
-
-impl Harness {
-    fn spool(&self) -> &Spool {
-        self.spool.as_ref().expect("open")
-    }
-
-    fn take_leased(&mut self, pick: usize) -> Option<Lease> {
-        (!self.leased.is_empty()).then(|| self.leased.remove(pick % self.leased.len()))
-    }
-
-    fn apply(&mut self, step: Step) {
-        match step {
-            Step::Enqueue { queue, payloads } => {
-                let batch = payloads.iter().map(|p| msg(QUEUES[queue], p)).collect();
-                let ids = self.spool().enqueue_blocking(batch).unwrap();
-                for (id, payload) in ids.into_iter().zip(payloads) {
-                    let e = Expected {
-                        queue: QUEUES[queue].into(),
-                        payload,
-                        attempts: 0,
-                        due: 0,
-                    };
-                    self.model.queued.insert(id.0, e);
-                }
-            }
-            Step::Lease { queue, max } => {
-                let want = self.due_not_leased(QUEUES[queue], max);
-                let leased = self
-                    .spool()
-                    .lease(QUEUES[queue], max, self.model.now)
-                    .unwrap();
-                let got: Vec<u64> = leased.iter().map(|l| l.lease.id().0).collect();
-                assert_eq!(got, want, "lease order/content differs from the model");
-                for l in &leased {
-                    let (m, e) = (&l.message, &self.model.queued[&l.lease.id().0]);
-                    assert_eq!(
-                        (&m.payload, m.attempts, &m.queue),
-                        (&e.payload, e.attempts, &e.queue)
-                    );
-                    assert_eq!(
-                        (l.lease.queue(), l.lease.id(), l.lease.attempts()),
-                        (m.queue.as_str(), m.id, m.attempts),
-                        "the lease handle names the message it came with"
-                    );
-                }
-                self.leased.extend(leased.into_iter().map(|l| l.lease));
-            }
-            Step::Ack(pick) => {
-                if let Some(m) = self.take_leased(pick) {
-                    self.spool().ack(&m).unwrap();
-                    self.model.queued.remove(&m.id().0);
-                }
-            }
-            Step::Retry { pick, delay } => {
-                if let Some(m) = self.take_leased(pick) {
-                    let due = self.model.now + delay;
-                    self.rt
-                        .block_on(self.spool().retry(&m, "451 try later", due))
-                        .unwrap();
-                    let e = self.model.queued.get_mut(&m.id().0).unwrap();
-                    e.attempts += 1;
-                    e.due = due;
-                }
-            }
-            Step::DeadLetter(pick) => {
-                if let Some(m) = self.take_leased(pick) {
-                    self.rt
-                        .block_on(self.spool().dead_letter(&m, "550 no"))
-                        .unwrap();
-                    let e = self.model.queued.remove(&m.id().0).unwrap();
-                    self.model.dead.insert(m.id().0, e);
-                }
-            }
-            Step::Release(pick) => {
-                if let Some(m) = self.take_leased(pick) {
-                    self.spool().release(&m);
-                }
-            }
-            Step::Tick(ms) => self.model.now += ms,
-            Step::Reopen => {
-                self.spool = None; // drop closes it and releases the lock
-                self.leased.clear(); // leases do not survive a restart
-                self.spool = Some(open(self.dir.path()));
-            }
-        }
-        self.check();
-    }
-
-    /// What a lease must return: due messages in (due, id) order, minus those leased.
-    fn due_not_leased(&self, queue: &str, max: usize) -> Vec<u64> {
-        let leased: Vec<u64> = self.leased.iter().map(|m| m.id().0).collect();
-        let mut all = self.model.due_in(queue, usize::MAX);
-        all.retain(|id| !leased.contains(id));
-        all.truncate(max);
-        all
-    }
-
-    fn check(&self) {
-        let stats = self.spool().stats(0);
-        for queue in QUEUES {
-            let want = self
-                .model
-                .queued
-                .values()
-                .filter(|e| e.queue == queue)
-                .count() as u64;
-            let got = stats.queues.get(queue).map_or(0, |s| s.count);
-            assert_eq!(got, want, "message count of queue {queue}");
-        }
-        let dead: BTreeMap<u64, Vec<u8>> = self
-            .spool()
-            .dead_letters()
-            .unwrap()
-            .into_iter()
-            .map(|m| (m.id.0, m.payload))
-            .collect();
-        let want: BTreeMap<u64, Vec<u8>> = self
-            .model
-            .dead
-            .iter()
-            .map(|(id, e)| (*id, e.payload.clone()))
-            .collect();
-        assert_eq!(dead, want, "dead-letter area");
-        assert_eq!(stats.quarantine, 0);
+/// `default` cases, or `PROPTEST_CASES` when set.
+fn cases(default: u32) -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default);
+    ProptestConfig {
+        cases,
+        ..ProptestConfig::default()
     }
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(cases(128))]
 
     #[test]
-    fn spool_agrees_with_the_model(steps in prop::collection::vec(step(), 1..60)) {
-        let dir = tempfile::tempdir().unwrap();
-        let spool = open(dir.path());
-        let mut h = Harness {
-            dir,
-            spool: Some(spool),
-            leased: Vec::new(),
-            model: Model { now: 1 << 50, ..Model::default() },
-            rt: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap(),
-        };
+    fn spool_agrees_with_the_model(steps in prop::collection::vec(step(), 1..80)) {
+        let mut h = Harness::new(false);
+        for s in steps {
+            h.apply(s);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(cases(64))]
+
+    #[test]
+    fn every_state_survives_a_reopen(steps in prop::collection::vec(step(), 1..40)) {
+        let mut h = Harness::new(true);
         for s in steps {
             h.apply(s);
         }
