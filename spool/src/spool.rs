@@ -169,6 +169,17 @@ fn close_sled(dir: &Path, db: sled::Db, trees: Trees, poisoned: bool) {
 impl Spool {
     /// Opens (creating if needed) the spool in `dir`, recovering whatever is there.
     pub fn open(dir: &Path, options: SpoolOptions) -> Result<(Spool, RecoveryReport)> {
+        Spool::open_tuned(dir, options, |config| config)
+    }
+
+    /// [`open`](Self::open) with sled's configuration passed through `tune` last. Only the
+    /// `spool_files` fuzz harness passes anything but the identity (`fuzzing::open_small`:
+    /// smaller segments, no flusher thread), so the same open and recovery run on its files.
+    pub(crate) fn open_tuned(
+        dir: &Path,
+        options: SpoolOptions,
+        tune: impl FnOnce(sled::Config) -> sled::Config,
+    ) -> Result<(Spool, RecoveryReport)> {
         let io_err = |source| SpoolError::Io {
             path: dir.to_path_buf(),
             source,
@@ -181,9 +192,11 @@ impl Spool {
             path: sled_dir.clone(),
             source,
         };
-        let config = sled::Config::new()
-            .path(&sled_dir)
-            .cache_capacity(options.cache_capacity);
+        let config = tune(
+            sled::Config::new()
+                .path(&sled_dir)
+                .cache_capacity(options.cache_capacity),
+        );
         crate::sled_files::set_aside_damaged(&sled_dir, dir).map_err(io_err)?;
         let db = open_sled(&sled_dir, &config)?.map_err(storage)?;
         // The entries sled (db, conf, blobs/) and we (data/, ledger) may just have created
