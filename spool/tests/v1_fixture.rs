@@ -18,6 +18,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use common::all_queued;
 use common::dirs::copy_dir;
 use spool::{
     keys, Message, MessageId, Meta, MetaValue, NewMessage, QuarantineEntry, Spool, SpoolOptions,
@@ -165,18 +166,6 @@ fn copy_of_fixture() -> tempfile::TempDir {
 
 fn open(dir: &Path) -> (Spool, spool::RecoveryReport) {
     Spool::open(dir, SpoolOptions::default()).expect("the v1 spool opens")
-}
-
-fn all_queued(spool: &Spool) -> Vec<Message> {
-    let mut all = Vec::new();
-    spool
-        .for_each_message(|m| {
-            all.push(m);
-            Ok(())
-        })
-        .unwrap();
-    all.sort_by_key(|m| m.id);
-    all
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@ use std::path::Path;
 
 pub mod dirs;
 
-use spool::{Leased, Meta, MetaValue, NewMessage, Spool, SpoolOptions};
+use spool::{Leased, Message, Meta, MetaValue, NewMessage, Spool, SpoolOptions};
 
 pub fn open(dir: &Path) -> Spool {
     Spool::open(dir, SpoolOptions::default())
@@ -27,4 +27,17 @@ pub const LATER: u64 = u64::MAX / 2;
 
 pub fn lease_all(spool: &Spool, queue: &str) -> Vec<Leased> {
     spool.lease(queue, usize::MAX, LATER).expect("lease")
+}
+
+/// Every queued message of every queue (export's walk), by id.
+pub fn all_queued(spool: &Spool) -> Vec<Message> {
+    let mut all = Vec::new();
+    spool
+        .for_each_message(|m| {
+            all.push(m);
+            Ok(())
+        })
+        .expect("walk the messages");
+    all.sort_by_key(|m| m.id);
+    all
 }

@@ -6,7 +6,7 @@ use spool::{Message, MessageId};
 use super::harness::Harness;
 use super::state::Expected;
 use super::QUEUES;
-use crate::common::msg;
+use crate::common::{all_queued, msg};
 
 impl Harness {
     pub fn check(&self) {
@@ -49,14 +49,7 @@ impl Harness {
                 .map(|m| Expected::of(&m).1);
             assert_eq!(got.as_ref(), Some(e), "get {id}");
         }
-        let mut all = Vec::new();
-        spool
-            .for_each_message(|m| {
-                all.push(m);
-                Ok(())
-            })
-            .unwrap();
-        all.sort_by_key(|m| m.id);
+        let all = all_queued(spool);
         let queued = self.model.queued.iter().map(|(id, e)| (*id, e));
         assert_eq!(
             observed(&all),
