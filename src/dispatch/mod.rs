@@ -28,6 +28,7 @@ mod deliver;
 mod queue;
 mod rates;
 pub mod reaper;
+mod sends;
 
 use std::collections::HashMap;
 use std::sync::Arc;

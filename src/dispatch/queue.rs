@@ -10,20 +10,19 @@
 //! worker with nothing timed to do sets no timer at all. Once its queue is empty, nothing
 //! is in flight and its connections are closed, it asks the supervisor to retire.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use policy::{Policy, QueueConfig};
-use spool::{Lease, Leased, Spool};
+use spool::{Leased, Spool};
 use tokio::sync::{oneshot, Notify};
-use tokio::task::{Id, JoinSet};
 
 use super::backoff::ConnectBackoff;
 use super::batching::{BatchRule, Gather};
 use super::connection::{self, Pool};
 use super::decide::{decide, Event, Fate};
 use super::rates::QueueRates;
+use super::sends::Sends;
 use super::{deliver, Retire, WorkerEnv};
 use crate::shutdown::Shutdown;
 use crate::suspensions::Suspensions;
@@ -48,10 +47,8 @@ pub struct QueueWorker {
     drain_timeout: Duration,
     config: Option<(Arc<QueueConfig>, Instant)>,
     pool: Pool,
-    sends: JoinSet<()>,
-    /// The leases each running send holds (handles only, no payload), so a send that
-    /// panics or is aborted at shutdown can give them back.
-    leased: HashMap<Id, Vec<Lease>>,
+    /// Running sends and the leases each holds (given back if one panics or is aborted).
+    sends: Sends,
     /// `max_message_rate` and `overall_max_message_rate`.
     rates: QueueRates,
     backoff: ConnectBackoff,
@@ -82,6 +79,7 @@ impl QueueWorker {
         QueueWorker {
             pool: Pool::new(&queue, env.idle_timeout, env.trim, env.budget, wake.clone()),
             rates: QueueRates::new(&queue, env.shared_rates),
+            sends: Sends::new(&queue, env.spool.clone()),
             queue,
             spool: env.spool,
             generation: env.policy.generation(),
@@ -89,8 +87,6 @@ impl QueueWorker {
             shutdown: env.shutdown,
             drain_timeout: env.drain_timeout,
             config: None,
-            sends: JoinSet::new(),
-            leased: HashMap::new(),
             backoff: ConnectBackoff::default(),
             blocked_until: None,
             suspensions: env.suspensions,
@@ -145,7 +141,7 @@ impl QueueWorker {
             .flatten()
             .min();
             tokio::select! {
-                Some(done) = self.sends.join_next_with_id(), if !self.sends.is_empty() => self.finished(done),
+                _ = self.sends.next_ended(), if !self.sends.is_empty() => {}
                 _ = wake.notified() => {}
                 _ = suspensions.changed() => {}
                 Ok(()) = reloads.changed() => {}
@@ -154,9 +150,7 @@ impl QueueWorker {
             }
             // Reap every send that finished meanwhile, so one fill pass serves them all
             // (reaping one per pass made this loop the bottleneck under a backlog).
-            while let Some(done) = self.sends.try_join_next_with_id() {
-                self.finished(done);
-            }
+            self.sends.reap_ended();
         }
         self.drain().await;
         self.telemetry.set_connections(0);
@@ -310,7 +304,7 @@ impl QueueWorker {
                     fate => {
                         let telemetry = self.telemetry.clone();
                         let held = vec![leased.lease.clone()];
-                        self.spawn(
+                        self.sends.spawn(
                             move |spool| async move {
                                 let Leased { lease, message } = leased;
                                 deliver::apply(&spool, &telemetry, &lease, &message, fate).await
@@ -325,37 +319,10 @@ impl QueueWorker {
                 let batch: Vec<Leased> = live.by_ref().take(per_send).collect();
                 let held = batch.iter().map(|l| l.lease.clone()).collect();
                 let (conn, cfg, telemetry) = (conn.clone(), cfg.clone(), self.telemetry.clone());
-                self.spawn(
+                self.sends.spawn(
                     move |spool| deliver::deliver(spool, telemetry, conn, cfg, batch),
                     held,
                 );
-            }
-        }
-    }
-
-    fn spawn<F>(&mut self, send: impl FnOnce(Spool) -> F, held: Vec<Lease>)
-    where
-        F: std::future::Future<Output = ()> + Send + 'static,
-    {
-        let handle = self.sends.spawn(send(self.spool.clone()));
-        if !held.is_empty() {
-            self.leased.insert(handle.id(), held);
-        }
-    }
-
-    /// A send task ended. If it did not end normally, its leases may still be held.
-    fn finished(&mut self, done: Result<(Id, ()), tokio::task::JoinError>) {
-        match done {
-            Ok((id, ())) => {
-                self.leased.remove(&id);
-            }
-            Err(e) => {
-                if e.is_panic() {
-                    tracing::error!(queue = %self.queue, error = %e, "a send task panicked; releasing its messages");
-                }
-                for lease in self.leased.remove(&e.id()).unwrap_or_default() {
-                    self.spool.release(&lease);
-                }
             }
         }
     }
@@ -443,17 +410,14 @@ impl QueueWorker {
         }
         while !self.sends.is_empty() {
             tokio::select! {
-                Some(done) = self.sends.join_next_with_id() => self.finished(done),
+                _ = self.sends.next_ended() => {}
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
         if !self.sends.is_empty() {
             tracing::warn!(queue = %self.queue, sends = self.sends.len(),
                 "drain deadline passed; aborting sends (their messages stay spooled and are sent again after restart)");
-            self.sends.abort_all();
-            while let Some(done) = self.sends.join_next_with_id().await {
-                self.finished(done);
-            }
+            self.sends.abort_all().await;
         }
         self.pool.close_all().await;
     }
