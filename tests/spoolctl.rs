@@ -85,11 +85,10 @@ fn populated() -> tempfile::TempDir {
         ])
         .unwrap();
     let first = spool.lease("a", 1, u64::MAX).unwrap().remove(0);
-    rt.block_on(spool.retry(&first.lease, "451 later", spool::now_ms() + 3_600_000))
+    rt.block_on(spool.retry(&first, "451 later", spool::now_ms() + 3_600_000))
         .unwrap();
     let dead = spool.lease("dead", 1, u64::MAX).unwrap().remove(0);
-    rt.block_on(spool.dead_letter(&dead.lease, "550 nope"))
-        .unwrap();
+    rt.block_on(spool.dead_letter(&dead, "550 nope")).unwrap();
     dir
 }
 

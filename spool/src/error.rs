@@ -102,18 +102,6 @@ pub enum SpoolError {
         /// The message named by the caller.
         id: MessageId,
     },
-    /// A retry or dead-letter had to read a leased message's record back to rewrite it, and
-    /// the record was gone or damaged (dropped from the index, or quarantined: see
-    /// `spoolctl quarantine`). The message is not settled.
-    #[error("message {id} leased from queue {queue:?} cannot be settled: {why}")]
-    Unreadable {
-        /// The queue it was leased from.
-        queue: String,
-        /// The message.
-        id: MessageId,
-        /// What was wrong with its record.
-        why: String,
-    },
     /// An operator operation named a message that is not (or no longer) in the spool.
     #[error("message {id} not found")]
     NotFound {

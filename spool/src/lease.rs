@@ -2,8 +2,9 @@
 //!
 //! [`Spool::lease`](crate::Spool::lease) hands out each due message as a [`Leased`]: the
 //! [`Message`] to send (payload and meta) and a [`Lease`], the small handle that settles it
-//! (`ack`, `ack_many`, `retry`, `dead_letter`, `release`). Settling by handle instead of by
-//! message has two reasons:
+//! (`ack`, `ack_many`, `release`; `retry` and `dead_letter` take the whole [`Leased`], since
+//! they write the message to its new place). Settling by handle instead of by message has
+//! two reasons:
 //! - a dispatcher keeps only handles for in-flight tracking (a send task that panics or is
 //!   aborted gives its leases back), never a second copy of the payload and never a fake
 //!   message built to name one;

@@ -73,11 +73,11 @@
 //! memory-only: after a crash every message is simply due again, and only what was in
 //! flight can be delivered twice. Deletes after delivery (`ack`) are not fsynced one by
 //! one; the next group commit or sled's background flush carries them. A crash in between
-//! means a duplicate, never a loss. `retry` and `dead_letter` read the record back (v1
-//! keeps the delivery state in it) and rewrite it durably. Whatever fails after a lease was
-//! taken (a read, an ack, the hand-off of a retry or a dead-letter to the commit thread)
-//! gives the lease back, so nothing stays in flight until a restart; only a record found
-//! gone or damaged at settlement is dropped or quarantined instead (`Unreadable`).
+//! means a duplicate, never a loss. `retry` and `dead_letter` take the whole [`Leased`]
+//! and write its message back durably (v1 keeps the delivery state in the record; nothing
+//! else writes a leased record). Whatever fails after a lease was taken (a read, an ack, the
+//! hand-off of a retry or a dead-letter to the commit thread) gives the lease back, so
+//! nothing stays in flight until a restart.
 //! Operator rewrites (requeue, rebind) apply each chunk's index changes with
 //! that chunk's commit, so an interrupted one leaves nothing leased.
 //!

@@ -2,8 +2,8 @@
 //!
 //! A lease says where its record is stored, so an ack deletes the record (and its
 //! large-record marker) without reading it. Record format v1 keeps a message's delivery
-//! state inside its one record, so a retry or a dead-letter reads the record back and
-//! writes it whole; every settlement that fails gives the lease back, so nothing stays in
+//! state inside its one record, so a retry or a dead-letter writes the leased copy back
+//! whole; every settlement that fails gives the lease back, so nothing stays in
 //! flight until a restart.
 
 use tokio::sync::oneshot;
@@ -11,9 +11,8 @@ use tokio::sync::oneshot;
 use crate::commit::{Effect, Job, Op, Reply, TreeId};
 use crate::error::{Result, SpoolError};
 use crate::keys;
-use crate::lease::Lease;
+use crate::lease::{Lease, Leased};
 use crate::record::{self, Message};
-use crate::recovery;
 use crate::spool::{mark_large, schedule, Spool};
 
 impl Spool {
@@ -95,14 +94,12 @@ impl Spool {
     /// durably, before returning.
     ///
     /// Record format v1 keeps attempts, due time and last error inside the message's one
-    /// record, so this reads the record back and rewrites it whole (a retry is the
-    /// exception, not the path every message takes).
-    pub async fn retry(&self, lease: &Lease, error: &str, next_due_ms: u64) -> Result<()> {
+    /// record, so this rewrites it whole from the leased copy: nothing else writes a leased
+    /// record (operator rewrites take waiting messages only), so the copy is the record.
+    pub async fn retry(&self, leased: &Leased, error: &str, next_due_ms: u64) -> Result<()> {
+        let lease = &leased.lease;
         self.check_leased(lease)?;
-        let done = match self
-            .read_leased(lease)
-            .and_then(|msg| self.submit_retry(msg, error, next_due_ms))
-        {
+        let done = match self.submit_retry(leased.message.clone(), error, next_due_ms) {
             Ok(rx) => self.await_commit(rx).await,
             Err(e) => Err(e),
         };
@@ -133,14 +130,12 @@ impl Spool {
     }
 
     /// Gives up on a message: moves it, with `reason`, to the dead-letter area, where it is
-    /// kept until an operator requeues or purges it. Like [`retry`](Self::retry), it reads
-    /// the record back: the dead-letter copy is the whole message.
-    pub async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<()> {
+    /// kept until an operator requeues or purges it. The dead-letter copy is the leased one,
+    /// as in [`retry`](Self::retry).
+    pub async fn dead_letter(&self, leased: &Leased, reason: &str) -> Result<()> {
+        let lease = &leased.lease;
         self.check_leased(lease)?;
-        let done = match self
-            .read_leased(lease)
-            .and_then(|msg| self.submit_dead_letter(msg, reason))
-        {
+        let done = match self.submit_dead_letter(leased.message.clone(), reason) {
             Ok(rx) => self.await_commit(rx).await,
             Err(e) => Err(e),
         };
@@ -170,41 +165,10 @@ impl Spool {
         self.submit(job)
     }
 
-    /// Reads a leased message's record again, to rewrite it. Nothing else writes a leased
-    /// record (operator rewrites take waiting messages only), so this is the record as
-    /// leased. A record that is gone or no longer reads is dropped from the index or
-    /// quarantined, as a lease would have done, and the settlement fails.
-    fn read_leased(&self, lease: &Lease) -> Result<Message> {
-        let key = keys::message_key(&lease.queue, lease.id);
-        let unreadable = |why: String| SpoolError::Unreadable {
-            queue: lease.queue.to_string(),
-            id: lease.id,
-            why,
-        };
-        match self.inner.trees[TreeId::Messages as usize].get(&key) {
-            Err(e) => Err(self.storage(e)),
-            Ok(None) => {
-                tracing::error!(queue = %lease.queue, id = %lease.id,
-                    "leased message has no record; dropping it from the index");
-                self.index().remove(&lease.queue, lease.id.0);
-                Err(unreadable("its record is gone".into()))
-            }
-            Ok(Some(raw)) => recovery::check_message(&key, &raw).map_err(|reason| {
-                let why = format!("its record is damaged ({reason}); quarantined");
-                self.quarantine_live(&lease.queue, lease.id.0, &key, &raw, reason);
-                unreadable(why)
-            }),
-        }
-    }
-
     /// A settlement that could not be made durable leaves the message as it was on disk:
     /// give the lease back so it is tried again rather than stuck until a restart.
-    ///
-    /// Except for an unreadable record: it was dropped from the index, or is on its way to
-    /// quarantine (the index forgets it with that commit), and a lease given back meanwhile
-    /// would be leased, found damaged and quarantined a second time.
     fn release_on_error(&self, lease: &Lease, done: Result<()>) -> Result<()> {
-        if matches!(&done, Err(e) if !matches!(e, SpoolError::Unreadable { .. })) {
+        if done.is_err() {
             self.release(lease);
         }
         done
@@ -266,7 +230,7 @@ mod tests {
     const LATER: u64 = u64::MAX / 2;
 
     /// A spool with one message, leased, and that message's key.
-    async fn one_leased() -> (tempfile::TempDir, Spool, Lease, Vec<u8>) {
+    async fn one_leased() -> (tempfile::TempDir, Spool, Leased, Vec<u8>) {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _) = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
         let new = NewMessage {
@@ -275,45 +239,31 @@ mod tests {
             payload: b"x".to_vec(),
         };
         spool.enqueue(vec![new]).await.unwrap();
-        let lease = spool.lease("q", 1, LATER).unwrap().remove(0).lease;
-        let key = keys::message_key("q", lease.id);
-        (dir, spool, lease, key)
+        let leased = spool.lease("q", 1, LATER).unwrap().remove(0);
+        let key = keys::message_key("q", leased.lease.id);
+        (dir, spool, leased, key)
     }
 
+    /// The settlement writes the leased copy: a record damaged on disk while its message
+    /// was in flight is rewritten whole (retry) or moved whole (dead letter), not lost.
     #[tokio::test]
-    async fn a_retry_whose_record_is_gone_fails_and_forgets_it() {
-        let (_dir, spool, lease, key) = one_leased().await;
-        spool.inner.trees[TreeId::Messages as usize]
-            .remove(&key)
-            .unwrap();
-        let err = spool.retry(&lease, "451", LATER).await.unwrap_err();
-        assert!(matches!(err, SpoolError::Unreadable { .. }), "{err}");
-        assert_eq!(
-            spool.stats(0).queues.get("q"),
-            None,
-            "a message without a record is neither leased nor waiting"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_dead_letter_whose_record_is_damaged_quarantines_it() {
-        let (_dir, spool, lease, key) = one_leased().await;
+    async fn a_retry_and_a_dead_letter_write_the_leased_copy() {
+        let (_dir, spool, leased, key) = one_leased().await;
         let damaged: &[u8] = b"\x01\0\0\0\0not this message";
-        spool.inner.trees[TreeId::Messages as usize]
-            .insert(&key, damaged)
-            .unwrap();
-        let err = spool.dead_letter(&lease, "550").await.unwrap_err();
-        assert!(matches!(err, SpoolError::Unreadable { .. }), "{err}");
-        // Not given back: leasing it again would find it damaged and quarantine it twice.
-        assert!(spool.lease("q", 1, LATER).unwrap().is_empty());
-        spool.sync().await.unwrap();
-        let quarantined = spool.quarantined().unwrap();
-        assert_eq!(quarantined.len(), 1, "{quarantined:?}");
-        assert_eq!(
-            (&quarantined[0].key, &quarantined[0].raw[..]),
-            (&key, damaged)
-        );
-        assert!(spool.dead_letters().unwrap().is_empty());
-        assert_eq!(spool.stats(0).queues.get("q"), None);
+        let messages = &spool.inner.trees[TreeId::Messages as usize];
+        messages.insert(&key, damaged).unwrap();
+        spool.retry(&leased, "451", 0).await.unwrap();
+        let again = spool.lease("q", 1, LATER).unwrap().remove(0);
+        assert_eq!(again.message.payload, b"x");
+        assert_eq!(again.message.attempts, 1);
+        assert_eq!(again.message.last_error.as_deref(), Some("451"));
+        messages.insert(&key, damaged).unwrap();
+        spool.dead_letter(&again, "550").await.unwrap();
+        let dead = spool.dead_letters().unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].payload, b"x");
+        assert_eq!(dead[0].last_error.as_deref(), Some("550"));
+        assert!(messages.get(&key).unwrap().is_none());
+        assert!(spool.quarantined().unwrap().is_empty());
     }
 }

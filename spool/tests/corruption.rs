@@ -19,7 +19,7 @@ async fn damaged_records_are_quarantined_and_the_rest_survive() {
             .await
             .unwrap();
         let victim = spool.lease("q", 1, common::LATER).unwrap().remove(0);
-        spool.dead_letter(&victim.lease, "550 test").await.unwrap();
+        spool.dead_letter(&victim, "550 test").await.unwrap();
     }
     // Flip one byte inside five message values and one dead-letter value, keeping sled's
     // own framing intact: only the spool's checksum can notice.

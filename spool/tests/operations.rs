@@ -103,7 +103,7 @@ async fn retry_persists_attempts_due_time_and_error() {
         let spool = open(dir.path());
         spool.enqueue(vec![msg("q", b"x")]).await.unwrap();
         let m = lease_all(&spool, "q").remove(0);
-        spool.retry(&m.lease, "451 broker busy", due).await.unwrap();
+        spool.retry(&m, "451 broker busy", due).await.unwrap();
         assert!(
             spool.lease("q", 10, due - 1).unwrap().is_empty(),
             "not due before next_due"
@@ -142,8 +142,8 @@ async fn retry_and_dead_letter_by_lease_keep_payload_and_meta() {
     );
     assert_eq!(retried.lease.created_ms(), retried.message.created_ms);
     assert_eq!(retried.lease.due_ms(), retried.message.due_ms);
-    spool.retry(&retried.lease, "451 later", 1).await.unwrap();
-    spool.dead_letter(&dead.lease, "550 no").await.unwrap();
+    spool.retry(retried, "451 later", 1).await.unwrap();
+    spool.dead_letter(dead, "550 no").await.unwrap();
     let back = lease_all(&spool, "q").remove(0).message;
     let want = Message {
         attempts: 1,
@@ -167,7 +167,7 @@ async fn dead_letter_keeps_the_message_out_of_the_queue() {
         let spool = open(dir.path());
         spool.enqueue(vec![msg("q", b"poison")]).await.unwrap();
         let m = lease_all(&spool, "q").remove(0);
-        spool.dead_letter(&m.lease, "550 rejected").await.unwrap();
+        spool.dead_letter(&m, "550 rejected").await.unwrap();
         assert!(lease_all(&spool, "q").is_empty());
     }
     let spool = open(dir.path());
@@ -338,7 +338,7 @@ async fn stats_report_counts_bytes_due_and_attempts() {
         .await
         .unwrap();
     let m = spool.lease("a", 1, LATER).unwrap().remove(0);
-    spool.retry(&m.lease, "451", LATER).await.unwrap();
+    spool.retry(&m, "451", LATER).await.unwrap();
     let stats = spool.stats(spool::now_ms());
     let a = &stats.queues["a"];
     assert_eq!((a.count, a.bytes, a.due_now), (2, 6, 1));
@@ -471,8 +471,8 @@ async fn failed_settlements_give_their_leases_back() {
     assert!(spool.enqueue(vec![msg("other", b"x")]).await.is_err());
     assert!(spool.poisoned().is_some());
     let acked = spool.ack(&leased[0].lease);
-    let retried = spool.retry(&leased[1].lease, "451 later", LATER).await;
-    let dead = spool.dead_letter(&leased[2].lease, "550 no").await;
+    let retried = spool.retry(&leased[1], "451 later", LATER).await;
+    let dead = spool.dead_letter(&leased[2], "550 no").await;
     for (what, result) in [("ack", acked), ("retry", retried), ("dead_letter", dead)] {
         assert!(
             matches!(result, Err(SpoolError::Poisoned { .. })),

@@ -274,11 +274,7 @@ async fn generate_v1_fixture() {
         let campaign = spool.lease(CAMPAIGN, 10, u64::MAX / 2).unwrap();
         let retried = campaign.iter().find(|l| l.lease.id().0 == 2).unwrap();
         spool
-            .retry(
-                &retried.lease,
-                "451 4.7.1 greylisted, try again later",
-                FUTURE_DUE,
-            )
+            .retry(retried, "451 4.7.1 greylisted, try again later", FUTURE_DUE)
             .await
             .unwrap();
         let ids = spool
@@ -293,7 +289,7 @@ async fn generate_v1_fixture() {
         for l in spool.lease(DOMAIN, 10, u64::MAX / 2).unwrap() {
             match l.lease.id().0 {
                 6 => spool
-                    .dead_letter(&l.lease, "550 5.1.1 user unknown")
+                    .dead_letter(&l, "550 5.1.1 user unknown")
                     .await
                     .unwrap(),
                 ACKED_ID => spool.ack(&l.lease).unwrap(),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use policy::{PolicyMessage, QueueConfig, SendOutcome};
-use spool::{meta_json, Lease, Leased, Message, Spool};
+use spool::{meta_json, Leased, Message, Spool};
 
 use super::connection::{PooledConnection, SendSign};
 use super::decide::{decide, Event, Fate};
@@ -64,14 +64,15 @@ pub async fn deliver(
     let now_ms = spool::now_ms();
     let mut delivered = Vec::with_capacity(leased.len());
     let mut failed = Vec::new();
-    for (Leased { lease, message }, outcome) in leased.iter().zip(outcomes) {
+    for (leased, outcome) in leased.iter().zip(outcomes) {
+        let Leased { lease, message } = leased;
         report(&telemetry, message, &outcome);
         match decide(Event::Sent(outcome), message.into(), &cfg, now_ms, jitter()) {
             Fate::Ack { response } => {
                 tracing::debug!(queue = %lease.queue(), id = %lease.id(), %response, "delivered");
                 delivered.push(lease);
             }
-            fate => failed.push(apply(&spool, &telemetry, lease, message, fate)),
+            fate => failed.push(apply(&spool, &telemetry, leased, fate)),
         }
     }
     if let Err(e) = spool.ack_many(&delivered) {
@@ -96,13 +97,8 @@ pub fn jitter() -> f64 {
 }
 
 /// Carries out a fate other than `Send` on the spool, through the message's lease.
-pub async fn apply(
-    spool: &Spool,
-    telemetry: &QueueTelemetry,
-    lease: &Lease,
-    msg: &Message,
-    fate: Fate,
-) {
+pub async fn apply(spool: &Spool, telemetry: &QueueTelemetry, leased: &Leased, fate: Fate) {
+    let lease = &leased.lease;
     let (queue, id) = (lease.queue(), lease.id());
     match fate {
         Fate::Send => {
@@ -119,24 +115,19 @@ pub async fn apply(
             let retry_in = Duration::from_millis(due_ms.saturating_sub(spool::now_ms()));
             tracing::info!(%queue, %id, attempts = lease.attempts() + 1,
                 retry_in = %humantime::format_duration(retry_in), %error, "delivery failed; will retry");
-            if let Err(e) = spool.retry(lease, &error, due_ms).await {
+            if let Err(e) = spool.retry(leased, &error, due_ms).await {
                 tracing::error!(%queue, %id, error = %e,
                     "could not record the failed attempt; the message stays due");
             }
         }
-        Fate::DeadLetter { reason, .. } => dead_letter(spool, telemetry, lease, msg, &reason).await,
+        Fate::DeadLetter { reason, .. } => dead_letter(spool, telemetry, leased, &reason).await,
     }
 }
 
-async fn dead_letter(
-    spool: &Spool,
-    telemetry: &QueueTelemetry,
-    lease: &Lease,
-    msg: &Message,
-    reason: &str,
-) {
+async fn dead_letter(spool: &Spool, telemetry: &QueueTelemetry, leased: &Leased, reason: &str) {
+    let msg = &leased.message;
     tracing::warn!(queue = %msg.queue, id = %msg.id, attempts = msg.attempts, %reason, "dead-lettering message");
-    match spool.dead_letter(lease, reason).await {
+    match spool.dead_letter(leased, reason).await {
         Ok(()) => telemetry.dead_lettered(msg, reason),
         Err(e) => tracing::error!(queue = %msg.queue, id = %msg.id, error = %e,
             "could not dead-letter; the message stays queued"),

@@ -306,8 +306,7 @@ impl QueueWorker {
                         let held = vec![leased.lease.clone()];
                         self.sends.spawn(
                             move |spool| async move {
-                                let Leased { lease, message } = leased;
-                                deliver::apply(&spool, &telemetry, &lease, &message, fate).await
+                                deliver::apply(&spool, &telemetry, &leased, fate).await
                             },
                             held,
                         );

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use spool::{Lease, MessageId, Spool, SpoolError};
+use spool::{Lease, Leased, MessageId, Spool, SpoolError};
 
 use super::state::{Expected, Model};
 use super::{Step, QUEUES};
@@ -13,8 +13,9 @@ use crate::common::{msg, open};
 pub struct Harness {
     pub dir: tempfile::TempDir,
     pub spool: Option<Spool>,
-    /// Leases held, one group per `lease` call (empty groups are dropped).
-    pub batches: Vec<Vec<Lease>>,
+    /// Leases held with their messages, one group per `lease` call (empty groups are
+    /// dropped).
+    pub batches: Vec<Vec<Leased>>,
     /// Leases already settled (or lost at a reopen): handed to `ack_many` while their
     /// message is not leased again, they must be refused.
     pub settled: Vec<Lease>,
@@ -54,11 +55,15 @@ impl Harness {
     }
 
     pub fn leased_ids(&self) -> BTreeSet<u64> {
-        self.batches.iter().flatten().map(|l| l.id().0).collect()
+        self.batches
+            .iter()
+            .flatten()
+            .map(|l| l.lease.id().0)
+            .collect()
     }
 
     /// Removes and returns the `pick`-th lease held, counting across all groups.
-    fn take_leased(&mut self, pick: usize) -> Option<Lease> {
+    fn take_leased(&mut self, pick: usize) -> Option<Leased> {
         let total: usize = self.batches.iter().map(Vec::len).sum();
         let mut n = pick.checked_rem(total)?;
         let b = self.batches.iter().position(|b| {
@@ -82,7 +87,7 @@ impl Harness {
                 self.batches.retain(|b| !b.is_empty());
             }
             Step::Ack(pick) => {
-                if let Some(l) = self.take_leased(pick) {
+                if let Some(Leased { lease: l, .. }) = self.take_leased(pick) {
                     self.spool().ack(&l).unwrap();
                     self.model.queued.remove(&l.id().0);
                     self.settled.push(l);
@@ -90,10 +95,11 @@ impl Harness {
             }
             Step::AckMany { batch, mask, stale } => self.ack_many(batch, mask, stale),
             Step::Retry { pick, delay } => {
-                if let Some(l) = self.take_leased(pick) {
+                if let Some(leased) = self.take_leased(pick) {
                     let (due, error) = (self.model.now + delay, format!("451 retry in {delay}"));
                     let spool = self.spool().clone();
-                    self.rt.block_on(spool.retry(&l, &error, due)).unwrap();
+                    self.rt.block_on(spool.retry(&leased, &error, due)).unwrap();
+                    let l = leased.lease;
                     let e = self.model.queued.get_mut(&l.id().0).unwrap();
                     e.attempts += 1;
                     e.due = due;
@@ -103,10 +109,13 @@ impl Harness {
                 }
             }
             Step::DeadLetter(pick) => {
-                if let Some(l) = self.take_leased(pick) {
-                    let reason = format!("550 no ({})", l.id());
+                if let Some(leased) = self.take_leased(pick) {
+                    let reason = format!("550 no ({})", leased.lease.id());
                     let spool = self.spool().clone();
-                    self.rt.block_on(spool.dead_letter(&l, &reason)).unwrap();
+                    self.rt
+                        .block_on(spool.dead_letter(&leased, &reason))
+                        .unwrap();
+                    let l = leased.lease;
                     let mut e = self.model.queued.remove(&l.id().0).unwrap();
                     e.last_error = Some(reason);
                     self.model.dead.insert(l.id().0, e);
@@ -115,7 +124,7 @@ impl Harness {
             }
             Step::Release(pick) => {
                 if let Some(l) = self.take_leased(pick) {
-                    self.spool().release(&l);
+                    self.spool().release(&l.lease);
                 }
             }
             Step::Rebind { from, to } => self.rebind(QUEUES[from], QUEUES[to]),
@@ -177,7 +186,7 @@ impl Harness {
     }
 
     /// Leases up to `max` of `queue` and checks each against the model.
-    fn lease(&mut self, queue: &str, max: usize) -> Vec<Lease> {
+    fn lease(&mut self, queue: &str, max: usize) -> Vec<Leased> {
         let want = self.model.due_order(queue, &self.leased_ids(), max);
         let leased = self.spool().lease(queue, max, self.model.now).unwrap();
         let got: Vec<u64> = leased.iter().map(|l| l.lease.id().0).collect();
@@ -199,7 +208,7 @@ impl Harness {
                 (seen.created, seen.due)
             );
         }
-        leased.into_iter().map(|l| l.lease).collect()
+        leased
     }
 
     /// Acks the subset `mask` of one lease call's leases in one `ack_many`; the rest stay
@@ -217,7 +226,7 @@ impl Harness {
             .partition(|(n, _)| mask & (1 << n) != 0);
         self.batches[b] = kept.into_iter().map(|(_, l)| l).collect();
         self.batches.retain(|b| !b.is_empty());
-        let mut acked: Vec<Lease> = chosen.into_iter().map(|(_, l)| l).collect();
+        let mut acked: Vec<Lease> = chosen.into_iter().map(|(_, l)| l.lease).collect();
         let old = self
             .settled
             .iter()
@@ -241,7 +250,7 @@ impl Harness {
     /// Closes and reopens the spool: every lease is gone, every leased message due again.
     pub fn reopen(&mut self) {
         self.spool = None; // drop closes it and releases the lock
-        let lost = self.batches.drain(..).flatten();
+        let lost = self.batches.drain(..).flatten().map(|l| l.lease);
         self.settled.extend(lost);
         self.spool = Some(open(self.dir.path()));
         // Every queue recovered with messages is work for the dispatcher.
@@ -271,7 +280,7 @@ impl Harness {
         let groups: Vec<Vec<u64>> = self
             .batches
             .iter()
-            .map(|b| b.iter().map(|l| l.id().0).collect())
+            .map(|b| b.iter().map(|l| l.lease.id().0).collect())
             .collect();
         self.reopen();
         self.check();
@@ -280,10 +289,10 @@ impl Harness {
             // Leased messages were due when leased and keep their due time, so they are
             // among the due ones now; the others go straight back.
             for l in self.lease(queue, usize::MAX) {
-                if groups.iter().flatten().any(|&id| id == l.id().0) {
+                if groups.iter().flatten().any(|&id| id == l.lease.id().0) {
                     again.push(l);
                 } else {
-                    self.spool().release(&l);
+                    self.spool().release(&l.lease);
                 }
             }
         }
@@ -291,7 +300,7 @@ impl Harness {
             let b = group
                 .iter()
                 .map(|id| {
-                    let n = again.iter().position(|l| l.id().0 == *id);
+                    let n = again.iter().position(|l| l.lease.id().0 == *id);
                     again.swap_remove(n.expect("a leased message is due again after reopen"))
                 })
                 .collect();
