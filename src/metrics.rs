@@ -148,7 +148,7 @@ impl Metrics {
         );
         r.register(
             "spoolrelay_dispatch_workers",
-            "Queue workers running: queues with work, or idle less than the reap interval",
+            "Queue workers running: queues with messages, sends in flight or a connection still open",
             self.dispatch_workers.clone(),
         );
         r.register(

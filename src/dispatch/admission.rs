@@ -67,28 +67,25 @@ impl Admission {
         self.line.len()
     }
 
-    /// The queue first in line with a slot, if one is free now.
-    pub fn start_now(&mut self) -> Option<(String, StartSlot)> {
-        if self.line.is_empty() {
-            return None;
-        }
-        let slot = self.try_start()?;
-        Some((self.pop(), slot))
-    }
-
-    /// Resolves when a slot is free and a queue waits: the queue first in line, with its
-    /// slot. Cancel-safe: dropped before it resolves, it takes nothing out of the line.
-    pub async fn next(&mut self) -> (String, StartSlot) {
+    /// Resolves when a slot is free and a queue waits: every queue that can start now, first
+    /// in line first, each with its slot (one wake of the supervisor starts them all).
+    /// Cancel-safe: dropped before it resolves, it takes nothing out of the line.
+    pub async fn ready(&mut self) -> Vec<(String, StartSlot)> {
         if self.line.is_empty() {
             std::future::pending::<()>().await;
         }
-        let slot = self
+        let first = self
             .slots
             .clone()
             .acquire_owned()
             .await
             .expect("the start slots' semaphore is never closed");
-        (self.pop(), slot)
+        let mut ready = vec![(self.pop(), first)];
+        while !self.line.is_empty() {
+            let Some(slot) = self.try_start() else { break };
+            ready.push((self.pop(), slot));
+        }
+        ready
     }
 
     /// The queue first in line (there is one); the line's memory goes back as it empties.
@@ -116,15 +113,30 @@ mod tests {
         assert!(admission.try_start().is_none(), "the only slot is taken");
         admission.wait("b".into());
         admission.wait("c".into());
-        let nothing_yet = tokio::time::timeout(Duration::from_millis(50), admission.next()).await;
+        let nothing_yet = tokio::time::timeout(Duration::from_millis(50), admission.ready()).await;
         assert!(nothing_yet.is_err(), "no slot is free: nobody starts");
         assert!(admission.has_waiting(), "a cancelled wait keeps the line");
         drop(first);
-        let (queue, slot) = admission.next().await;
+        let mut ready = admission.ready().await;
+        assert_eq!(ready.len(), 1, "one slot: one start");
+        let (queue, slot) = ready.remove(0);
         assert_eq!(queue, "b");
         drop(slot);
-        let (queue, _slot) = admission.next().await;
-        assert_eq!(queue, "c");
+        let ready = admission.ready().await;
+        assert_eq!(ready.len(), 1);
+        assert_eq!(ready[0].0, "c");
         assert!(!admission.has_waiting());
+    }
+
+    #[tokio::test]
+    async fn one_wake_starts_every_queue_a_slot_is_free_for() {
+        let mut admission = Admission::new(2);
+        for queue in ["a", "b", "c"] {
+            admission.wait(queue.into());
+        }
+        let ready = admission.ready().await;
+        let started: Vec<&str> = ready.iter().map(|(q, _)| q.as_str()).collect();
+        assert_eq!(started, ["a", "b"], "two slots, first in line first");
+        assert_eq!(admission.waiting(), 1);
     }
 }

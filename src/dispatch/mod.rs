@@ -155,9 +155,9 @@ impl Dispatcher {
             let reap_at = idle.next_deadline();
             tokio::select! {
                 changed = changes.changed(), if spool_alive => spool_alive = changed.is_ok(),
-                first = admission.next(), if admission.has_waiting() => {
-                    // Every slot free now, not one per pass: a pass takes the index lock.
-                    for (queue, slot) in std::iter::once(first).chain(std::iter::from_fn(|| admission.start_now())) {
+                // Every queue a slot is free for, not one per pass: a pass takes the index lock.
+                ready = admission.ready(), if admission.has_waiting() => {
+                    for (queue, slot) in ready {
                         let worker = self.start_worker(&env, queue.clone(), slot);
                         workers.insert(queue, worker);
                     }
