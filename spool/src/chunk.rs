@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! header:  magic "SPC2" | version u8 | count u16 | first_id u64 | created_ms u64
-//!          | sizes [u32; count] | header_crc u32            (integers little-endian)
+//!          | sizes [u32; count] | payload_sizes [u32; count] | header_crc u32
+//!                                                         (integers little-endian)
 //! records: [ len u32 | crc u32 | body ] × count          (crc over len and body)
 //! ```
 //!
@@ -137,7 +138,7 @@ pub fn cut(sizes: &[usize], budget: usize) -> Vec<Range<usize>> {
     let mut start = 0;
     let mut bytes = FIXED_HEAD + 4;
     for (i, &size) in sizes.iter().enumerate() {
-        let add = 4 + RECORD_FRAME + size;
+        let add = 8 + RECORD_FRAME + size;
         let full = i - start == usize::from(u16::MAX);
         if i > start && (bytes + add > budget || full) {
             out.push(start..i);
@@ -153,7 +154,12 @@ pub fn cut(sizes: &[usize], budget: usize) -> Vec<Range<usize>> {
 }
 
 /// Frames already-serialized bodies as one chunk.
-fn frame(first_id: u64, created_ms: u64, bodies: &[Vec<u8>]) -> Result<EncodedChunk, EncodeError> {
+fn frame(
+    first_id: u64,
+    created_ms: u64,
+    bodies: &[Vec<u8>],
+    payload_sizes: &[usize],
+) -> Result<EncodedChunk, EncodeError> {
     let count = u16::try_from(bodies.len()).map_err(|_| EncodeError::TooManyRecords {
         first_id,
         count: bodies.len(),
@@ -182,6 +188,8 @@ fn frame(first_id: u64, created_ms: u64, bodies: &[Vec<u8>]) -> Result<EncodedCh
         count,
         created_ms,
         sizes,
+        // A payload is part of its body, whose length was just checked to fit a u32.
+        payload_sizes: payload_sizes.iter().map(|&p| p as u32).collect(),
     };
     let mut value = Vec::with_capacity(header.chunk_len());
     value.extend_from_slice(&encode_header(&header));
@@ -199,7 +207,16 @@ pub fn encode_chunk(
     created_ms: u64,
     records: &[RecordRef<'_>],
 ) -> Result<EncodedChunk, EncodeError> {
-    frame(first_id, created_ms, &bodies(records))
+    frame(
+        first_id,
+        created_ms,
+        &bodies(records),
+        &payload_sizes(records),
+    )
+}
+
+fn payload_sizes(records: &[RecordRef<'_>]) -> Vec<usize> {
+    records.iter().map(|r| r.payload.len()).collect()
 }
 
 /// Encodes a queue's records of one group commit as chunks of at most `budget` bytes
@@ -211,10 +228,14 @@ pub fn encode_group(
     budget: usize,
 ) -> Result<Vec<EncodedChunk>, EncodeError> {
     let bodies = bodies(records);
+    let payloads = payload_sizes(records);
     let sizes: Vec<usize> = bodies.iter().map(Vec::len).collect();
     cut(&sizes, budget)
         .into_iter()
-        .map(|range| frame(first_id + range.start as u64, created_ms, &bodies[range]))
+        .map(|range| {
+            let first = first_id + range.start as u64;
+            frame(first, created_ms, &bodies[range.clone()], &payloads[range])
+        })
         .collect()
 }
 
@@ -252,10 +273,18 @@ fn record_at(
     if stored != computed {
         return Err(fail(RecordFault::Checksum { stored, computed }));
     }
-    bincode_options()
+    let decoded: RecordBody = bincode_options()
         .with_limit(body.len() as u64)
         .deserialize(body)
-        .map_err(|e| fail(RecordFault::Body(e.to_string())))
+        .map_err(|e| fail(RecordFault::Body(e.to_string())))?;
+    let claimed = header.payload_sizes[index];
+    if decoded.payload.len() != claimed as usize {
+        return Err(fail(RecordFault::Body(format!(
+            "payload is {} bytes, the header says {claimed}",
+            decoded.payload.len()
+        ))));
+    }
+    Ok(decoded)
 }
 
 /// Decodes a whole chunk value: a bad header fails the chunk, a bad record only itself.
@@ -272,6 +301,26 @@ pub fn decode_chunk(raw: &[u8]) -> Result<DecodedChunk, ChunkError> {
         header,
         records,
     })
+}
+
+/// Reads record `index` of a chunk value whose header is already decoded (the caller reads
+/// several records of one chunk and decodes its header once).
+pub fn decode_record_at(
+    header: &ChunkHeader,
+    raw: &[u8],
+    index: usize,
+) -> Result<RecordBody, RecordError> {
+    match header.record_range(index) {
+        Some(range) => record_at(header, raw, index, range.start),
+        None => Err(RecordError {
+            first_id: header.first_id,
+            index,
+            offset: header.chunk_len(),
+            fault: RecordFault::NoSuchIndex {
+                count: header.count,
+            },
+        }),
+    }
 }
 
 /// Reads record `index` of a chunk value alone, locating it by the header's sizes (the

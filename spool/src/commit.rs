@@ -18,6 +18,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 use tokio::sync::{oneshot, watch};
 
+use crate::chunk_table::{Home, SettleWrites};
 use crate::durability::DiskSync;
 use crate::index::{Index, Slot};
 use crate::keys;
@@ -26,6 +27,10 @@ use crate::ledger::{CommitMark, Ledger};
 /// How far ahead of the highest used id the persisted high-water mark is set. Ids skipped
 /// after a crash are harmless; only reuse would be wrong.
 const ID_RESERVATION: u64 = 1 << 16;
+
+/// How long acks' bitmaps wait for a group to carry them before the commit thread writes
+/// them alone (not fsynced, as v1's acks: sled's background flush carries them).
+const SETTLE_TICK: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Above this many bytes a group is committed without waiting for more jobs.
 const MAX_GROUP_BYTES: usize = 32 << 20;
@@ -45,6 +50,10 @@ pub type Trees = [sled::Tree; 4];
 pub enum Op {
     Put(TreeId, Vec<u8>, Vec<u8>),
     Del(TreeId, Vec<u8>),
+    /// Sets a chunked message's settled bit, in the same batch as the job's other writes
+    /// (its new copy, if it moves). The commit thread turns it into the chunk's bitmap
+    /// write (or the chunk's deletion) when it builds the group: see `chunk_table.rs`.
+    Settle(String, Home),
 }
 
 /// How the in-memory index changes once a job is durable.
@@ -59,6 +68,12 @@ pub enum Effect {
     },
     /// A message left the queue (dead-lettered, quarantined, purged).
     Forget { queue: String, id: u64 },
+    /// A new chunk of `count` messages (each also scheduled).
+    AddChunk {
+        queue: String,
+        first_id: u64,
+        count: u16,
+    },
 }
 
 /// Why a job was not made durable.
@@ -110,12 +125,15 @@ pub struct Job {
     /// Writes that take the job back if the sync fails (new messages are deleted again).
     pub undo: Vec<Op>,
     pub reply: Option<oneshot::Sender<Reply>>,
+    /// A wake-up from an ack: acks left bitmaps to write (see [`SETTLE_TICK`]).
+    pub settle_tick: bool,
 }
 
 impl Op {
     fn tree(&self) -> TreeId {
         match self {
             Op::Put(tree, _, _) | Op::Del(tree, _) => *tree,
+            Op::Settle(..) => TreeId::Messages,
         }
     }
 }
@@ -127,6 +145,15 @@ impl Job {
             effects: Vec::with_capacity(n),
             undo: Vec::new(),
             reply: None,
+            settle_tick: false,
+        }
+    }
+
+    /// The wake-up an ack sends when it leaves the first dirty bitmap.
+    pub fn settle_tick() -> Job {
+        Job {
+            settle_tick: true,
+            ..Job::with_capacity(0)
         }
     }
 
@@ -136,6 +163,7 @@ impl Job {
             .map(|op| match op {
                 Op::Put(_, k, v) => k.len() + v.len(),
                 Op::Del(_, k) => k.len(),
+                Op::Settle(..) => 16,
             })
             .sum()
     }
@@ -145,7 +173,7 @@ impl Job {
             .iter()
             .map(|e| match e {
                 Effect::Schedule { id, .. } => *id,
-                Effect::Forget { .. } => 0,
+                Effect::Forget { .. } | Effect::AddChunk { .. } => 0,
             })
             .max()
             .unwrap_or(0)
@@ -164,12 +192,18 @@ struct MetaWrites {
 /// sled's log, so a log cut short before them also lost the group (which is what the
 /// ledger check at open relies on); recovery takes the max of the id high-water mark and
 /// the ids it scans, so that need not be atomic with the messages.
-fn write_messages_batch(state: &WriterState, group: &[Job], meta: &MetaWrites) -> sled::Result<()> {
+fn write_messages_batch(
+    state: &WriterState,
+    group: &[Job],
+    settles: &[Op],
+    meta: &MetaWrites,
+) -> sled::Result<()> {
     let mut batch = sled::Batch::default();
-    for op in group.iter().flat_map(|job| &job.ops) {
+    for op in group.iter().flat_map(|job| &job.ops).chain(settles) {
         match op {
             Op::Put(_, key, value) => batch.insert(key.as_slice(), value.as_slice()),
             Op::Del(_, key) => batch.remove(key.as_slice()),
+            Op::Settle(..) => {}
         }
     }
     state.trees[TreeId::Messages as usize].apply_batch(batch)?;
@@ -182,9 +216,14 @@ fn write_messages_batch(state: &WriterState, group: &[Job], meta: &MetaWrites) -
 }
 
 /// Moves between trees (dead-letter, quarantine) must be all or nothing across trees.
-fn write_transaction(state: &WriterState, group: &[Job], meta: &MetaWrites) -> sled::Result<()> {
+fn write_transaction(
+    state: &WriterState,
+    group: &[Job],
+    settles: &[Op],
+    meta: &MetaWrites,
+) -> sled::Result<()> {
     let written = state.trees.as_slice().transaction(|views| {
-        for op in group.iter().flat_map(|job| &job.ops) {
+        for op in group.iter().flat_map(|job| &job.ops).chain(settles) {
             match op {
                 Op::Put(tree, key, value) => {
                     views[*tree as usize].insert(key.as_slice(), value.as_slice())?;
@@ -192,6 +231,7 @@ fn write_transaction(state: &WriterState, group: &[Job], meta: &MetaWrites) -> s
                 Op::Del(tree, key) => {
                     views[*tree as usize].remove(key.as_slice())?;
                 }
+                Op::Settle(..) => {}
             }
         }
         if let Some(hwm) = meta.hwm {
@@ -330,11 +370,31 @@ fn run(mut state: WriterState, rx: mpsc::Receiver<Job>) {
 }
 
 fn serve(state: &mut WriterState, rx: mpsc::Receiver<Job>) {
-    while let Ok(first) = rx.recv() {
+    // When acks left bitmaps to write: the time to write them if no group comes first.
+    let mut settle_due: Option<Instant> = None;
+    loop {
+        let next = match settle_due {
+            Some(due) => rx.recv_timeout(due.saturating_duration_since(Instant::now())),
+            None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+        };
+        let first = match next {
+            Ok(job) if job.settle_tick => {
+                settle_due.get_or_insert_with(|| Instant::now() + SETTLE_TICK);
+                continue;
+            }
+            Ok(job) => job,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                write_settles(state);
+                settle_due = None;
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         let mut bytes = first.bytes();
         let mut group = vec![first];
         while bytes < MAX_GROUP_BYTES {
             match rx.try_recv() {
+                Ok(job) if job.settle_tick => {}
                 Ok(job) => {
                     bytes += job.bytes();
                     group.push(job);
@@ -342,20 +402,22 @@ fn serve(state: &mut WriterState, rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
+        // This group carries every bitmap the acks left.
+        settle_due = None;
         // A poisoned spool touches sled no more: a flush could wait for ever, and a
         // success could be a lie (see `Poison`).
         let result = match state.poison.refusal() {
             Some(refusal) => Err(refusal),
             None => commit_group(state, &group).map_err(Refusal::NotDurable),
         };
+        let result = result.map(|deleted| apply_effects(state, &mut group, deleted));
         match &result {
             Err(Refusal::NotDurable(e)) => {
                 tracing::error!(error = %e, jobs = group.len(), "spool group commit failed; the spool refuses writes until it is reopened (restart the daemon)");
                 state.poison.set(e);
                 undo_group(state, &group);
             }
-            Err(Refusal::Poisoned { .. }) => {}
-            Ok(()) => apply_effects(state, &mut group),
+            Err(Refusal::Poisoned { .. }) | Ok(()) => {}
         }
         for job in &mut group {
             if let Some(reply) = job.reply.take() {
@@ -363,6 +425,58 @@ fn serve(state: &mut WriterState, rx: mpsc::Receiver<Job>) {
             }
         }
     }
+    // Closing: what the acks left goes to sled before the spool's last flush.
+    write_settles(state);
+}
+
+/// Writes the bitmaps acks left, alone: not fsynced, like a v1 ack's delete (a crash
+/// before sled's next flush redelivers those messages, never loses one).
+fn write_settles(state: &WriterState) {
+    if state.poison.is_set() {
+        return;
+    }
+    let writes = lock_index(state).chunks.settle_writes(&[]);
+    if writes.ops.is_empty() {
+        return;
+    }
+    let mut batch = sled::Batch::default();
+    for op in &writes.ops {
+        match op {
+            Op::Put(_, key, value) => batch.insert(key.as_slice(), value.as_slice()),
+            Op::Del(_, key) => batch.remove(key.as_slice()),
+            Op::Settle(..) => {}
+        }
+    }
+    match state.trees[TreeId::Messages as usize].apply_batch(batch) {
+        Ok(()) => forget_deleted(&mut lock_index(state), writes.deleted),
+        Err(e) => {
+            let cause = format!("sled write of settle bitmaps failed: {e}");
+            tracing::error!(error = %cause, "the spool refuses writes until it is reopened (restart the daemon)");
+            state.poison.set(&cause);
+        }
+    }
+}
+
+fn lock_index(state: &WriterState) -> std::sync::MutexGuard<'_, Index> {
+    state.index.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn forget_deleted(index: &mut Index, deleted: Vec<(String, u64)>) {
+    for (queue, first_id) in deleted {
+        index.chunks.forget(&queue, first_id);
+    }
+}
+
+/// The chunked messages a group's jobs settle (moves, quarantines, purges).
+fn moves(group: &[Job]) -> Vec<(&str, Home)> {
+    group
+        .iter()
+        .flat_map(|job| &job.ops)
+        .filter_map(|op| match op {
+            Op::Settle(queue, home) => Some((queue.as_str(), *home)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Commits one job on the calling thread, before the commit thread starts (open-time
@@ -372,12 +486,17 @@ pub fn commit_now(state: &mut WriterState, job: Job) -> Result<(), String> {
     if job.ops.is_empty() {
         return Ok(());
     }
-    commit_group(state, std::slice::from_ref(&job))
+    commit_group(state, std::slice::from_ref(&job)).map(|_| ())
 }
 
-fn commit_group(state: &mut WriterState, group: &[Job]) -> Result<(), String> {
+/// Writes, flushes and fsyncs one group; returns the chunks it deleted.
+fn commit_group(state: &mut WriterState, group: &[Job]) -> Result<Vec<(String, u64)>, String> {
     let hwm = group.iter().map(Job::highest_new_id).max().unwrap_or(0);
-    let writes = group.iter().any(|job| !job.ops.is_empty());
+    let SettleWrites {
+        ops: settles,
+        deleted,
+    } = lock_index(state).chunks.settle_writes(&moves(group));
+    let writes = group.iter().any(|job| !job.ops.is_empty()) || !settles.is_empty();
     // The high-water mark is reserved ahead in steps, so most groups write only messages.
     let meta = MetaWrites {
         mark: CommitMark {
@@ -392,9 +511,9 @@ fn commit_group(state: &mut WriterState, group: &[Job]) -> Result<(), String> {
             .flat_map(|job| &job.ops)
             .all(|op| op.tree() == TreeId::Messages);
         if single_tree {
-            write_messages_batch(state, group, &meta)
+            write_messages_batch(state, group, &settles, &meta)
         } else {
-            write_transaction(state, group, &meta)
+            write_transaction(state, group, &settles, &meta)
         }
         .map_err(|e| format!("sled write failed: {e}"))?;
     }
@@ -420,7 +539,7 @@ fn commit_group(state: &mut WriterState, group: &[Job]) -> Result<(), String> {
             }
         }
     }
-    Ok(())
+    Ok(deleted)
 }
 
 fn record_stats(stats: &CommitStats, jobs: usize, started: Instant) {
@@ -444,12 +563,17 @@ fn undo_group(state: &WriterState, group: &[Job]) {
         let _ = match op {
             Op::Put(t, k, v) => tree(t).insert(k.as_slice(), v.as_slice()).map(|_| ()),
             Op::Del(t, k) => tree(t).remove(k.as_slice()).map(|_| ()),
+            Op::Settle(..) => Ok(()),
         };
     }
 }
 
-fn apply_effects(state: &WriterState, group: &mut [Job]) {
-    let mut index = state.index.lock().unwrap_or_else(|e| e.into_inner());
+fn apply_effects(state: &WriterState, group: &mut [Job], deleted: Vec<(String, u64)>) {
+    let mut index = lock_index(state);
+    for (queue, home) in moves(group) {
+        index.chunks.settle_moved(queue, home);
+    }
+    forget_deleted(&mut index, deleted);
     for effect in group.iter_mut().flat_map(|job| job.effects.drain(..)) {
         match effect {
             Effect::Schedule {
@@ -461,6 +585,13 @@ fn apply_effects(state: &WriterState, group: &mut [Job]) {
             Effect::Forget { queue, id } => {
                 index.remove(&queue, id);
             }
+            Effect::AddChunk {
+                queue,
+                first_id,
+                count,
+            } => index
+                .chunks
+                .add(&queue, first_id, crate::chunk::SettleBitmap::new(count)),
         }
     }
     drop(index);

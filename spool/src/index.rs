@@ -7,6 +7,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use crate::chunk_table::{ChunkTable, Home};
+
 /// What the index keeps per message besides its id and due time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Slot {
@@ -16,6 +18,20 @@ pub struct Slot {
     pub bytes: u32,
     /// Failed delivery attempts so far, for the per-queue attempts histogram.
     pub attempts: u32,
+}
+
+/// One message just leased: its id, the due time it had, its slot, and where it lives
+/// (`None`: a single record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taken {
+    /// The message's id.
+    pub id: u64,
+    /// The due time it was scheduled at (a release puts it back there).
+    pub due_ms: u64,
+    /// Its figures.
+    pub slot: Slot,
+    /// Its chunk and place in it, if it is chunked.
+    pub home: Option<Home>,
 }
 
 #[derive(Debug, Default)]
@@ -57,6 +73,8 @@ pub struct Index {
     /// dispatcher wakes (or starts) only their workers after a commit, so its cost follows
     /// the queues that changed, not every queue it knows.
     touched: HashSet<String>,
+    /// The live chunks and their settled bits: which messages are chunked, and where.
+    pub(crate) chunks: ChunkTable,
 }
 
 impl Index {
@@ -102,7 +120,7 @@ impl Index {
     }
 
     /// Leases up to `max` messages due at `now_ms`, earliest first.
-    pub fn take_due(&mut self, queue: &str, now_ms: u64, max: usize) -> Vec<(u64, u64, Slot)> {
+    pub fn take_due(&mut self, queue: &str, now_ms: u64, max: usize) -> Vec<Taken> {
         let Some(q) = self.queues.get(queue) else {
             return Vec::new();
         };
@@ -125,17 +143,34 @@ impl Index {
 
     /// Leases those of `keys` (due, id) that are still waiting at that due time; the
     /// others were leased or rescheduled meanwhile and are left alone.
-    pub fn take_keys(&mut self, queue: &str, keys: &[(u64, u64)]) -> Vec<(u64, u64, Slot)> {
+    pub fn take_keys(&mut self, queue: &str, keys: &[(u64, u64)]) -> Vec<Taken> {
         let Some(q) = self.queues.get_mut(queue) else {
             return Vec::new();
         };
+        let chunks = &self.chunks;
         keys.iter()
-            .filter_map(|&(due, id)| {
-                let slot = q.scheduled.remove(&(due, id))?;
-                q.leased.insert(id, (due, slot));
-                Some((id, due, slot))
+            .filter_map(|&(due_ms, id)| {
+                let slot = q.scheduled.remove(&(due_ms, id))?;
+                q.leased.insert(id, (due_ms, slot));
+                Some(Taken {
+                    id,
+                    due_ms,
+                    slot,
+                    home: chunks.home(queue, id),
+                })
             })
             .collect()
+    }
+
+    /// Settles a leased chunked message as delivered: forgets it and sets its bit (see
+    /// `chunk_table.rs`). Returns whether the commit thread must be woken to write the
+    /// bitmap, or `None` if it was not leased.
+    pub(crate) fn ack_chunked(&mut self, queue: &str, id: u64, home: Home) -> Option<bool> {
+        if !self.is_leased(queue, id) {
+            return None;
+        }
+        self.remove(queue, id);
+        Some(self.chunks.settle_delivered(queue, home))
     }
 
     /// Whether `id` is in flight from `queue`: settlements check it before touching disk.
@@ -259,7 +294,7 @@ mod tests {
         let before = index.stats("q", 0);
         index.compact();
         assert_eq!(index.stats("q", 0), before);
-        let ids: Vec<u64> = index.take_due("q", 2000, 3).iter().map(|t| t.0).collect();
+        let ids: Vec<u64> = index.take_due("q", 2000, 3).iter().map(|t| t.id).collect();
         assert_eq!(ids, vec![999, 998, 997], "earliest due first, as before");
     }
 
@@ -269,7 +304,7 @@ mod tests {
         index.insert("q", 3, 100, SLOT);
         index.insert("q", 1, 100, SLOT);
         index.insert("q", 2, 500, SLOT);
-        let taken: Vec<u64> = index.take_due("q", 100, 10).iter().map(|t| t.0).collect();
+        let taken: Vec<u64> = index.take_due("q", 100, 10).iter().map(|t| t.id).collect();
         assert_eq!(taken, vec![1, 3]);
         assert!(
             index.take_due("q", 100, 10).is_empty(),

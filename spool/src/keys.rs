@@ -1,7 +1,10 @@
 //! Key layout. One data tree holds every queue (sled bloats with many trees, sled #1333):
 //!
 //! ```text
-//! messages:    <queue name bytes> 0x00 <id: u64 big-endian>  -> record v1 (Message)
+//! messages:    <queue name bytes> 0x00 <id: u64 big-endian>  -> record v1 (Message): a "single"
+//!              0x00 0x01 <queue> 0x00 <first id u64 BE>      -> chunk (`chunk.rs`)
+//!              0x00 0x02 <queue> 0x00 <first id u64 BE>      -> the chunk's header alone
+//!              0x00 0x03 <queue> 0x00 <first id u64 BE>      -> the chunk's settle bitmap
 //! dead_letter: <id: u64 big-endian>                          -> record v1 (Message)
 //! quarantine:  <seq: u64 big-endian>                         -> record v1 (QuarantineEntry)
 //! meta:        "id_hwm"                                      -> u64 big-endian
@@ -66,6 +69,53 @@ pub fn parse_message_key(key: &[u8]) -> Option<(&str, MessageId)> {
     Some((queue, MessageId(id)))
 }
 
+/// The first byte of every chunk-area key in the messages tree. Queue names are never
+/// empty and never start with 0x00, so the chunk area sorts before every message key and
+/// the two never mix: `SINGLES_START..` is exactly the v1 records.
+pub const CHUNK_AREA: u8 = 0;
+/// The first key of the single records (v1 records, one per message).
+pub const SINGLES_START: &[u8] = &[1];
+
+/// What a chunk-area key holds. The kinds sort apart, so recovery reads the heads and
+/// settle records as two contiguous ranges and never pages in a chunk's payloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkPart {
+    /// The chunk value: header and records.
+    Chunk = 1,
+    /// The chunk's header alone.
+    Head = 2,
+    /// The chunk's settle bitmap (absent while nothing in it is settled).
+    Settled = 3,
+}
+
+/// The key of `part` of the chunk of `queue` whose first id is `first_id`:
+/// `0x00 <part> <queue> 0x00 <first id u64 BE>`.
+pub fn chunk_key(part: ChunkPart, queue: &str, first_id: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(queue.len() + 11);
+    key.push(CHUNK_AREA);
+    key.push(part as u8);
+    key.extend_from_slice(&message_key(queue, MessageId(first_id)));
+    key
+}
+
+/// The prefix of every `part` key of `queue`'s chunks.
+pub fn chunk_queue_prefix(part: ChunkPart, queue: &str) -> Vec<u8> {
+    let mut key = vec![CHUNK_AREA, part as u8];
+    key.extend_from_slice(&queue_prefix(queue));
+    key
+}
+
+/// The prefix of every `part` key.
+pub fn chunk_part_prefix(part: ChunkPart) -> [u8; 2] {
+    [CHUNK_AREA, part as u8]
+}
+
+/// Splits a chunk-area key of `part` into queue and first id; `None` if it is not one.
+pub fn parse_chunk_key(part: ChunkPart, key: &[u8]) -> Option<(&str, u64)> {
+    let rest = key.strip_prefix(&chunk_part_prefix(part))?;
+    parse_message_key(rest).map(|(queue, id)| (queue, id.0))
+}
+
 /// The dead-letter and quarantine trees' key: big-endian so they iterate in id order.
 pub fn id_key(id: u64) -> [u8; 8] {
     id.to_be_bytes()
@@ -121,5 +171,16 @@ mod tests {
         assert!(check_queue_name("a\0b").is_err());
         assert!(check_queue_name(&"x".repeat(256)).is_err());
         assert!(check_queue_name("campaign:tenant@example.com!mx").is_ok());
+    }
+
+    #[test]
+    fn chunk_keys_sort_before_every_single_and_round_trip() {
+        let head = chunk_key(ChunkPart::Head, "q@x", 7);
+        assert_eq!(parse_chunk_key(ChunkPart::Head, &head), Some(("q@x", 7)));
+        assert_eq!(parse_chunk_key(ChunkPart::Chunk, &head), None);
+        assert!(head.starts_with(&chunk_queue_prefix(ChunkPart::Head, "q@x")));
+        assert!(chunk_key(ChunkPart::Chunk, "q", 9) < chunk_key(ChunkPart::Head, "a", 0));
+        assert!(chunk_key(ChunkPart::Settled, "\u{7f}", u64::MAX).as_slice() < SINGLES_START);
+        assert!(message_key("\u{1}", MessageId(0)).as_slice() >= SINGLES_START);
     }
 }

@@ -13,6 +13,7 @@
 
 use std::sync::Arc;
 
+use crate::chunk_table::Home;
 use crate::record::{Message, MessageId};
 
 /// One leased message, as [`Spool::lease`](crate::Spool::lease) returns it.
@@ -38,11 +39,10 @@ pub struct Leased {
 /// (an `Arc`), so a handle costs no allocation of its own to make or to clone.
 ///
 /// Only the spool makes leases. A lease names the message's storage location, so settling
-/// never has to look the record up first. In record format v1 the location is the record's
-/// key (queue and id) plus its encoded length, which says whether the record carries a
-/// large-record marker that an ack must delete too. A later format that stores messages in
-/// chunks adds the chunk's key and the message's position in it here, so an ack can mark
-/// the message's bit in the chunk's settle record without reading the chunk.
+/// never has to look the record up first: a single record's key (queue and id) plus its
+/// encoded length, which says whether the record carries a large-record marker that an ack
+/// must delete too; or a chunk's key and the message's position in it, so an ack sets the
+/// message's bit in the chunk's settle bitmap without reading the chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     pub(crate) queue: Arc<str>,
@@ -55,23 +55,37 @@ pub struct Lease {
 
 /// Where a leased message's record is, beyond its queue and id (see [`Lease`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Location {
-    /// The stored record's length in bytes, as read at lease time.
-    pub(crate) record_len: usize,
+pub(crate) enum Location {
+    /// A single record of this length in bytes, as read at lease time.
+    Single { record_len: usize },
+    /// A record of a chunk.
+    Chunk(Home),
 }
 
 impl Lease {
-    /// Builds the handle for `msg` of `queue`, whose record of `record_len` bytes was just
-    /// read.
-    pub(crate) fn of(queue: &Arc<str>, msg: &Message, record_len: usize) -> Lease {
+    /// Builds the handle for `msg` of `queue`, whose record was just read at `location`.
+    pub(crate) fn of(queue: &Arc<str>, msg: &Message, location: Location) -> Lease {
         Lease {
             queue: queue.clone(),
             id: msg.id,
             attempts: msg.attempts,
             created_ms: msg.created_ms,
             due_ms: msg.due_ms,
-            location: Location { record_len },
+            location,
         }
+    }
+
+    /// The chunk and place of a chunked message; `None` for a single record.
+    pub(crate) fn home(&self) -> Option<Home> {
+        match self.location {
+            Location::Chunk(home) => Some(home),
+            Location::Single { .. } => None,
+        }
+    }
+
+    /// Whether the record is a single one of at least `len` bytes (a large record).
+    pub(crate) fn is_single_of_at_least(&self, len: usize) -> bool {
+        matches!(self.location, Location::Single { record_len } if record_len >= len)
     }
 
     /// The queue the message was leased from.

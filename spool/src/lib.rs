@@ -101,6 +101,8 @@
 #![warn(missing_docs)]
 
 pub mod chunk;
+pub mod chunk_table;
+mod chunked;
 mod commit;
 pub mod durability;
 pub mod error;
@@ -115,6 +117,7 @@ pub mod meta_json;
 mod operator;
 pub mod record;
 pub mod recovery;
+mod recovery_chunks;
 mod settings;
 mod settle;
 mod sled_files;

@@ -7,11 +7,14 @@
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 
+use crate::chunk_table::Home;
 use crate::commit::{Effect, Job, Op, TreeId};
 use crate::error::{Result, SpoolError};
 use crate::keys;
+use crate::keys::ChunkPart;
 use crate::record::{self, Message, MessageId};
 use crate::recovery::{self, DamagedRecord};
+use crate::settle::remove_op;
 use crate::spool::{schedule, Spool};
 
 /// Writes are committed in chunks so a million-message purge does not build one giant job.
@@ -21,6 +24,22 @@ impl Spool {
     /// Up to `limit` messages of `queue` in id order, read from disk (leased ones included).
     /// Records that fail their checks are skipped here; `verify` reports them.
     pub fn list(&self, queue: &str, limit: usize) -> Result<Vec<Message>> {
+        let mut chunked = Vec::new();
+        self.for_each_chunked(&keys::chunk_queue_prefix(ChunkPart::Chunk, queue), |m| {
+            if let Ok(m) = m {
+                chunked.push(m);
+            }
+            Ok(chunked.len() < limit)
+        })?;
+        let mut out = self.list_singles(queue, limit)?;
+        // Both are in id order: merge them, keep the first `limit`.
+        out.extend(chunked);
+        out.sort_by_key(|m| m.id);
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    fn list_singles(&self, queue: &str, limit: usize) -> Result<Vec<Message>> {
         let mut out = Vec::new();
         for item in
             self.inner.trees[TreeId::Messages as usize].scan_prefix(keys::queue_prefix(queue))
@@ -51,7 +70,10 @@ impl Spool {
         &self,
         mut f: impl FnMut(std::result::Result<Message, DamagedRecord>) -> Result<()>,
     ) -> Result<()> {
-        for item in self.inner.trees[TreeId::Messages as usize].iter() {
+        self.for_each_chunked(&keys::chunk_part_prefix(ChunkPart::Chunk), |record| {
+            f(record).map(|()| true)
+        })?;
+        for item in self.inner.trees[TreeId::Messages as usize].range(keys::SINGLES_START..) {
             let (key, raw) = item.map_err(|e| self.storage(e))?;
             f(
                 recovery::check_message(&key, &raw).map_err(|reason| DamagedRecord {
@@ -88,10 +110,10 @@ impl Spool {
             name: to.into(),
             why,
         })?;
-        self.rewrite_waiting(from, |msg| {
+        self.rewrite_waiting(from, |msg, home| {
             let mut moved = msg.clone();
             moved.queue = to.to_owned();
-            let mut ops = vec![Op::Del(TreeId::Messages, keys::message_key(from, msg.id))];
+            let mut ops = vec![remove_op(from, msg.id, home)];
             ops.push(Op::Put(
                 TreeId::Messages,
                 keys::message_key(to, moved.id),
@@ -112,14 +134,16 @@ impl Spool {
     /// Makes every waiting message of `queue` due now (retry immediately). Returns how many.
     pub async fn expedite(&self, queue: &str) -> Result<u64> {
         let now = crate::now_ms();
-        self.rewrite_waiting(queue, |msg| {
+        self.rewrite_waiting(queue, |msg, home| {
             let mut due = msg.clone();
             due.due_ms = now;
-            let ops = vec![Op::Put(
+            let mut ops = vec![Op::Put(
                 TreeId::Messages,
                 keys::message_key(queue, msg.id),
                 record::encode(&due),
             )];
+            // A chunked message moves out to a single record with its new due time.
+            ops.extend(home.map(|home| Op::Settle(queue.to_owned(), home)));
             (ops, vec![schedule(&due)])
         })
         .await
@@ -127,9 +151,9 @@ impl Spool {
 
     /// Deletes every waiting message of `queue`. Returns how many.
     pub async fn purge(&self, queue: &str) -> Result<u64> {
-        self.rewrite_waiting(queue, |msg| {
-            let mut ops = vec![Op::Del(TreeId::Messages, keys::message_key(queue, msg.id))];
-            if record::encoded_len(msg) >= keys::LARGE_RECORD {
+        self.rewrite_waiting(queue, |msg, home| {
+            let mut ops = vec![remove_op(queue, msg.id, home)];
+            if home.is_none() && record::encoded_len(msg) >= keys::LARGE_RECORD {
                 ops.push(Op::Del(TreeId::Meta, keys::large_marker(msg.id.0)));
             }
             (
@@ -154,7 +178,7 @@ impl Spool {
     async fn rewrite_waiting(
         &self,
         queue: &str,
-        change: impl Fn(&Message) -> (Vec<Op>, Vec<Effect>),
+        change: impl Fn(&Message, Option<Home>) -> (Vec<Op>, Vec<Effect>),
     ) -> Result<u64> {
         self.check_poison()?;
         let waiting = self.index().waiting(queue);
@@ -167,7 +191,7 @@ impl Spool {
             let chunk = self.read_taken(queue, taken)?;
             let mut job = Job::with_capacity(chunk.len());
             for leased in &chunk {
-                let (ops, effects) = change(&leased.message);
+                let (ops, effects) = change(&leased.message, leased.lease.home());
                 job.ops.extend(ops);
                 job.effects.extend(effects);
             }

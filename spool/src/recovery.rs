@@ -74,6 +74,33 @@ pub trait ScanSource {
     fn for_each(&self, tree: TreeId, f: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), sled::Error>;
     /// The value under `key` in `tree`.
     fn get(&self, tree: TreeId, key: &[u8]) -> Result<Option<Vec<u8>>, sled::Error>;
+    /// Calls `f` with every (key, value) of `tree` whose key starts with `prefix`. The
+    /// spool reads the range alone, so a scan of chunk heads never pages in a payload.
+    fn for_each_prefix(
+        &self,
+        tree: TreeId,
+        prefix: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]),
+    ) -> Result<(), sled::Error> {
+        self.for_each(tree, &mut |k, v| {
+            if k.starts_with(prefix) {
+                f(k, v)
+            }
+        })
+    }
+    /// Calls `f` with every (key, value) of `tree` from `start` on.
+    fn for_each_from(
+        &self,
+        tree: TreeId,
+        start: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]),
+    ) -> Result<(), sled::Error> {
+        self.for_each(tree, &mut |k, v| {
+            if k >= start {
+                f(k, v)
+            }
+        })
+    }
     /// The record size from which a message has a large-message marker: always
     /// [`keys::LARGE_RECORD`] in a spool; the fuzz harness lowers it so that its large
     /// records cost bytes, not 64 KiB each.
@@ -93,6 +120,32 @@ impl ScanSource for Trees {
 
     fn get(&self, tree: TreeId, key: &[u8]) -> Result<Option<Vec<u8>>, sled::Error> {
         Ok(self[tree as usize].get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn for_each_prefix(
+        &self,
+        tree: TreeId,
+        prefix: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]),
+    ) -> Result<(), sled::Error> {
+        for item in self[tree as usize].scan_prefix(prefix) {
+            let (key, value) = item?;
+            f(&key, &value);
+        }
+        Ok(())
+    }
+
+    fn for_each_from(
+        &self,
+        tree: TreeId,
+        start: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]),
+    ) -> Result<(), sled::Error> {
+        for item in self[tree as usize].range(start..) {
+            let (key, value) = item?;
+            f(&key, &value);
+        }
+        Ok(())
     }
 }
 
@@ -117,6 +170,7 @@ pub fn scan(trees: &impl ScanSource) -> Result<Scan, sled::Error> {
     let mut large = HashMap::new();
     let dead = scan_dead_letters(trees, &mut scan, &mut large)?;
     scan_messages(trees, &dead, &mut scan, &mut large)?;
+    crate::recovery_chunks::scan_chunks(trees, &dead, &mut scan)?;
     check_large_markers(trees, &mut scan, &dead, large)?;
     Ok(scan)
 }
@@ -153,7 +207,7 @@ fn scan_messages(
     scan: &mut Scan,
     large: &mut HashMap<u64, LargeRecord>,
 ) -> Result<(), sled::Error> {
-    trees.for_each(TreeId::Messages, &mut |key, raw| {
+    trees.for_each_from(TreeId::Messages, keys::SINGLES_START, &mut |key, raw| {
         let msg = match check_message(key, raw) {
             Ok(msg) => msg,
             Err(reason) => {
@@ -267,7 +321,7 @@ pub fn slot_of(msg: &Message) -> Slot {
     }
 }
 
-fn quarantine(scan: &mut Scan, tree: TreeId, key: &[u8], raw: &[u8], reason: String) {
+pub(crate) fn quarantine(scan: &mut Scan, tree: TreeId, key: &[u8], raw: &[u8], reason: String) {
     tracing::warn!(?tree, key = ?String::from_utf8_lossy(key), %reason, "corrupt spool record");
     scan.report.damaged.push(DamagedRecord {
         tree: format!("{tree:?}"),

@@ -8,10 +8,12 @@
 
 use tokio::sync::oneshot;
 
+use crate::chunk_table::Home;
 use crate::commit::{Effect, Job, Op, Reply, TreeId};
 use crate::error::{Result, SpoolError};
 use crate::keys;
-use crate::lease::{Lease, Leased};
+use crate::lease::{Lease, Leased, Location};
+use crate::record::MessageId;
 use crate::record::{self, Message};
 use crate::spool::{mark_large, schedule, Spool};
 
@@ -19,8 +21,12 @@ impl Spool {
     /// Delivered: deletes the message. The delete is made durable by the next group commit
     /// or sled's background flush; a crash before that redelivers it (at-least-once).
     pub fn ack(&self, lease: &Lease) -> Result<()> {
-        // One plain remove: a one-entry sled batch costs an extra log record.
         self.check_leased(lease)?;
+        if let Location::Chunk(home) = lease.location {
+            self.check_poison()?;
+            return self.ack_chunked(&[(lease, home)]);
+        }
+        // One plain remove: a one-entry sled batch costs an extra log record.
         let removed = self.check_poison().and_then(|()| {
             self.unmark_large(std::slice::from_ref(&lease))?;
             let key = keys::message_key(&lease.queue, lease.id);
@@ -53,19 +59,32 @@ impl Spool {
             [lease] => return self.ack(lease),
             _ => {}
         }
+        self.check_poison()?;
         let mut batch = sled::Batch::default();
         let mut acked = Vec::with_capacity(leases.len());
+        let mut chunked = Vec::new();
         let mut not_leased = None;
         {
             let index = self.index();
             for lease in leases {
-                if index.is_leased(&lease.queue, lease.id.0) {
+                if !index.is_leased(&lease.queue, lease.id.0) {
+                    not_leased.get_or_insert((lease.queue.clone(), lease.id));
+                } else if let Location::Chunk(home) = lease.location {
+                    chunked.push((*lease, home));
+                } else {
                     batch.remove(keys::message_key(&lease.queue, lease.id).as_slice());
                     acked.push(*lease);
-                } else {
-                    not_leased.get_or_insert((lease.queue.clone(), lease.id));
                 }
             }
+        }
+        self.ack_chunked(&chunked)?;
+        if acked.is_empty() {
+            return not_leased.map_or(Ok(()), |(queue, id)| {
+                Err(SpoolError::NotLeased {
+                    queue: queue.to_string(),
+                    id,
+                })
+            });
         }
         let applied = self.check_poison().and_then(|()| {
             self.unmark_large(&acked)?;
@@ -90,6 +109,25 @@ impl Spool {
         }
     }
 
+    /// Acks chunked messages: their bits are set in memory now and written by the commit
+    /// thread with its next group (or after a short tick), as `chunk_table.rs` explains.
+    fn ack_chunked(&self, leases: &[(&Lease, Home)]) -> Result<()> {
+        let mut wake = false;
+        {
+            let mut index = self.index();
+            for (lease, home) in leases {
+                wake |= index
+                    .ack_chunked(&lease.queue, lease.id.0, *home)
+                    .unwrap_or(false);
+            }
+        }
+        if wake {
+            // Only a stopped commit thread refuses it, and then nothing is written anyway.
+            let _ = self.inner.committer.submit(Job::settle_tick());
+        }
+        Ok(())
+    }
+
     /// Not delivered: counts the attempt and reschedules the message for `next_due_ms`,
     /// durably, before returning.
     ///
@@ -99,7 +137,8 @@ impl Spool {
     pub async fn retry(&self, leased: &Leased, error: &str, next_due_ms: u64) -> Result<()> {
         let lease = &leased.lease;
         self.check_leased(lease)?;
-        let done = match self.submit_retry(leased.message.clone(), error, next_due_ms) {
+        let home = lease.home();
+        let done = match self.submit_retry(leased.message.clone(), home, error, next_due_ms) {
             Ok(rx) => self.await_commit(rx).await,
             Err(e) => Err(e),
         };
@@ -109,6 +148,7 @@ impl Spool {
     fn submit_retry(
         &self,
         mut updated: Message,
+        home: Option<Home>,
         error: &str,
         due: u64,
     ) -> Result<oneshot::Receiver<Reply>> {
@@ -126,6 +166,10 @@ impl Spool {
             keys::message_key(&updated.queue, updated.id),
             record,
         ));
+        // A chunked message moves out to a single record of its own, in the same batch.
+        if let Some(home) = home {
+            job.ops.push(Op::Settle(updated.queue.clone(), home));
+        }
         self.submit(job)
     }
 
@@ -135,7 +179,7 @@ impl Spool {
     pub async fn dead_letter(&self, leased: &Leased, reason: &str) -> Result<()> {
         let lease = &leased.lease;
         self.check_leased(lease)?;
-        let done = match self.submit_dead_letter(leased.message.clone(), reason) {
+        let done = match self.submit_dead_letter(leased.message.clone(), lease.home(), reason) {
             Ok(rx) => self.await_commit(rx).await,
             Err(e) => Err(e),
         };
@@ -145,6 +189,7 @@ impl Spool {
     fn submit_dead_letter(
         &self,
         mut dead: Message,
+        home: Option<Home>,
         reason: &str,
     ) -> Result<oneshot::Receiver<Reply>> {
         dead.last_error = Some(reason.to_owned());
@@ -154,10 +199,7 @@ impl Spool {
             keys::id_key(dead.id.0).to_vec(),
             record::encode(&dead),
         ));
-        job.ops.push(Op::Del(
-            TreeId::Messages,
-            keys::message_key(&dead.queue, dead.id),
-        ));
+        job.ops.push(remove_op(&dead.queue, dead.id, home));
         job.effects.push(Effect::Forget {
             queue: dead.queue.clone(),
             id: dead.id.0,
@@ -184,7 +226,7 @@ impl Spool {
         let mut any = false;
         for lease in leases
             .iter()
-            .filter(|l| l.location.record_len >= keys::LARGE_RECORD)
+            .filter(|l| l.is_single_of_at_least(keys::LARGE_RECORD))
         {
             batch.remove(keys::large_marker(lease.id.0));
             any = true;
@@ -219,6 +261,15 @@ impl Spool {
         let e = self.storage(source);
         self.inner.poison.set(&e.to_string());
         e
+    }
+}
+
+/// The write that takes a message out of where it is stored: a single record's delete, or
+/// the settled bit of a chunked one.
+pub(crate) fn remove_op(queue: &str, id: MessageId, home: Option<Home>) -> Op {
+    match home {
+        Some(home) => Op::Settle(queue.to_owned(), home),
+        None => Op::Del(TreeId::Messages, keys::message_key(queue, id)),
     }
 }
 

@@ -7,15 +7,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{oneshot, watch};
 
+use crate::chunk_table::Home;
+use crate::chunked;
 use crate::commit::{
     self, CommitStats, Committer, Effect, Job, Op, Poison, Refusal, Reply, TreeId, Trees,
     WriterState,
 };
 use crate::durability::{sync_dir, DiskSync, SyncFaults};
 use crate::error::{Result, SpoolError};
-use crate::index::{Index, QueueStats};
+use crate::index::{Index, QueueStats, Taken};
 use crate::keys;
-use crate::lease::{Lease, Leased};
+use crate::lease::{Lease, Leased, Location};
 use crate::ledger::{self, CommitMark, Ledger};
 use crate::lock::DirLock;
 use crate::record::{self, Message, MessageId, Meta};
@@ -43,6 +45,10 @@ pub struct SpoolOptions {
     /// process than a failed one) and the write fails, so ingest answers 503 instead of
     /// hanging. A healthy commit takes milliseconds, a loaded slow disk a second or two.
     pub commit_deadline: std::time::Duration,
+    /// Store the messages of one enqueue call that go to one queue as chunks (spool v2,
+    /// `chunk.rs`) instead of one record each. Off by default while v2 is being built
+    /// (docs/spool-v2-design.md); a spool opened either way reads both.
+    pub chunked_ingest: bool,
 }
 
 impl Default for SpoolOptions {
@@ -53,6 +59,7 @@ impl Default for SpoolOptions {
             repair: true,
             accept_lost_writes: false,
             commit_deadline: std::time::Duration::from_secs(30),
+            chunked_ingest: false,
         }
     }
 }
@@ -103,6 +110,7 @@ pub(crate) struct Inner {
     pub(crate) next_id: AtomicU64,
     pub(crate) quarantine_seq: AtomicU64,
     commit_deadline: std::time::Duration,
+    pub(crate) chunked_ingest: bool,
     changed: watch::Receiver<u64>,
     commit_stats: Arc<CommitStats>,
     _lock: DirLock,
@@ -269,6 +277,7 @@ impl Spool {
                 next_id: AtomicU64::new(scan.report.highest_id.saturating_add(1)),
                 quarantine_seq: AtomicU64::new(scan.next_quarantine_seq),
                 commit_deadline: options.commit_deadline,
+                chunked_ingest: options.chunked_ingest,
                 changed,
                 commit_stats,
                 _lock: lock,
@@ -320,11 +329,21 @@ impl Spool {
                 next,
                 max: MessageId::MAX.0,
             })?;
-        let mut job = Job::with_capacity(messages.len());
-        let mut ids = Vec::with_capacity(messages.len());
-        for (n, m) in messages.into_iter().enumerate() {
-            let msg = Message {
-                id: MessageId(first + n as u64),
+        // Chunks need each queue's ids consecutive: they are handed out queue by queue.
+        let order: Vec<usize> = if self.inner.chunked_ingest {
+            chunked::by_queue(&messages)
+        } else {
+            (0..messages.len()).collect()
+        };
+        let mut ids = vec![MessageId(0); messages.len()];
+        for (n, &at) in order.iter().enumerate() {
+            ids[at] = MessageId(first + n as u64);
+        }
+        let mut messages: Vec<Option<NewMessage>> = messages.into_iter().map(Some).collect();
+        let in_id_order = order.iter().filter_map(|&at| {
+            let m = messages[at].take()?;
+            Some(Message {
+                id: ids[at],
                 queue: m.queue,
                 created_ms: now,
                 attempts: 0,
@@ -332,18 +351,13 @@ impl Spool {
                 last_error: None,
                 meta: m.meta,
                 payload: m.payload,
-            };
-            let key = keys::message_key(&msg.queue, msg.id);
-            let record = record::encode(&msg);
-            if record.len() >= keys::LARGE_RECORD {
-                job.ops.push(mark_large(&msg));
-                job.undo
-                    .push(Op::Del(TreeId::Meta, keys::large_marker(msg.id.0)));
-            }
-            job.undo.push(Op::Del(TreeId::Messages, key.clone()));
-            job.ops.push(Op::Put(TreeId::Messages, key, record));
-            job.effects.push(schedule(&msg));
-            ids.push(msg.id);
+            })
+        });
+        let mut job = Job::with_capacity(ids.len());
+        if self.inner.chunked_ingest {
+            chunked::add_new(&mut job, in_id_order.collect());
+        } else {
+            in_id_order.for_each(|msg| add_single(&mut job, msg));
         }
         Ok((ids, self.submit(job)?))
     }
@@ -363,45 +377,74 @@ impl Spool {
 
     /// Reads the records of ids just leased in the index. A read error gives back every
     /// lease of `taken`.
-    pub(crate) fn read_taken(
-        &self,
-        queue: &str,
-        taken: Vec<(u64, u64, crate::index::Slot)>,
-    ) -> Result<Vec<Leased>> {
+    pub(crate) fn read_taken(&self, queue: &str, taken: Vec<Taken>) -> Result<Vec<Leased>> {
         let mut leased: Vec<Leased> = Vec::with_capacity(taken.len());
         let shared: std::sync::Arc<str> = queue.into();
-        for (n, &(id, _, _)) in taken.iter().enumerate() {
-            let key = keys::message_key(queue, MessageId(id));
-            let raw = match self.inner.trees[TreeId::Messages as usize].get(&key) {
-                Ok(raw) => raw,
+        let mut last_chunk = None;
+        for (n, t) in taken.iter().enumerate() {
+            let read = match t.home {
+                None => self.read_single(queue, t.id),
+                Some(home) => self.read_chunked(queue, t, home, &mut last_chunk),
+            };
+            match read {
+                Ok(Some((message, location))) => leased.push(Leased {
+                    lease: Lease::of(&shared, &message, location),
+                    message,
+                }),
+                Ok(None) => {}
                 Err(e) => {
                     let mut index = self.index();
-                    for &(id, _, _) in &taken[n..] {
-                        index.release(queue, id);
+                    for t in &taken[n..] {
+                        index.release(queue, t.id);
                     }
                     for done in &leased {
                         index.release(queue, done.lease.id.0);
                     }
-                    return Err(self.storage(e));
-                }
-            };
-            match raw.map(|raw| (recovery::check_message(&key, &raw), raw)) {
-                Some((Ok(message), raw)) => leased.push(Leased {
-                    lease: Lease::of(&shared, &message, raw.len()),
-                    message,
-                }),
-                Some((Err(reason), raw)) => self.quarantine_live(queue, id, &key, &raw, reason),
-                None => {
-                    tracing::error!(
-                        queue,
-                        id,
-                        "indexed message has no record; dropping it from the index"
-                    );
-                    self.index().remove(queue, id);
+                    return Err(e);
                 }
             }
         }
         Ok(leased)
+    }
+
+    /// Reads a leased single record. `Ok(None)`: it was quarantined or is missing (both
+    /// logged, and out of the index).
+    fn read_single(&self, queue: &str, id: u64) -> Result<Option<(Message, Location)>> {
+        let key = keys::message_key(queue, MessageId(id));
+        let raw = self.inner.trees[TreeId::Messages as usize]
+            .get(&key)
+            .map_err(|e| self.storage(e))?;
+        match raw.map(|raw| (recovery::check_message(&key, &raw), raw)) {
+            Some((Ok(message), raw)) => {
+                let location = Location::Single {
+                    record_len: raw.len(),
+                };
+                Ok(Some((message, location)))
+            }
+            Some((Err(reason), raw)) => {
+                self.quarantine_live(queue, id, &key, &raw, reason, None);
+                Ok(None)
+            }
+            None => {
+                self.missing(queue, id, None);
+                Ok(None)
+            }
+        }
+    }
+
+    /// An indexed message whose record is gone (only a bug or a hand-edited spool does
+    /// that): logged, and taken out of the index so it is not leased for ever.
+    pub(crate) fn missing(&self, queue: &str, id: u64, home: Option<Home>) {
+        tracing::error!(
+            queue,
+            id,
+            "indexed message has no record; dropping it from the index"
+        );
+        let mut index = self.index();
+        index.remove(queue, id);
+        if let Some(home) = home {
+            index.chunks.settle_moved(queue, home);
+        }
     }
 
     /// Makes every write so far durable (acks included). Used at shutdown.
@@ -491,9 +534,17 @@ impl Spool {
 
     /// Looks a queued message up by id.
     pub fn get(&self, id: MessageId) -> Result<Option<Message>> {
-        let Some(queue) = self.index().find(id.0) else {
-            return Ok(None);
+        let (queue, home) = {
+            let index = self.index();
+            let Some(queue) = index.find(id.0) else {
+                return Ok(None);
+            };
+            let home = index.chunks.home(&queue, id.0);
+            (queue, home)
         };
+        if let Some(home) = home {
+            return self.get_chunked(&queue, id, home);
+        }
         let key = keys::message_key(&queue, id);
         match self.inner.trees[TreeId::Messages as usize].get(&key) {
             Ok(Some(raw)) => Ok(recovery::check_message(&key, &raw).ok()),
@@ -538,6 +589,9 @@ impl Spool {
         self.inner.db.size_on_disk().map_err(|e| self.storage(e))
     }
 
+    /// Moves a record that failed its checks after it was leased to quarantine, with its
+    /// raw bytes. A chunked message (`home`) has its record's bytes set aside and its bit
+    /// set: its chunk stays for its neighbours.
     pub(crate) fn quarantine_live(
         &self,
         queue: &str,
@@ -545,17 +599,15 @@ impl Spool {
         key: &[u8],
         raw: &[u8],
         reason: String,
+        home: Option<Home>,
     ) {
         tracing::error!(queue, id, %reason, "quarantining corrupt spool record");
         let seq = self.inner.quarantine_seq.fetch_add(1, Ordering::Relaxed);
         let mut job = Job::with_capacity(2);
-        job.ops.extend(recovery::quarantine_ops(
-            seq,
-            TreeId::Messages,
-            key,
-            raw,
-            reason,
-        ));
+        let [put, _delete] = recovery::quarantine_ops(seq, TreeId::Messages, key, raw, reason);
+        job.ops.push(put);
+        job.ops
+            .push(crate::settle::remove_op(queue, MessageId(id), home));
         job.effects.push(Effect::Forget {
             queue: queue.to_owned(),
             id,
@@ -761,6 +813,20 @@ pub(crate) fn mark_large(msg: &Message) -> Op {
         keys::large_marker(msg.id.0),
         msg.queue.as_bytes().to_vec(),
     )
+}
+
+/// Adds `msg` to `job` as a single record (with its large-record marker if it needs one).
+pub(crate) fn add_single(job: &mut Job, msg: Message) {
+    let key = keys::message_key(&msg.queue, msg.id);
+    let record = record::encode(&msg);
+    if record.len() >= keys::LARGE_RECORD {
+        job.ops.push(mark_large(&msg));
+        job.undo
+            .push(Op::Del(TreeId::Meta, keys::large_marker(msg.id.0)));
+    }
+    job.undo.push(Op::Del(TreeId::Messages, key.clone()));
+    job.ops.push(Op::Put(TreeId::Messages, key, record));
+    job.effects.push(schedule(&msg));
 }
 
 pub(crate) fn schedule(msg: &Message) -> Effect {

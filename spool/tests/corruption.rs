@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{lease_all, msg, open};
+use common::{lease_all, msg, open_chunked};
 use rand::seq::SliceRandom;
 
 #[tokio::test]
@@ -13,7 +13,8 @@ async fn damaged_records_are_quarantined_and_the_rest_survive() {
         .map(|i| format!("message {i}").into_bytes())
         .collect();
     {
-        let spool = open(dir.path());
+        // Single records: chunks have tests of their own (`chunk_corruption.rs`).
+        let spool = open_chunked(dir.path(), false);
         spool
             .enqueue(payloads.iter().map(|p| msg("q", p)).collect())
             .await

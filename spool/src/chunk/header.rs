@@ -16,12 +16,15 @@ pub struct ChunkHeader {
     pub created_ms: u64,
     /// Each record's body length, in order (`count` entries).
     pub sizes: Vec<u32>,
+    /// Each record's payload length, in order (`count` entries, each at most its body
+    /// length): what the index counts as the message's bytes, known without reading it.
+    pub payload_sizes: Vec<u32>,
 }
 
 impl ChunkHeader {
     /// The header's encoded length.
     pub fn encoded_len(&self) -> usize {
-        FIXED_HEAD + 4 * self.sizes.len() + 4
+        FIXED_HEAD + 8 * self.sizes.len() + 4
     }
 
     /// The id of record `index`.
@@ -57,13 +60,14 @@ impl ChunkHeader {
 /// a header built otherwise encodes bytes whose sizes do not match their count.
 pub fn encode_header(header: &ChunkHeader) -> Vec<u8> {
     debug_assert_eq!(usize::from(header.count), header.sizes.len());
+    debug_assert_eq!(header.sizes.len(), header.payload_sizes.len());
     let mut out = Vec::with_capacity(header.encoded_len());
     out.extend_from_slice(&MAGIC);
     out.push(CHUNK_VERSION);
     out.extend_from_slice(&header.count.to_le_bytes());
     out.extend_from_slice(&header.first_id.to_le_bytes());
     out.extend_from_slice(&header.created_ms.to_le_bytes());
-    for size in &header.sizes {
+    for size in header.sizes.iter().chain(&header.payload_sizes) {
         out.extend_from_slice(&size.to_le_bytes());
     }
     let crc = crc32fast::hash(&out);
@@ -102,7 +106,7 @@ pub fn decode_header(raw: &[u8]) -> Result<ChunkHeader, ChunkError> {
     }
     let count = le_u16(raw, 5);
     let first_id = le_u64(raw, 7);
-    let need = FIXED_HEAD + 4 * usize::from(count) + 4;
+    let need = FIXED_HEAD + 8 * usize::from(count) + 4;
     if raw.len() < need {
         return Err(ChunkError::Truncated {
             len: raw.len(),
@@ -122,13 +126,19 @@ pub fn decode_header(raw: &[u8]) -> Result<ChunkHeader, ChunkError> {
     if count == 0 || first_id.saturating_add(u64::from(count)) > MessageId::MAX.0 {
         return Err(ChunkError::Invalid { first_id, count });
     }
-    let sizes = (0..usize::from(count))
-        .map(|i| le_u32(raw, FIXED_HEAD + 4 * i))
+    let n = usize::from(count);
+    let sizes: Vec<u32> = (0..n).map(|i| le_u32(raw, FIXED_HEAD + 4 * i)).collect();
+    let payload_sizes: Vec<u32> = (0..n)
+        .map(|i| le_u32(raw, FIXED_HEAD + 4 * (n + i)))
         .collect();
+    if payload_sizes.iter().zip(&sizes).any(|(p, s)| p > s) {
+        return Err(ChunkError::Invalid { first_id, count });
+    }
     Ok(ChunkHeader {
         first_id,
         count,
         created_ms: le_u64(raw, 15),
         sizes,
+        payload_sizes,
     })
 }

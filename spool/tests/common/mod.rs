@@ -6,10 +6,22 @@ pub mod dirs;
 
 use spool::{Leased, Message, Meta, MetaValue, NewMessage, Spool, SpoolOptions};
 
+/// Opens with the daemon's options; `SPOOL_TEST_CHUNKED_INGEST=1` turns on chunked ingest
+/// (spool v2), so any spool test can be run against it.
 pub fn open(dir: &Path) -> Spool {
-    Spool::open(dir, SpoolOptions::default())
-        .expect("open spool")
-        .0
+    open_chunked(
+        dir,
+        std::env::var_os("SPOOL_TEST_CHUNKED_INGEST").is_some_and(|v| v == "1"),
+    )
+}
+
+/// Opens with the daemon's options and chunked ingest on or off.
+pub fn open_chunked(dir: &Path, chunked_ingest: bool) -> Spool {
+    let options = SpoolOptions {
+        chunked_ingest,
+        ..SpoolOptions::default()
+    };
+    Spool::open(dir, options).expect("open spool").0
 }
 
 pub fn msg(queue: &str, payload: &[u8]) -> NewMessage {

@@ -8,7 +8,7 @@ use spool::{Lease, Leased, MessageId, Spool, SpoolError};
 
 use super::state::{Expected, Model};
 use super::{Step, QUEUES};
-use crate::common::{msg, open};
+use crate::common::{msg, open_chunked};
 
 pub struct Harness {
     pub dir: tempfile::TempDir,
@@ -23,15 +23,17 @@ pub struct Harness {
     pub rt: tokio::runtime::Runtime,
     /// Close and reopen the spool after every step (see `reopen_keeping_leases`).
     pub reopen_each_step: bool,
+    /// Open the spool with chunked ingest (spool v2).
+    pub chunked: bool,
     /// Queues the step scheduled a message in: the spool must name them to the
     /// dispatcher (`take_touched_queues`), or their new work waits unseen.
     pub touched: BTreeSet<String>,
 }
 
 impl Harness {
-    pub fn new(reopen_each_step: bool) -> Harness {
+    pub fn new(reopen_each_step: bool, chunked: bool) -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        let spool = open(dir.path());
+        let spool = open_chunked(dir.path(), chunked);
         Harness {
             dir,
             spool: Some(spool),
@@ -46,6 +48,7 @@ impl Harness {
                 .build()
                 .unwrap(),
             reopen_each_step,
+            chunked,
             touched: BTreeSet::new(),
         }
     }
@@ -252,7 +255,7 @@ impl Harness {
         self.spool = None; // drop closes it and releases the lock
         let lost = self.batches.drain(..).flatten().map(|l| l.lease);
         self.settled.extend(lost);
-        self.spool = Some(open(self.dir.path()));
+        self.spool = Some(open_chunked(self.dir.path(), self.chunked));
         // Every queue recovered with messages is work for the dispatcher.
         self.touched = self
             .model

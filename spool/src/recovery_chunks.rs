@@ -1,0 +1,165 @@
+//! Recovery of chunked messages: the heads and settle bitmaps, never a payload.
+//!
+//! Each head (a chunk's header, stored apart from the chunk) gives the chunk's ids, creation
+//! time and sizes; its settle bitmap says which of them are gone. The unsettled ones are
+//! scheduled at their creation time, as at ingest. A bitmap that does not decode counts as
+//! nothing settled (duplicates, never a loss) and is reported; a head that fails its CRC
+//! quarantines the whole chunk with its raw bytes, and its ids are reported.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::chunk::{decode_header, ChunkHeader, SettleBitmap};
+use crate::commit::{Op, TreeId};
+use crate::index::Slot;
+use crate::keys::{self, ChunkPart};
+use crate::recovery::{quarantine, DamagedRecord, Scan, ScanSource};
+
+/// Scans the heads and settle bitmaps into `scan`. A chunked message also found
+/// dead-lettered keeps its dead-letter copy, as a single record does.
+pub(crate) fn scan_chunks(
+    trees: &impl ScanSource,
+    dead: &HashSet<u64>,
+    scan: &mut Scan,
+) -> Result<(), sled::Error> {
+    let mut settled: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+    let settled_prefix = keys::chunk_part_prefix(ChunkPart::Settled);
+    trees.for_each_prefix(TreeId::Messages, &settled_prefix, &mut |key, raw| {
+        settled.insert(key[settled_prefix.len()..].to_vec(), raw.to_vec());
+    })?;
+    let mut heads = Vec::new();
+    let head_prefix = keys::chunk_part_prefix(ChunkPart::Head);
+    trees.for_each_prefix(TreeId::Messages, &head_prefix, &mut |key, raw| {
+        heads.push((key.to_vec(), raw.to_vec()));
+    })?;
+    for (key, raw) in heads {
+        let bitmap = settled.remove(&key[head_prefix.len()..]);
+        scan_head(trees, dead, scan, &key, &raw, bitmap)?;
+    }
+    // A bitmap whose chunk is gone (its deletion was cut short) is only litter.
+    for rest in settled.into_keys() {
+        let mut key = settled_prefix.to_vec();
+        key.extend_from_slice(&rest);
+        scan.repairs.push(Op::Del(TreeId::Messages, key));
+    }
+    Ok(())
+}
+
+fn scan_head(
+    trees: &impl ScanSource,
+    dead: &HashSet<u64>,
+    scan: &mut Scan,
+    key: &[u8],
+    raw: &[u8],
+    bitmap: Option<Vec<u8>>,
+) -> Result<(), sled::Error> {
+    let Some((queue, first_id)) = keys::parse_chunk_key(ChunkPart::Head, key) else {
+        quarantine(
+            scan,
+            TreeId::Messages,
+            key,
+            raw,
+            "not a chunk head's key".into(),
+        );
+        return Ok(());
+    };
+    let header = match decode_header(raw) {
+        Ok(header) if header.first_id == first_id => header,
+        Ok(header) => {
+            let reason = format!(
+                "chunk head says first id {}, its key says {first_id}",
+                header.first_id
+            );
+            return quarantine_chunk(trees, scan, queue, first_id, reason);
+        }
+        Err(e) => return quarantine_chunk(trees, scan, queue, first_id, e.to_string()),
+    };
+    let mut bits = match bitmap.map(|raw| SettleBitmap::decode(&raw, header.count)) {
+        None => SettleBitmap::new(header.count),
+        Some(Ok(bits)) => bits,
+        Some(Err(e)) => {
+            tracing::warn!(queue, first_id, error = %e, "settle bitmap unreadable; its chunk's messages are all due again");
+            scan.report.damaged.push(DamagedRecord {
+                tree: "Messages".into(),
+                key: keys::chunk_key(ChunkPart::Settled, queue, first_id),
+                reason: e.to_string(),
+            });
+            SettleBitmap::new(header.count)
+        }
+    };
+    let last_id = first_id + u64::from(header.count) - 1;
+    scan.report.highest_id = scan.report.highest_id.max(last_id);
+    let resolved = settle_dead_lettered(&header, &mut bits, dead);
+    scan.report.duplicates_resolved += resolved;
+    let key = |part| keys::chunk_key(part, queue, first_id);
+    if bits.all_settled() {
+        for part in [ChunkPart::Chunk, ChunkPart::Head, ChunkPart::Settled] {
+            scan.repairs.push(Op::Del(TreeId::Messages, key(part)));
+        }
+        return Ok(());
+    }
+    if resolved > 0 {
+        let put = Op::Put(TreeId::Messages, key(ChunkPart::Settled), bits.encode());
+        scan.repairs.push(put);
+    }
+    schedule_unsettled(scan, queue, &header, &bits);
+    scan.index.chunks.add(queue, first_id, bits);
+    Ok(())
+}
+
+/// Sets the bits of messages that are also dead letters; returns how many.
+fn settle_dead_lettered(header: &ChunkHeader, bits: &mut SettleBitmap, dead: &HashSet<u64>) -> u64 {
+    let mut resolved = 0;
+    for index in 0..usize::from(header.count) {
+        if !bits.test(index) && dead.contains(&header.id(index).0) {
+            bits.set(index);
+            resolved += 1;
+        }
+    }
+    resolved
+}
+
+fn schedule_unsettled(scan: &mut Scan, queue: &str, header: &ChunkHeader, bits: &SettleBitmap) {
+    let counts = scan.report.queues.entry(queue.to_owned()).or_default();
+    for index in (0..usize::from(header.count)).filter(|&i| !bits.test(i)) {
+        let bytes = header.payload_sizes[index];
+        counts.0 += 1;
+        counts.1 += u64::from(bytes);
+        let slot = Slot {
+            created_ms: header.created_ms,
+            bytes,
+            attempts: 0,
+        };
+        let id = header.id(index).0;
+        scan.index.insert(queue, id, header.created_ms, slot);
+    }
+}
+
+/// A head that cannot be trusted: the chunk goes to quarantine whole, with its raw bytes
+/// (or the head's, if the chunk is gone too), and the head and bitmap are deleted. The
+/// messages it held are reported through the quarantine entry and the damaged list.
+fn quarantine_chunk(
+    trees: &impl ScanSource,
+    scan: &mut Scan,
+    queue: &str,
+    first_id: u64,
+    reason: String,
+) -> Result<(), sled::Error> {
+    let key = |part| keys::chunk_key(part, queue, first_id);
+    let reason = format!("chunk {first_id} of queue {queue:?}: {reason}");
+    let chunk_key = key(ChunkPart::Chunk);
+    match trees.get(TreeId::Messages, &chunk_key)? {
+        Some(raw) => {
+            quarantine(scan, TreeId::Messages, &chunk_key, &raw, reason);
+            scan.repairs
+                .push(Op::Del(TreeId::Messages, key(ChunkPart::Head)));
+        }
+        None => {
+            let head_key = key(ChunkPart::Head);
+            let raw = trees.get(TreeId::Messages, &head_key)?.unwrap_or_default();
+            quarantine(scan, TreeId::Messages, &head_key, &raw, reason);
+        }
+    }
+    scan.repairs
+        .push(Op::Del(TreeId::Messages, key(ChunkPart::Settled)));
+    Ok(())
+}
