@@ -59,6 +59,11 @@ pub struct RunArgs {
     /// Serve no admin API at all (ingest, /metrics and /healthz only).
     #[arg(long)]
     pub no_admin_api: bool,
+    /// Experimental (spool v2, docs/spool-v2-design.md): store the messages one request
+    /// brings to one queue as chunks instead of one record each. A spool written with it
+    /// needs a build that reads chunks; every build from this one on reads both.
+    #[arg(long, env = "SPOOLRELAY_SPOOL_CHUNKED_INGEST")]
+    pub spool_chunked_ingest: bool,
     /// Write a JSONL delivery log (one line per reception and send outcome) to FILE.
     #[arg(long, value_name = "FILE")]
     pub delivery_log: Option<PathBuf>,
@@ -241,7 +246,10 @@ impl Config {
                 .unwrap_or_else(|| DEFAULT_LISTEN.into()),
             max_body_bytes: args.max_body_bytes,
             drain_timeout: args.drain_timeout,
-            spool_options: spool_options_from_env(),
+            spool_options: spool::SpoolOptions {
+                chunked_ingest: args.spool_chunked_ingest,
+                ..spool_options_from_env()
+            },
             // An empty SPOOLRELAY_ADMIN_TOKEN means no token, not the empty token.
             admin_token: args.admin_token.filter(|t| !t.is_empty()),
             admin_api: !args.no_admin_api,

@@ -23,7 +23,10 @@ impl Spool {
     pub fn ack(&self, lease: &Lease) -> Result<()> {
         self.check_leased(lease)?;
         if let Location::Chunk(home) = lease.location {
-            self.check_poison()?;
+            if let Err(e) = self.check_poison() {
+                self.release(lease);
+                return Err(e);
+            }
             return self.ack_chunked(&[(lease, home)]);
         }
         // One plain remove: a one-entry sled batch costs an extra log record.
@@ -59,7 +62,10 @@ impl Spool {
             [lease] => return self.ack(lease),
             _ => {}
         }
-        self.check_poison()?;
+        if let Err(e) = self.check_poison() {
+            leases.iter().for_each(|l| self.release(l));
+            return Err(e);
+        }
         let mut batch = sled::Batch::default();
         let mut acked = Vec::with_capacity(leases.len());
         let mut chunked = Vec::new();
