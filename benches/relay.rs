@@ -207,10 +207,25 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
+/// `SPOOLRELAY_SPOOL_CHUNKED_INGEST=1` (the daemon's `--spool-chunked-ingest`) runs the
+/// daemons and the pre-filled spools of every figure on spool v2's chunks; the binary that
+/// P4 and P7 start reads the same variable. P1 and P5 measure both formats in every run.
+fn chunked_from_env() -> bool {
+    std::env::var_os("SPOOLRELAY_SPOOL_CHUNKED_INGEST").is_some_and(|v| v == "1")
+}
+
+fn spool_options(chunked_ingest: bool) -> SpoolOptions {
+    SpoolOptions {
+        chunked_ingest,
+        ..SpoolOptions::default()
+    }
+}
+
 async fn start_daemon(lua_name: &str, lua: &str, dir: &Path) -> Daemon {
     let policy = policy::Policy::from_source(lua_name, lua).expect("policy loads");
     let mut config = Config::new(policy, dir.to_path_buf());
     config.listen = "127.0.0.1:0".into();
+    config.spool_options.chunked_ingest = chunked_from_env();
     spoolrelay::start(config, Shutdown::new())
         .await
         .expect("daemon starts")
@@ -290,27 +305,36 @@ async fn p1_ingest(s: &Settings) {
         s.run_for.as_secs()
     );
     println!(
-        "  {:>5} {:>14} {:>14} {:>16} {:>9} {:>9} {:>11} {:>11}",
+        "  (HTTP on {}; the spool alone both ways: v1 one record per message, v2 chunks)",
+        if chunked_from_env() { "v2 chunks" } else { "v1 records" }
+    );
+    println!(
+        "  {:>5} {:>14} {:>14} {:>14} {:>16} {:>9} {:>9} {:>9} {:>11} {:>11}",
         "conns",
         "HTTP msg/s",
         "spool msg/s",
+        "v2 spool",
         "bare sled msg/s",
         "HTTP/spl",
         "spl/bare",
+        "v2/bare",
         "HTTP group",
         "spool group"
     );
     for conns in [1usize, 16, 64] {
         let (http, http_group) = http_ingest(conns, s.run_for).await;
-        let (raw, raw_group) = spool_ingest(conns, s.run_for).await;
+        let (raw, raw_group) = spool_ingest(conns, s.run_for, false).await;
+        let (v2, _) = spool_ingest(conns, s.run_for, true).await;
         let run_for = s.run_for;
         let bare = tokio::task::spawn_blocking(move || bare_sled(conns * HTTP_BATCH, run_for))
             .await
             .expect("bare sled");
+        let spool_same = if chunked_from_env() { v2 } else { raw };
         println!(
-            "  {conns:>5} {http:>14.0} {raw:>14.0} {bare:>16.0} {:>8.0}% {:>8.0}% {http_group:>11.1} {raw_group:>11.1}",
-            100.0 * http / raw,
-            100.0 * raw / bare
+            "  {conns:>5} {http:>14.0} {raw:>14.0} {v2:>14.0} {bare:>16.0} {:>8.0}% {:>8.0}% {:>8.0}% {http_group:>11.1} {raw_group:>11.1}",
+            100.0 * http / spool_same,
+            100.0 * raw / bare,
+            100.0 * v2 / bare
         );
     }
 }
@@ -372,9 +396,9 @@ async fn http_ingest(conns: usize, run_for: Duration) -> (f64, f64) {
 }
 
 /// The same load without HTTP: `conns` tasks each enqueueing `HTTP_BATCH` messages per call.
-async fn spool_ingest(conns: usize, run_for: Duration) -> (f64, f64) {
+async fn spool_ingest(conns: usize, run_for: Duration, chunked: bool) -> (f64, f64) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (spool, _) = Spool::open(dir.path(), SpoolOptions::default()).expect("spool opens");
+    let (spool, _) = Spool::open(dir.path(), spool_options(chunked)).expect("spool opens");
     let started = Instant::now();
     let tasks: Vec<_> = (0..conns)
         .map(|_| {
@@ -607,7 +631,8 @@ async fn p4_memory(s: &Settings) {
     let dir = tempfile::tempdir().expect("tempdir");
     let spool_dir = dir.path().join("spool");
     let fill_secs = {
-        let (spool, _) = Spool::open(&spool_dir, SpoolOptions::default()).expect("spool opens");
+        let options = spool_options(chunked_from_env());
+        let (spool, _) = Spool::open(&spool_dir, options).expect("spool opens");
         let t0 = Instant::now();
         fill(&spool, KAFKA_QUEUE, n, KIB).await;
         spool.sync().await.expect("sync");
@@ -797,10 +822,17 @@ fn dir_bytes(dir: &Path) -> (u64, u64) {
 }
 
 async fn p5_disk(s: &Settings) {
+    for chunked in [false, true] {
+        p5_disk_of(s, chunked).await;
+    }
+}
+
+async fn p5_disk_of(s: &Settings, chunked: bool) {
     let n = s.messages;
-    println!("\nP5 disk: {n} x {KIB} B in (enqueue, fsynced), then out (lease + ack, as the dispatcher does), 3 cycles");
+    let format = if chunked { "v2 chunks" } else { "v1 records" };
+    println!("\nP5 disk ({format}): {n} x {KIB} B in (enqueue, fsynced), then out (lease + ack, as the dispatcher does), 3 cycles");
     let dir = tempfile::tempdir().expect("tempdir");
-    let (spool, _) = Spool::open(dir.path(), SpoolOptions::default()).expect("spool opens");
+    let (spool, _) = Spool::open(dir.path(), spool_options(chunked)).expect("spool opens");
     let record = (spool::keys::message_key(KAFKA_QUEUE, spool::MessageId(1)).len()
         + spool::record::encode(&spool::Message {
             id: spool::MessageId(1),
@@ -856,7 +888,7 @@ async fn p5_disk(s: &Settings) {
         );
     }
     println!(
-        "  (lease + ack alone: {:.0} msg/s; live record = {record} B = key + encoded message)",
+        "  (lease + ack alone ({format}): {:.0} msg/s; live record = {record} B = v1 key + encoded message)",
         3.0 * n as f64 / out_secs
     );
 }

@@ -62,7 +62,12 @@ pub struct RunArgs {
     /// Experimental (spool v2, docs/spool-v2-design.md): store the messages one request
     /// brings to one queue as chunks instead of one record each. A spool written with it
     /// needs a build that reads chunks; every build from this one on reads both.
-    #[arg(long, env = "SPOOLRELAY_SPOOL_CHUNKED_INGEST")]
+    #[arg(
+        long,
+        env = "SPOOLRELAY_SPOOL_CHUNKED_INGEST",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub spool_chunked_ingest: bool,
     /// Write a JSONL delivery log (one line per reception and send outcome) to FILE.
     #[arg(long, value_name = "FILE")]
@@ -305,5 +310,19 @@ mod tests {
         .unwrap();
         assert_eq!(cli.run.limits.max_spool_bytes, Some(1000));
         assert_eq!(cli.run.limits.http_header_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn chunked_ingest_takes_the_flag_or_a_boolish_value() {
+        let cli = Cli::try_parse_from(["spoolrelay", "--spool-chunked-ingest"]).unwrap();
+        assert!(cli.run.spool_chunked_ingest);
+        // What SPOOLRELAY_SPOOL_CHUNKED_INGEST may hold (the test suite sets it to 1).
+        use clap::builder::TypedValueParser;
+        let value = clap::builder::BoolishValueParser::new();
+        for (raw, want) in [("1", true), ("yes", true), ("0", false), ("false", false)] {
+            let cmd = clap::Command::new("t");
+            let parsed = value.parse_ref(&cmd, None, std::ffi::OsStr::new(raw)).unwrap();
+            assert_eq!(parsed, want, "{raw}");
+        }
     }
 }

@@ -11,7 +11,9 @@
 //!   checksum or does not decode is moved to the quarantine tree with its raw bytes and key;
 //!   it is never dropped silently and never panics the process.
 //! - A message leaves the messages tree only by `ack` (delivered), `dead_letter` (moved,
-//!   kept), or a quarantine move. `retry` persists attempts, due time and error first.
+//!   kept), or a quarantine move. `retry` persists attempts, due time and error first. A
+//!   chunked message's settled bit is set only with its new copy (one batch), or after it
+//!   was delivered.
 //! - The in-memory index changes only after the disk change it mirrors is durable.
 //! - After any durability error the spool is *poisoned*: it writes nothing more until a
 //!   reopen reads the disk again (see "Poisoning" below).
@@ -25,7 +27,10 @@
 //!   damaged/            sled `conf` / `snap.*` files that failed their CRC, set aside at
 //!                       open for sled to rebuild (`sled_files.rs`); only if any
 //!   data/               one sled database
-//!     messages          <queue> 0x00 <id u64 BE>  -> record v1 (Message)
+//!     messages          <queue> 0x00 <id u64 BE>  -> record v1 (Message): a "single"
+//!                       0x00 0x01 <queue> 0x00 <first id> -> chunk: header + records
+//!                       0x00 0x02 <queue> 0x00 <first id> -> the chunk's header alone
+//!                       0x00 0x03 <queue> 0x00 <first id> -> the chunk's settle bitmap
 //!     dead_letter       <id u64 BE>               -> record v1 (Message, last_error = reason)
 //!     quarantine        <seq u64 BE>              -> record v1 (QuarantineEntry)
 //!     meta              "id_hwm"                  -> highest id ever committed
@@ -35,6 +40,18 @@
 //! ```
 //! One data tree holds every queue, because sled bloats when used with many trees (sled
 //! #1333, #1484); queue-prefixed keys keep each queue contiguous and FIFO by id.
+//!
+//! ## Chunks (spool v2, `SpoolOptions::chunked_ingest`)
+//! With chunked ingest, what one enqueue call brings to one queue (two messages or more,
+//! each under half a chunk) is written as one chunk ([`chunk`]): one sled value for up to
+//! 64 KiB of messages, plus a copy of its header, in the same batch. A chunked message is
+//! settled by a bit in its chunk's bitmap ([`chunk_table`]), and the chunk is deleted once
+//! every bit is set. Everything else is a single v1 record, as before: a message alone in
+//! its queue in the call, a large one, and every message that moved out of its chunk (a
+//! retry, a dead letter, an operator's rewrite), in the same batch that sets its bit. A v1
+//! spool is therefore a v2 spool without chunks, and opens as it is; a spool that holds
+//! chunks needs a build that reads them (a v1 build would quarantine the chunk keys as
+//! records it cannot read, never drop them silently).
 //!
 //! ## Writing: group commit
 //! All durable writes go through one commit thread (`commit.rs`). It takes every job that
@@ -66,7 +83,7 @@
 //! ## Reading: leases
 //! The dispatcher calls `lease(queue, max, now)`; the index hands out due ids (earliest
 //! due first, then id: FIFO for first attempts) and the records are read from sled one by
-//! one, so a queue is never loaded whole. Each comes as a [`Leased`]: the message to send
+//! one (a chunk once for a run of its messages), so a queue is never loaded whole. Each comes as a [`Leased`]: the message to send
 //! and its [`Lease`], a small handle (queue, id, attempts, times, where the record is
 //! stored) that every settlement takes (`settle.rs`), so in-flight tracking never copies a
 //! payload and a message read from anywhere else cannot settle anything. Leases are
@@ -83,7 +100,8 @@
 //!
 //! ## Recovery
 //! Opening scans every tree once ([`recovery`]): it rebuilds the index (ids, due times and
-//! sizes, never payloads: a million messages cost tens of MB), quarantines what does not
+//! sizes: a million messages cost tens of MB), reading single records whole but of chunks
+//! only their headers and bitmaps, never a payload; it quarantines what does not
 //! decode, and resolves a message found both queued and dead-lettered in favour of the
 //! dead-letter copy. The ids continue above the highest id ever committed.
 //!
