@@ -306,7 +306,11 @@ async fn p1_ingest(s: &Settings) {
     );
     println!(
         "  (HTTP on {}; the spool alone both ways: v1 one record per message, v2 chunks)",
-        if chunked_from_env() { "v2 chunks" } else { "v1 records" }
+        if chunked_from_env() {
+            "v2 chunks"
+        } else {
+            "v1 records"
+        }
     );
     println!(
         "  {:>5} {:>14} {:>14} {:>14} {:>16} {:>9} {:>9} {:>9} {:>11} {:>11}",

@@ -321,7 +321,9 @@ mod tests {
         let value = clap::builder::BoolishValueParser::new();
         for (raw, want) in [("1", true), ("yes", true), ("0", false), ("false", false)] {
             let cmd = clap::Command::new("t");
-            let parsed = value.parse_ref(&cmd, None, std::ffi::OsStr::new(raw)).unwrap();
+            let parsed = value
+                .parse_ref(&cmd, None, std::ffi::OsStr::new(raw))
+                .unwrap();
             assert_eq!(parsed, want, "{raw}");
         }
     }

@@ -93,10 +93,34 @@ fuzz_target!(|data: &[u8]| {
     // Every record is accounted for: indexed, dead-lettered, a resolved duplicate, or damaged.
     let damaged_in = |t: usize| r.damaged.iter().filter(|d| d.tree == tree_label(t)).count();
     let indexed: u64 = r.queues.values().map(|(n, _)| n).sum();
+    // Single records are keys from 0x01 on; 0x00 starts the chunk area (spool v2).
+    let single = |key: &[u8]| key >= keys::SINGLES_START;
+    let singles = before[MESSAGES].iter().filter(|(k, _)| single(k)).count();
+    let damaged_singles = r
+        .damaged
+        .iter()
+        .filter(|d| d.tree == tree_label(MESSAGES) && single(&d.key))
+        .count();
     assert_eq!(
-        before[MESSAGES].len() as u64,
-        indexed + r.duplicates_resolved + damaged_in(MESSAGES) as u64
+        singles as u64,
+        indexed + r.duplicates_resolved + damaged_singles as u64
     );
+    // No input here makes a valid chunk head (35 bytes or more, with a CRC), so in the chunk
+    // area every head is quarantined (its chunk's bytes, or its own when there is no chunk)
+    // and every key that is no chunk part too. Bitmaps of no chunk are litter; chunk values
+    // are read only through their heads.
+    let damaged_key = |key: &[u8]| r.damaged.iter().any(|d| d.key == key);
+    for (key, _) in before[MESSAGES].iter().filter(|(k, _)| !single(k)) {
+        match key.get(1) {
+            Some(1) | Some(3) => {}
+            Some(2) => {
+                let mut chunk = key.clone();
+                chunk[1] = 1;
+                assert!(damaged_key(key) || damaged_key(&chunk), "head {key:?} unreported");
+            }
+            _ => assert!(damaged_key(key), "chunk-area key {key:?} unreported"),
+        }
+    }
     assert_eq!(
         before[DEAD_LETTER].len() as u64,
         r.dead_letter + damaged_in(DEAD_LETTER) as u64

@@ -93,6 +93,8 @@ impl ScanHarness {
                 Op::Del(tree, key) => {
                     trees[*tree as usize].remove(key);
                 }
+                // Only the commit thread resolves these; recovery writes bitmaps itself.
+                Op::Settle(..) => {}
             }
         }
         let mut leasable = BTreeMap::new();

@@ -88,15 +88,16 @@ pub trait ScanSource {
             }
         })
     }
-    /// Calls `f` with every (key, value) of `tree` from `start` on.
-    fn for_each_from(
+    /// Calls `f` with every (key, value) of `tree` from `start` on, before `end` if given.
+    fn for_each_range(
         &self,
         tree: TreeId,
         start: &[u8],
+        end: Option<&[u8]>,
         f: &mut dyn FnMut(&[u8], &[u8]),
     ) -> Result<(), sled::Error> {
         self.for_each(tree, &mut |k, v| {
-            if k >= start {
+            if k >= start && end.is_none_or(|end| k < end) {
                 f(k, v)
             }
         })
@@ -135,13 +136,19 @@ impl ScanSource for Trees {
         Ok(())
     }
 
-    fn for_each_from(
+    fn for_each_range(
         &self,
         tree: TreeId,
         start: &[u8],
+        end: Option<&[u8]>,
         f: &mut dyn FnMut(&[u8], &[u8]),
     ) -> Result<(), sled::Error> {
-        for item in self[tree as usize].range(start..) {
+        let tree = &self[tree as usize];
+        let items = match end {
+            Some(end) => tree.range(start..end),
+            None => tree.range(start..),
+        };
+        for item in items {
             let (key, value) = item?;
             f(&key, &value);
         }
@@ -207,27 +214,32 @@ fn scan_messages(
     scan: &mut Scan,
     large: &mut HashMap<u64, LargeRecord>,
 ) -> Result<(), sled::Error> {
-    trees.for_each_from(TreeId::Messages, keys::SINGLES_START, &mut |key, raw| {
-        let msg = match check_message(key, raw) {
-            Ok(msg) => msg,
-            Err(reason) => {
-                quarantine(scan, TreeId::Messages, key, raw, reason);
+    trees.for_each_range(
+        TreeId::Messages,
+        keys::SINGLES_START,
+        None,
+        &mut |key, raw| {
+            let msg = match check_message(key, raw) {
+                Ok(msg) => msg,
+                Err(reason) => {
+                    quarantine(scan, TreeId::Messages, key, raw, reason);
+                    return;
+                }
+            };
+            scan.report.highest_id = scan.report.highest_id.max(msg.id.0);
+            if dead.contains(&msg.id.0) {
+                scan.repairs.push(Op::Del(TreeId::Messages, key.to_vec()));
+                scan.report.duplicates_resolved += 1;
                 return;
             }
-        };
-        scan.report.highest_id = scan.report.highest_id.max(msg.id.0);
-        if dead.contains(&msg.id.0) {
-            scan.repairs.push(Op::Del(TreeId::Messages, key.to_vec()));
-            scan.report.duplicates_resolved += 1;
-            return;
-        }
-        note_large(large, &msg, raw.len(), trees.large_record());
-        let counts = scan.report.queues.entry(msg.queue.clone()).or_default();
-        counts.0 += 1;
-        counts.1 += msg.payload.len() as u64;
-        let slot = slot_of(&msg);
-        scan.index.insert(&msg.queue, msg.id.0, msg.due_ms, slot);
-    })
+            note_large(large, &msg, raw.len(), trees.large_record());
+            let counts = scan.report.queues.entry(msg.queue.clone()).or_default();
+            counts.0 += 1;
+            counts.1 += msg.payload.len() as u64;
+            let slot = slot_of(&msg);
+            scan.index.insert(&msg.queue, msg.id.0, msg.due_ms, slot);
+        },
+    )
 }
 
 /// A record that has, or may have, a large-message marker.

@@ -12,7 +12,7 @@ use crate::chunk::{decode_header, ChunkHeader, SettleBitmap};
 use crate::commit::{Op, TreeId};
 use crate::index::Slot;
 use crate::keys::{self, ChunkPart};
-use crate::recovery::{quarantine, DamagedRecord, Scan, ScanSource};
+use crate::recovery::{quarantine, Scan, ScanSource};
 
 /// Scans the heads and settle bitmaps into `scan`. A chunked message also found
 /// dead-lettered keeps its dead-letter copy, as a single record does.
@@ -35,11 +35,35 @@ pub(crate) fn scan_chunks(
         let bitmap = settled.remove(&key[head_prefix.len()..]);
         scan_head(trees, dead, scan, &key, &raw, bitmap)?;
     }
+    quarantine_foreign_keys(trees, scan)?;
     // A bitmap whose chunk is gone (its deletion was cut short) is only litter.
     for rest in settled.into_keys() {
         let mut key = settled_prefix.to_vec();
         key.extend_from_slice(&rest);
         scan.repairs.push(Op::Del(TreeId::Messages, key));
+    }
+    Ok(())
+}
+
+/// Keys in the chunk area that are no chunk part (this build never writes them) are set
+/// aside like any record that cannot be read. The two ranges are empty in a healthy spool,
+/// so looking costs two lookups.
+fn quarantine_foreign_keys(trees: &impl ScanSource, scan: &mut Scan) -> Result<(), sled::Error> {
+    let mut foreign = Vec::new();
+    let area = [keys::CHUNK_AREA];
+    let first_part = keys::chunk_part_prefix(ChunkPart::Chunk);
+    let past_parts = [keys::CHUNK_AREA, ChunkPart::Settled as u8 + 1];
+    for (start, end) in [
+        (&area[..], &first_part[..]),
+        (&past_parts[..], keys::SINGLES_START),
+    ] {
+        trees.for_each_range(TreeId::Messages, start, Some(end), &mut |key, raw| {
+            foreign.push((key.to_vec(), raw.to_vec()));
+        })?;
+    }
+    for (key, raw) in foreign {
+        let reason = "a key in the chunk area that is no chunk, head or bitmap".to_string();
+        quarantine(scan, TreeId::Messages, &key, &raw, reason);
     }
     Ok(())
 }
@@ -73,16 +97,15 @@ fn scan_head(
         }
         Err(e) => return quarantine_chunk(trees, scan, queue, first_id, e.to_string()),
     };
-    let mut bits = match bitmap.map(|raw| SettleBitmap::decode(&raw, header.count)) {
+    let mut bits = match bitmap.map(|raw| (SettleBitmap::decode(&raw, header.count), raw)) {
         None => SettleBitmap::new(header.count),
-        Some(Ok(bits)) => bits,
-        Some(Err(e)) => {
-            tracing::warn!(queue, first_id, error = %e, "settle bitmap unreadable; its chunk's messages are all due again");
-            scan.report.damaged.push(DamagedRecord {
-                tree: "Messages".into(),
-                key: keys::chunk_key(ChunkPart::Settled, queue, first_id),
-                reason: e.to_string(),
-            });
+        Some((Ok(bits), _)) => bits,
+        Some((Err(e), raw)) => {
+            // Quarantined like any damaged record; its chunk's messages are all due again
+            // (duplicates, never a loss).
+            let key = keys::chunk_key(ChunkPart::Settled, queue, first_id);
+            let reason = format!("chunk {first_id} of queue {queue:?}: {e}");
+            quarantine(scan, TreeId::Messages, &key, &raw, reason);
             SettleBitmap::new(header.count)
         }
     };

@@ -135,7 +135,7 @@ async fn a_damaged_settle_bitmap_redelivers_and_loses_nothing() {
         let (_, report) = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
         assert_eq!(report.queues[QUEUE].0, 6, "the acked four stay settled");
     }
-    damage(dir.path(), &bitmap, |len| len - 1);
+    let bad = damage(dir.path(), &bitmap, |len| len - 1);
     let (spool, report) = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
     assert_eq!(
         report.queues[QUEUE].0, 10,
@@ -146,5 +146,28 @@ async fn a_damaged_settle_bitmap_redelivers_and_loses_nothing() {
         "{:?}",
         report.damaged
     );
+    let quarantined = spool.quarantined().unwrap();
+    assert!(quarantined.iter().any(|q| q.key == bitmap && q.raw == bad));
     assert_eq!(lease_all(&spool, QUEUE).len(), 10);
+}
+
+#[tokio::test]
+async fn a_key_in_the_chunk_area_that_is_no_chunk_part_is_quarantined() {
+    let dir = tempfile::tempdir().unwrap();
+    ten_chunked(dir.path()).await;
+    let stray: &[u8] = b"\x00\x07stray";
+    {
+        let db = sled::open(dir.path().join("data")).unwrap();
+        let tree = db.open_tree("messages").unwrap();
+        tree.insert(stray, &b"bytes"[..]).unwrap();
+        db.flush().unwrap();
+    }
+    let (spool, report) = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+    assert_eq!(report.quarantined_now, 1);
+    assert_eq!(report.queues[QUEUE].0, 10, "the chunk is untouched");
+    let quarantined = spool.quarantined().unwrap();
+    assert_eq!(quarantined[0].key, stray);
+    assert_eq!(quarantined[0].raw, b"bytes");
+    drop(spool);
+    assert!(!key_exists(dir.path(), stray), "moved, not copied");
 }
