@@ -91,11 +91,6 @@ impl ChunkTable {
         }
     }
 
-    /// Whether acks left bitmaps to write.
-    pub fn has_dirty(&self) -> bool {
-        !self.dirty.is_empty()
-    }
-
     /// The writes that put every dirty bitmap on disk, plus `moves` (the bits a group's
     /// jobs settle, set in the written bitmaps but not here until the group is durable).
     /// A chunk with every bit set is deleted instead. Clears the dirty set.
@@ -145,11 +140,6 @@ impl ChunkTable {
                 crate::index::shrink_if_sparse(&mut self.queues);
             }
         }
-    }
-
-    /// Live chunks, for tests and stats.
-    pub fn len(&self) -> usize {
-        self.queues.values().map(BTreeMap::len).sum()
     }
 
     /// Whether no chunk is live.

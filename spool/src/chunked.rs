@@ -27,16 +27,16 @@ const CHUNKABLE_RECORD: usize = chunk::CHUNK_TARGET_BYTES / 2;
 /// The positions of `messages` grouped by queue (queues in order of first appearance, each
 /// queue's messages in their order): the order ids are handed out in.
 pub(crate) fn by_queue(messages: &[NewMessage]) -> Vec<usize> {
-    let mut first_seen: Vec<&str> = Vec::new();
-    let mut rank = std::collections::HashMap::new();
-    for m in messages {
-        rank.entry(m.queue.as_str()).or_insert_with(|| {
-            first_seen.push(&m.queue);
-            first_seen.len()
-        });
-    }
+    let mut queues = std::collections::HashMap::new();
+    let ranks: Vec<usize> = messages
+        .iter()
+        .map(|m| {
+            let next = queues.len();
+            *queues.entry(m.queue.as_str()).or_insert(next)
+        })
+        .collect();
     let mut order: Vec<usize> = (0..messages.len()).collect();
-    order.sort_by_key(|&at| rank[messages[at].queue.as_str()]);
+    order.sort_by_key(|&at| ranks[at]);
     order
 }
 
@@ -153,7 +153,14 @@ impl Spool {
             *last = self.read_chunk(queue, home.first_id)?;
         }
         let Some(chunk) = last.as_ref() else {
-            self.missing(queue, taken.id, Some(home));
+            // Its head was found at open but the chunk is gone: a loss, so it is recorded
+            // in quarantine (no bytes left to keep) and its bit is set, never just dropped.
+            let key = keys::chunk_key(ChunkPart::Chunk, queue, home.first_id);
+            let reason = format!(
+                "message {} is lost: its chunk {} is missing although the chunk's head is there",
+                taken.id, home.first_id
+            );
+            self.quarantine_live(queue, taken.id, &key, &[], reason, Some(home));
             return Ok(None);
         };
         match self.decode_chunked(queue, taken.id, home, chunk) {

@@ -112,11 +112,7 @@ pub trait ScanSource {
 
 impl ScanSource for Trees {
     fn for_each(&self, tree: TreeId, f: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), sled::Error> {
-        for item in self[tree as usize].iter() {
-            let (key, value) = item?;
-            f(&key, &value);
-        }
-        Ok(())
+        visit(self[tree as usize].iter(), f)
     }
 
     fn get(&self, tree: TreeId, key: &[u8]) -> Result<Option<Vec<u8>>, sled::Error> {
@@ -129,11 +125,7 @@ impl ScanSource for Trees {
         prefix: &[u8],
         f: &mut dyn FnMut(&[u8], &[u8]),
     ) -> Result<(), sled::Error> {
-        for item in self[tree as usize].scan_prefix(prefix) {
-            let (key, value) = item?;
-            f(&key, &value);
-        }
-        Ok(())
+        visit(self[tree as usize].scan_prefix(prefix), f)
     }
 
     fn for_each_range(
@@ -144,16 +136,23 @@ impl ScanSource for Trees {
         f: &mut dyn FnMut(&[u8], &[u8]),
     ) -> Result<(), sled::Error> {
         let tree = &self[tree as usize];
-        let items = match end {
-            Some(end) => tree.range(start..end),
-            None => tree.range(start..),
-        };
-        for item in items {
-            let (key, value) = item?;
-            f(&key, &value);
+        match end {
+            Some(end) => visit(tree.range(start..end), f),
+            None => visit(tree.range(start..), f),
         }
-        Ok(())
     }
+}
+
+/// Calls `f` with each (key, value) of a sled iterator; stops at sled's first error.
+fn visit(
+    items: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+    f: &mut dyn FnMut(&[u8], &[u8]),
+) -> Result<(), sled::Error> {
+    for item in items {
+        let (key, value) = item?;
+        f(&key, &value);
+    }
+    Ok(())
 }
 
 /// Reads every tree once and builds a [`Scan`]: the index, the report, and the repairs for

@@ -426,7 +426,7 @@ impl Spool {
                 Ok(None)
             }
             None => {
-                self.missing(queue, id, None);
+                self.missing(queue, id);
                 Ok(None)
             }
         }
@@ -434,17 +434,13 @@ impl Spool {
 
     /// An indexed message whose record is gone (only a bug or a hand-edited spool does
     /// that): logged, and taken out of the index so it is not leased for ever.
-    pub(crate) fn missing(&self, queue: &str, id: u64, home: Option<Home>) {
+    fn missing(&self, queue: &str, id: u64) {
         tracing::error!(
             queue,
             id,
             "indexed message has no record; dropping it from the index"
         );
-        let mut index = self.index();
-        index.remove(queue, id);
-        if let Some(home) = home {
-            index.chunks.settle_moved(queue, home);
-        }
+        self.index().remove(queue, id);
     }
 
     /// Makes every write so far durable (acks included). Used at shutdown.

@@ -171,3 +171,30 @@ async fn a_key_in_the_chunk_area_that_is_no_chunk_part_is_quarantined() {
     drop(spool);
     assert!(!key_exists(dir.path(), stray), "moved, not copied");
 }
+
+#[tokio::test]
+async fn a_chunk_gone_under_its_head_is_reported_as_lost_not_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = ten_chunked(dir.path()).await;
+    let key = chunk_key(ChunkPart::Chunk, QUEUE, first.0);
+    {
+        let db = sled::open(dir.path().join("data")).unwrap();
+        db.open_tree("messages").unwrap().remove(&key).unwrap();
+        db.flush().unwrap();
+    }
+    let spool = open_chunked(dir.path(), true);
+    assert!(lease_all(&spool, QUEUE).is_empty());
+    spool.sync().await.unwrap();
+    let quarantined = spool.quarantined().unwrap();
+    assert_eq!(quarantined.len(), 10, "one entry per lost message");
+    assert!(quarantined
+        .iter()
+        .all(|q| q.key == key && q.reason.contains("lost")));
+    drop(spool);
+    let (_, report) = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+    assert!(report.queues.is_empty(), "settled: not indexed again");
+    assert!(!key_exists(
+        dir.path(),
+        &chunk_key(ChunkPart::Head, QUEUE, first.0)
+    ));
+}

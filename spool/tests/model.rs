@@ -142,25 +142,27 @@ fn cases(default: u32) -> ProptestConfig {
     }
 }
 
+/// Applies `steps` to a fresh spool and its model; every step checks the two agree.
+fn run(steps: Vec<Step>, reopen_each_step: bool, chunked: bool) {
+    let mut h = Harness::new(reopen_each_step, chunked);
+    for s in steps {
+        h.apply(s);
+    }
+}
+
 proptest! {
     #![proptest_config(cases(128))]
 
     #[test]
     fn spool_agrees_with_the_model(steps in prop::collection::vec(step(), 1..80)) {
-        let mut h = Harness::new(false, false);
-        for s in steps {
-            h.apply(s);
-        }
+        run(steps, false, false);
     }
 
     /// The same with chunked ingest (spool v2): messages enqueued together live in chunks,
     /// and every settlement and operator step must treat them exactly as single records.
     #[test]
     fn chunked_spool_agrees_with_the_model(steps in prop::collection::vec(step(), 1..80)) {
-        let mut h = Harness::new(false, true);
-        for s in steps {
-            h.apply(s);
-        }
+        run(steps, false, true);
     }
 }
 
@@ -169,18 +171,12 @@ proptest! {
 
     #[test]
     fn every_state_survives_a_reopen(steps in prop::collection::vec(step(), 1..40)) {
-        let mut h = Harness::new(true, false);
-        for s in steps {
-            h.apply(s);
-        }
+        run(steps, true, false);
     }
 
     /// The same with chunked ingest: heads and settle bitmaps rebuild the same state.
     #[test]
     fn every_chunked_state_survives_a_reopen(steps in prop::collection::vec(step(), 1..40)) {
-        let mut h = Harness::new(true, true);
-        for s in steps {
-            h.apply(s);
-        }
+        run(steps, true, true);
     }
 }
