@@ -29,6 +29,9 @@ pub struct RecoveryReport {
     pub quarantine_total: u64,
     /// Messages found both queued and dead-lettered; the queued copy was removed.
     pub duplicates_resolved: u64,
+    /// Chunks found without their head (spool v2) whose own header was sound: the head was
+    /// written again from it, so their messages are delivered.
+    pub heads_restored: u64,
     /// The highest id found or recorded; new ids continue above it.
     pub highest_id: u64,
     /// Every record that failed its checks, whether or not it was moved (see

@@ -14,6 +14,8 @@ use crate::index::Slot;
 use crate::keys::{self, ChunkPart};
 use crate::recovery::{quarantine, Scan, ScanSource};
 
+type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// Scans the heads and settle bitmaps into `scan`. A chunked message also found
 /// dead-lettered keeps its dead-letter copy, as a single record does.
 pub(crate) fn scan_chunks(
@@ -31,8 +33,26 @@ pub(crate) fn scan_chunks(
     trees.for_each_prefix(TreeId::Messages, &head_prefix, &mut |key, raw| {
         heads.push((key.to_vec(), raw.to_vec()));
     })?;
+    // A head whose key does not parse heads nothing: it is quarantined on its own.
+    let mut headed: HashSet<Vec<u8>> = heads
+        .iter()
+        .filter(|(key, _)| keys::parse_chunk_key(ChunkPart::Head, key).is_some())
+        .map(|(key, _)| key[head_prefix.len()..].to_vec())
+        .collect();
+    let restored = headless_chunks(trees, &headed, scan)?;
+    headed.extend(
+        restored
+            .iter()
+            .map(|(key, _)| key[head_prefix.len()..].to_vec()),
+    );
+    heads.extend(restored);
     for (key, raw) in heads {
-        let bitmap = settled.remove(&key[head_prefix.len()..]);
+        // A head that heads nothing has no bitmap either: one under its key is litter.
+        let suffix = &key[head_prefix.len()..];
+        let bitmap = headed
+            .contains(suffix)
+            .then(|| settled.remove(suffix))
+            .flatten();
         scan_head(trees, dead, scan, &key, &raw, bitmap)?;
     }
     quarantine_foreign_keys(trees, scan)?;
@@ -43,6 +63,55 @@ pub(crate) fn scan_chunks(
         scan.repairs.push(Op::Del(TreeId::Messages, key));
     }
     Ok(())
+}
+
+/// Chunks with no head. Enqueue and settling write and delete a chunk and its head in one
+/// batch, so only damage below sled parts them; the messages must still not be dropped in
+/// silence. A chunk whose own header is sound gets its head written again (returned, to be
+/// scanned like the others); any other is quarantined whole with its bytes.
+///
+/// This walks the chunk values, payloads and all: the one place recovery reads them. sled's
+/// small page cache bounds the memory it costs, not the time (see docs/spool-v2-design.md).
+fn headless_chunks(
+    trees: &impl ScanSource,
+    headed: &HashSet<Vec<u8>>,
+    scan: &mut Scan,
+) -> Result<Vec<KeyValue>, sled::Error> {
+    let chunk_prefix = keys::chunk_part_prefix(ChunkPart::Chunk);
+    let mut headless = Vec::new();
+    trees.for_each_prefix(TreeId::Messages, &chunk_prefix, &mut |key, raw| {
+        if !headed.contains(&key[chunk_prefix.len()..]) {
+            headless.push((key.to_vec(), raw.to_vec()));
+        }
+    })?;
+    let mut restored = Vec::new();
+    for (key, raw) in headless {
+        let parsed = keys::parse_chunk_key(ChunkPart::Chunk, &key);
+        match (parsed, decode_header(&raw)) {
+            (Some((queue, first_id)), Ok(header)) if header.first_id == first_id => {
+                tracing::warn!(
+                    queue,
+                    first_id,
+                    "chunk without its head; head written again"
+                );
+                let head_key = keys::chunk_key(ChunkPart::Head, queue, first_id);
+                let head = raw[..header.encoded_len()].to_vec();
+                scan.repairs
+                    .push(Op::Put(TreeId::Messages, head_key.clone(), head.clone()));
+                scan.report.heads_restored += 1;
+                restored.push((head_key, head));
+            }
+            (_, Err(e)) => {
+                let reason = format!("a chunk with no head, whose own header is bad: {e}");
+                quarantine(scan, TreeId::Messages, &key, &raw, reason);
+            }
+            _ => {
+                let reason = "a chunk with no head, whose key does not match its header";
+                quarantine(scan, TreeId::Messages, &key, &raw, reason.into());
+            }
+        }
+    }
+    Ok(restored)
 }
 
 /// Keys in the chunk area that are no chunk part (this build never writes them) are set

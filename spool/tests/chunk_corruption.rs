@@ -27,7 +27,7 @@ async fn ten_chunked(dir: &std::path::Path) -> MessageId {
 
 /// Flips one byte of the value under `key` at `at(len)`; returns the damaged value.
 fn damage(dir: &std::path::Path, key: &[u8], at: impl Fn(usize) -> usize) -> Vec<u8> {
-    let db = sled::open(dir.join("data")).unwrap();
+    let db = common::sled_open(&dir.join("data"));
     let tree = db.open_tree("messages").unwrap();
     let mut bad = tree.get(key).unwrap().expect("the key exists").to_vec();
     let i = at(bad.len());
@@ -38,7 +38,7 @@ fn damage(dir: &std::path::Path, key: &[u8], at: impl Fn(usize) -> usize) -> Vec
 }
 
 fn key_exists(dir: &std::path::Path, key: &[u8]) -> bool {
-    let db = sled::open(dir.join("data")).unwrap();
+    let db = common::sled_open(&dir.join("data"));
     db.open_tree("messages").unwrap().contains_key(key).unwrap()
 }
 
@@ -86,7 +86,7 @@ async fn a_damaged_head_quarantines_the_chunk_whole_with_its_raw_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let first = ten_chunked(dir.path()).await;
     let chunk = {
-        let db = sled::open(dir.path().join("data")).unwrap();
+        let db = common::sled_open(&dir.path().join("data"));
         let tree = db.open_tree("messages").unwrap();
         let key = chunk_key(ChunkPart::Chunk, QUEUE, first.0);
         tree.get(key).unwrap().unwrap().to_vec()
@@ -157,7 +157,7 @@ async fn a_key_in_the_chunk_area_that_is_no_chunk_part_is_quarantined() {
     ten_chunked(dir.path()).await;
     let stray: &[u8] = b"\x00\x07stray";
     {
-        let db = sled::open(dir.path().join("data")).unwrap();
+        let db = common::sled_open(&dir.path().join("data"));
         let tree = db.open_tree("messages").unwrap();
         tree.insert(stray, &b"bytes"[..]).unwrap();
         db.flush().unwrap();
@@ -178,7 +178,7 @@ async fn a_chunk_gone_under_its_head_is_reported_as_lost_not_dropped() {
     let first = ten_chunked(dir.path()).await;
     let key = chunk_key(ChunkPart::Chunk, QUEUE, first.0);
     {
-        let db = sled::open(dir.path().join("data")).unwrap();
+        let db = common::sled_open(&dir.path().join("data"));
         db.open_tree("messages").unwrap().remove(&key).unwrap();
         db.flush().unwrap();
     }
@@ -197,4 +197,54 @@ async fn a_chunk_gone_under_its_head_is_reported_as_lost_not_dropped() {
         dir.path(),
         &chunk_key(ChunkPart::Head, QUEUE, first.0)
     ));
+}
+
+/// Removes `key` from the messages tree behind the spool's back.
+fn remove(dir: &std::path::Path, key: &[u8]) {
+    let db = common::sled_open(&dir.join("data"));
+    db.open_tree("messages").unwrap().remove(key).unwrap();
+    db.flush().unwrap();
+}
+
+#[tokio::test]
+async fn a_chunk_whose_head_is_gone_gets_it_back_from_its_own_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = ten_chunked(dir.path()).await;
+    {
+        // Three delivered: the bitmap still counts once the head is back.
+        let spool = open_chunked(dir.path(), true);
+        let leased = lease_all(&spool, QUEUE);
+        let acks: Vec<&spool::Lease> = leased[..3].iter().map(|l| &l.lease).collect();
+        spool.ack_many(&acks).unwrap();
+    }
+    let head = chunk_key(ChunkPart::Head, QUEUE, first.0);
+    remove(dir.path(), &head);
+    let (spool, report) = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+    assert_eq!(report.heads_restored, 1);
+    let leased = lease_all(&spool, QUEUE);
+    let ids: Vec<u64> = leased.iter().map(|l| l.lease.id().0).collect();
+    assert_eq!(ids, (first.0 + 3..first.0 + 10).collect::<Vec<_>>());
+    assert!(spool.quarantined().unwrap().is_empty());
+    drop(spool);
+    assert!(key_exists(dir.path(), &head), "the head is written back");
+    let (_, report) = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+    assert_eq!(report.heads_restored, 0, "repaired once");
+    assert_eq!(report.queues[QUEUE].0, 7);
+}
+
+#[tokio::test]
+async fn a_chunk_with_no_head_and_a_bad_header_is_quarantined_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = ten_chunked(dir.path()).await;
+    let key = chunk_key(ChunkPart::Chunk, QUEUE, first.0);
+    remove(dir.path(), &chunk_key(ChunkPart::Head, QUEUE, first.0));
+    let bad = damage(dir.path(), &key, |_| 6); // inside the header
+    let spool = open_chunked(dir.path(), true);
+    assert!(lease_all(&spool, QUEUE).is_empty());
+    let quarantined = spool.quarantined().unwrap();
+    assert_eq!(quarantined.len(), 1);
+    assert_eq!((&quarantined[0].key, &quarantined[0].raw), (&key, &bad));
+    assert!(quarantined[0].reason.contains("no head"));
+    drop(spool);
+    assert!(!key_exists(dir.path(), &key), "moved, not copied");
 }

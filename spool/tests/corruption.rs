@@ -26,7 +26,7 @@ async fn damaged_records_are_quarantined_and_the_rest_survive() {
     // own framing intact: only the spool's checksum can notice.
     let mut damaged = Vec::new();
     {
-        let db = sled::open(dir.path().join("data")).unwrap();
+        let db = common::sled_open(&dir.path().join("data"));
         for (tree, n) in [("messages", 5), ("dead_letter", 1)] {
             let tree = db.open_tree(tree).unwrap();
             let mut entries: Vec<(sled::IVec, sled::IVec)> =

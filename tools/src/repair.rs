@@ -21,6 +21,7 @@ pub fn verify(out: &Output, report: &RecoveryReport, repaired: bool) -> ExitCode
                 "tree": d.tree, "key": String::from_utf8_lossy(&d.key), "reason": d.reason,
             })).collect::<Vec<_>>(),
             "queued_and_dead_lettered": report.duplicates_resolved,
+            "chunk_heads_restored": report.heads_restored,
             "lost_writes": report.lost_writes,
             "repaired": repaired,
         }));
@@ -46,6 +47,12 @@ pub fn verify(out: &Output, report: &RecoveryReport, repaired: bool) -> ExitCode
                 report.duplicates_resolved
             );
         }
+        if report.heads_restored > 0 {
+            println!(
+                "{} chunks had lost their head; it is rebuilt from the chunk's own header",
+                report.heads_restored
+            );
+        }
         let damaged = !report.damaged.is_empty() || report.lost_writes.is_some();
         match (!damaged, repaired) {
             (true, _) => println!("spool is clean"),
@@ -58,6 +65,7 @@ pub fn verify(out: &Output, report: &RecoveryReport, repaired: bool) -> ExitCode
     }
     let clean = report.damaged.is_empty()
         && report.duplicates_resolved == 0
+        && report.heads_restored == 0
         && report.lost_writes.is_none();
     if clean || repaired {
         ExitCode::SUCCESS

@@ -15,6 +15,21 @@ pub fn open(dir: &Path) -> Spool {
     )
 }
 
+/// Opens sled itself (to damage records behind the spool's back), waiting out the lock of
+/// a spool just dropped: sled lets go of its file lock from a background thread shortly
+/// after the last handle drops.
+pub fn sled_open(data_dir: &Path) -> sled::Db {
+    for _ in 0..250 {
+        match sled::open(data_dir) {
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            opened => return opened.expect("sled open"),
+        }
+    }
+    panic!("sled stayed locked at {}", data_dir.display());
+}
+
 /// Opens with the daemon's options and chunked ingest on or off.
 pub fn open_chunked(dir: &Path, chunked_ingest: bool) -> Spool {
     let options = SpoolOptions {
