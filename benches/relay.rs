@@ -207,11 +207,20 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-/// `SPOOLRELAY_SPOOL_CHUNKED_INGEST=1` (the daemon's `--spool-chunked-ingest`) runs the
-/// daemons and the pre-filled spools of every figure on spool v2's chunks; the binary that
-/// P4 and P7 start reads the same variable. P1 and P5 measure both formats in every run.
+/// The daemons and the pre-filled spools of every figure run on spool v2's chunks (the
+/// default); `SPOOLRELAY_SPOOL_CHUNKED_INGEST=0` (the daemon's
+/// `--spool-chunked-ingest=false`) puts them on v1 records. The binary that P4 and P7
+/// start reads the same variable. P1 and P5 measure both formats in every run.
 fn chunked_from_env() -> bool {
-    std::env::var_os("SPOOLRELAY_SPOOL_CHUNKED_INGEST").is_some_and(|v| v == "1")
+    std::env::var_os("SPOOLRELAY_SPOOL_CHUNKED_INGEST").is_none_or(|v| v != "0")
+}
+
+/// The daemon binary P4 and P7 start: this build's, or `BENCH_DAEMON_BIN` (to compare
+/// two builds, e.g. two allocators, in one session on the same harness).
+fn daemon_binary() -> PathBuf {
+    std::env::var_os("BENCH_DAEMON_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_spoolrelay")))
 }
 
 fn spool_options(chunked_ingest: bool) -> SpoolOptions {
@@ -659,7 +668,7 @@ async fn p4_memory(s: &Settings) {
 
     let (policy_path, _) = example_policy("kafka.lua");
     let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_spoolrelay"))
+    let mut child = Command::new(daemon_binary())
         .args([
             "--policy",
             &policy_path,

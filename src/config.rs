@@ -59,13 +59,18 @@ pub struct RunArgs {
     /// Serve no admin API at all (ingest, /metrics and /healthz only).
     #[arg(long)]
     pub no_admin_api: bool,
-    /// Experimental (spool v2, docs/spool-v2-design.md): store the messages one request
-    /// brings to one queue as chunks instead of one record each. A spool written with it
-    /// needs a build that reads chunks; every build from this one on reads both.
+    /// Store the messages one request brings to one queue as chunks (spool v2, the
+    /// default) instead of one record each; `--spool-chunked-ingest=false` writes v1
+    /// records only. A spool written with chunks needs a build that reads them (every build
+    /// since 2026-12-01); every build reads v1 records.
     #[arg(
         long,
         env = "SPOOLRELAY_SPOOL_CHUNKED_INGEST",
-        action = clap::ArgAction::SetTrue,
+        default_value_t = true,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set,
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub spool_chunked_ingest: bool,
@@ -314,8 +319,12 @@ mod tests {
 
     #[test]
     fn chunked_ingest_takes_the_flag_or_a_boolish_value() {
+        let cli = Cli::try_parse_from(["spoolrelay"]).unwrap();
+        assert!(cli.run.spool_chunked_ingest, "on by default");
         let cli = Cli::try_parse_from(["spoolrelay", "--spool-chunked-ingest"]).unwrap();
         assert!(cli.run.spool_chunked_ingest);
+        let cli = Cli::try_parse_from(["spoolrelay", "--spool-chunked-ingest=false"]).unwrap();
+        assert!(!cli.run.spool_chunked_ingest);
         // What SPOOLRELAY_SPOOL_CHUNKED_INGEST may hold (the test suite sets it to 1).
         use clap::builder::TypedValueParser;
         let value = clap::builder::BoolishValueParser::new();

@@ -39,6 +39,7 @@ pub mod http_error;
 pub mod ingest;
 pub mod ingest_auth;
 pub mod log_hook_task;
+pub mod memory;
 pub mod metrics;
 pub mod queue_metrics;
 pub mod queue_series;
@@ -141,7 +142,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Daemon>
     };
     tracing::info!(%addr, admin_api = config.admin_api, admin_token = config.admin_token.is_some(),
         tls = tls.is_some(), mutual_tls = config.tls.tls_client_ca.is_some(),
-        ingest_tokens = tokens.is_enabled(), "HTTP API listening");
+        ingest_tokens = tokens.is_enabled(), allocator = memory::allocator(), "HTTP API listening");
     if !tokens.is_enabled() && !addr.ip().is_loopback() {
         tracing::warn!(%addr, "ingest is open to anyone who can reach this non-loopback address; \
             set --ingest-token or --ingest-tokens-file to require a bearer token");

@@ -88,7 +88,7 @@ async fn run(n: usize, dir: &Path, reap: Option<u64>, settle: Duration) -> Row {
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_spoolrelay"));
+    let mut cmd = Command::new(super::daemon_binary());
     cmd.arg("--policy")
         .arg(&policy)
         .arg("--spool")

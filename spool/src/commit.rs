@@ -300,6 +300,8 @@ pub struct WriterState {
     pub ledger: Option<Ledger>,
     pub stats: Arc<CommitStats>,
     pub poison: Arc<Poison>,
+    /// The chunk heads on disk, as counted under [`keys::CHUNK_HEADS`].
+    pub chunk_heads: u64,
 }
 
 impl Committer {
@@ -429,16 +431,28 @@ fn serve(state: &mut WriterState, rx: mpsc::Receiver<Job>) {
     write_settles(state);
 }
 
+/// The chunk head count after `added` heads were written and `deleted` removed; when it
+/// changes, its write joins `ops` (the same batch as the heads').
+fn count_heads(state: &WriterState, added: usize, deleted: usize, ops: &mut Vec<Op>) -> u64 {
+    let heads = (state.chunk_heads + added as u64).saturating_sub(deleted as u64);
+    if heads != state.chunk_heads {
+        let count = heads.to_be_bytes().to_vec();
+        ops.push(Op::Put(TreeId::Messages, keys::CHUNK_HEADS.to_vec(), count));
+    }
+    heads
+}
+
 /// Writes the bitmaps acks left, alone: not fsynced, like a v1 ack's delete (a crash
 /// before sled's next flush redelivers those messages, never loses one).
-fn write_settles(state: &WriterState) {
+fn write_settles(state: &mut WriterState) {
     if state.poison.is_set() {
         return;
     }
-    let writes = lock_index(state).chunks.settle_writes(&[]);
+    let mut writes = lock_index(state).chunks.settle_writes(&[]);
     if writes.ops.is_empty() {
         return;
     }
+    let heads = count_heads(state, 0, writes.deleted.len(), &mut writes.ops);
     let mut batch = sled::Batch::default();
     for op in &writes.ops {
         match op {
@@ -448,7 +462,10 @@ fn write_settles(state: &WriterState) {
         }
     }
     match state.trees[TreeId::Messages as usize].apply_batch(batch) {
-        Ok(()) => forget_deleted(&mut lock_index(state), writes.deleted),
+        Ok(()) => {
+            state.chunk_heads = heads;
+            forget_deleted(&mut lock_index(state), writes.deleted);
+        }
         Err(e) => {
             let cause = format!("sled write of settle bitmaps failed: {e}");
             tracing::error!(error = %cause, "the spool refuses writes until it is reopened (restart the daemon)");
@@ -493,9 +510,15 @@ pub fn commit_now(state: &mut WriterState, job: Job) -> Result<(), String> {
 fn commit_group(state: &mut WriterState, group: &[Job]) -> Result<Vec<(String, u64)>, String> {
     let hwm = group.iter().map(Job::highest_new_id).max().unwrap_or(0);
     let SettleWrites {
-        ops: settles,
+        ops: mut settles,
         deleted,
     } = lock_index(state).chunks.settle_writes(&moves(group));
+    let added = group
+        .iter()
+        .flat_map(|job| &job.effects)
+        .filter(|effect| matches!(effect, Effect::AddChunk { .. }))
+        .count();
+    let heads = count_heads(state, added, deleted.len(), &mut settles);
     let writes = group.iter().any(|job| !job.ops.is_empty()) || !settles.is_empty();
     // The high-water mark is reserved ahead in steps, so most groups write only messages.
     let meta = MetaWrites {
@@ -527,6 +550,7 @@ fn commit_group(state: &mut WriterState, group: &[Job]) -> Result<Vec<(String, u
         .sync()
         .map_err(|e| format!("fsync failed: {e}"))?;
     record_stats(&state.stats, group.len(), started);
+    state.chunk_heads = heads;
     if let Some(hwm) = meta.hwm {
         state.id_hwm = hwm;
     }

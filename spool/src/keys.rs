@@ -73,6 +73,11 @@ pub fn parse_message_key(key: &[u8]) -> Option<(&str, MessageId)> {
 /// empty and never start with 0x00, so the chunk area sorts before every message key and
 /// the two never mix: `SINGLES_START..` is exactly the v1 records.
 pub const CHUNK_AREA: u8 = 0;
+/// How many chunk heads the spool has written and not deleted (u64 BE), written in the same
+/// batch as every head's write or deletion. An open that finds another number of heads
+/// (or no count: a spool from before it, or damage) walks the chunks for one that lost its
+/// head; a healthy open never reads a chunk's payload.
+pub const CHUNK_HEADS: &[u8] = &[CHUNK_AREA, 0];
 /// The first key of the single records (v1 records, one per message).
 pub const SINGLES_START: &[u8] = &[1];
 

@@ -32,6 +32,9 @@ pub struct RecoveryReport {
     /// Chunks found without their head (spool v2) whose own header was sound: the head was
     /// written again from it, so their messages are delivered.
     pub heads_restored: u64,
+    /// Whether this open walked the chunks for one that lost its head: the heads found did
+    /// not match their count (`keys::CHUNK_HEADS`). A healthy open does not.
+    pub chunks_walked: bool,
     /// The highest id found or recorded; new ids continue above it.
     pub highest_id: u64,
     /// Every record that failed its checks, whether or not it was moved (see
@@ -68,6 +71,8 @@ pub struct Scan {
     pub next_quarantine_seq: u64,
     /// Ids of the messages this scan quarantined (their large-message markers go too).
     quarantined_ids: HashSet<u64>,
+    /// The chunk heads left once the repairs are made (the commit thread counts on).
+    pub chunk_heads: u64,
 }
 
 /// What a scan reads: the spool's sled trees, or plain maps in the fuzz harness
@@ -105,6 +110,12 @@ pub trait ScanSource {
             }
         })
     }
+    /// Whether `tree` holds a key in `start..end`. The spool looks at the first one only.
+    fn any_in_range(&self, tree: TreeId, start: &[u8], end: &[u8]) -> Result<bool, sled::Error> {
+        let mut any = false;
+        self.for_each_range(tree, start, Some(end), &mut |_, _| any = true)?;
+        Ok(any)
+    }
     /// The record size from which a message has a large-message marker: always
     /// [`keys::LARGE_RECORD`] in a spool; the fuzz harness lowers it so that its large
     /// records cost bytes, not 64 KiB each.
@@ -120,6 +131,14 @@ impl ScanSource for Trees {
 
     fn get(&self, tree: TreeId, key: &[u8]) -> Result<Option<Vec<u8>>, sled::Error> {
         Ok(self[tree as usize].get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn any_in_range(&self, tree: TreeId, start: &[u8], end: &[u8]) -> Result<bool, sled::Error> {
+        Ok(self[tree as usize]
+            .range(start..end)
+            .next()
+            .transpose()?
+            .is_some())
     }
 
     fn for_each_prefix(
@@ -167,6 +186,7 @@ pub fn scan(trees: &impl ScanSource) -> Result<Scan, sled::Error> {
         report: RecoveryReport::default(),
         next_quarantine_seq: 0,
         quarantined_ids: HashSet::new(),
+        chunk_heads: 0,
     };
     trees.for_each(TreeId::Quarantine, &mut |key, _| {
         let seq = keys::parse_id_key(key).unwrap_or(0);

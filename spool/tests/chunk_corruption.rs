@@ -220,6 +220,7 @@ async fn a_chunk_whose_head_is_gone_gets_it_back_from_its_own_header() {
     let head = chunk_key(ChunkPart::Head, QUEUE, first.0);
     remove(dir.path(), &head);
     let (spool, report) = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+    assert!(report.chunks_walked, "one head fewer than counted");
     assert_eq!(report.heads_restored, 1);
     let leased = lease_all(&spool, QUEUE);
     let ids: Vec<u64> = leased.iter().map(|l| l.lease.id().0).collect();
@@ -229,6 +230,7 @@ async fn a_chunk_whose_head_is_gone_gets_it_back_from_its_own_header() {
     assert!(key_exists(dir.path(), &head), "the head is written back");
     let (_, report) = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
     assert_eq!(report.heads_restored, 0, "repaired once");
+    assert!(!report.chunks_walked, "the head count was written back");
     assert_eq!(report.queues[QUEUE].0, 7);
 }
 

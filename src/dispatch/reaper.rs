@@ -12,8 +12,8 @@
 //! a `VecDeque` ordered by deadline is the whole schedule: the supervisor sleeps until the
 //! front one, never runs a timer per queue, and reaping costs O(reaped).
 //!
-//! Freed Lua states do not shrink the process by themselves: glibc keeps freed memory in
-//! its per-thread arenas. [`Trim`] asks glibc (`malloc_trim`) to hand it back, at most once
+//! Freed Lua states do not shrink the process by themselves: the allocator keeps freed
+//! memory. [`Trim`] asks it to hand it back (`crate::memory`), at most once
 //! per [`TRIM_DEBOUNCE`] and only after a connection was closed, so a burst of thousands of
 //! closes costs one trim and an idle relay none. Each trim also lets go the policy's warm
 //! Lua states (kept to serve a burst's next connections without building new ones).
@@ -133,18 +133,8 @@ impl Trim {
             if self.policy.drop_warm_states() > 0 {
                 self.freed();
             }
-            let _ = tokio::task::spawn_blocking(release_free_memory).await;
+            let _ = tokio::task::spawn_blocking(crate::memory::release_free_memory).await;
         }
-    }
-}
-
-/// Returns free heap memory to the system (glibc keeps it in its arenas otherwise).
-pub fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks the allocator's own free lists; it takes the arena
-    // locks itself and is safe to call from any thread at any time.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 

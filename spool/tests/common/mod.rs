@@ -6,12 +6,12 @@ pub mod dirs;
 
 use spool::{Leased, Message, Meta, MetaValue, NewMessage, Spool, SpoolOptions};
 
-/// Opens with the daemon's options; `SPOOL_TEST_CHUNKED_INGEST=1` turns on chunked ingest
-/// (spool v2), so any spool test can be run against it.
+/// Opens with the daemon's options (chunked ingest, spool v2); `SPOOL_TEST_CHUNKED_INGEST=0`
+/// turns it off, so any spool test can be run on v1 records too.
 pub fn open(dir: &Path) -> Spool {
     open_chunked(
         dir,
-        std::env::var_os("SPOOL_TEST_CHUNKED_INGEST").is_some_and(|v| v == "1"),
+        std::env::var_os("SPOOL_TEST_CHUNKED_INGEST").is_none_or(|v| v != "0"),
     )
 }
 

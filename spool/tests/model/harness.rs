@@ -255,7 +255,15 @@ impl Harness {
         self.spool = None; // drop closes it and releases the lock
         let lost = self.batches.drain(..).flatten().map(|l| l.lease);
         self.settled.extend(lost);
-        self.spool = Some(open_chunked(self.dir.path(), self.chunked));
+        let options = spool::SpoolOptions {
+            chunked_ingest: self.chunked,
+            ..spool::SpoolOptions::default()
+        };
+        let (spool, report) = spool::Spool::open(self.dir.path(), options).expect("reopen");
+        // The chunk head count stays exact through every step, so no healthy reopen walks
+        // the chunks' payloads looking for a lost head.
+        assert!(!report.chunks_walked, "head count off: {report:?}");
+        self.spool = Some(spool);
         // Every queue recovered with messages is work for the dispatcher.
         self.touched = self
             .model
