@@ -31,6 +31,7 @@
 //!                       0x00 0x01 <queue> 0x00 <first id> -> chunk: header + records
 //!                       0x00 0x02 <queue> 0x00 <first id> -> the chunk's header alone
 //!                       0x00 0x03 <queue> 0x00 <first id> -> the chunk's settle bitmap
+//!                       0x00 0x00                 -> how many chunk heads there are
 //!     dead_letter       <id u64 BE>               -> record v1 (Message, last_error = reason)
 //!     quarantine        <seq u64 BE>              -> record v1 (QuarantineEntry)
 //!     meta              "id_hwm"                  -> highest id ever committed
@@ -41,7 +42,7 @@
 //! One data tree holds every queue, because sled bloats when used with many trees (sled
 //! #1333, #1484); queue-prefixed keys keep each queue contiguous and FIFO by id.
 //!
-//! ## Chunks (spool v2, `SpoolOptions::chunked_ingest`)
+//! ## Chunks (spool v2, `SpoolOptions::chunked_ingest`, on by default)
 //! With chunked ingest, what one enqueue call brings to one queue (two messages or more,
 //! each under half a chunk) is written as one chunk ([`chunk`]): one sled value for up to
 //! 64 KiB of messages, plus a copy of its header, in the same batch. A chunked message is
@@ -51,7 +52,10 @@
 //! retry, a dead letter, an operator's rewrite), in the same batch that sets its bit. A v1
 //! spool is therefore a v2 spool without chunks, and opens as it is; a spool that holds
 //! chunks needs a build that reads them (a v1 build would quarantine the chunk keys as
-//! records it cannot read, never drop them silently).
+//! records it cannot read, never drop them silently). Recovery reads the heads and bitmaps,
+//! never a payload, unless the heads found do not match their count (`keys::CHUNK_HEADS`):
+//! then it walks the chunks for one that lost its head (`recovery_chunks.rs`).
+//! docs/spool-v2-design.md has the design and the steps still to come.
 //!
 //! ## Writing: group commit
 //! All durable writes go through one commit thread (`commit.rs`). It takes every job that
