@@ -69,6 +69,8 @@ fn main() -> ExitCode {
 /// one a drain asked for (docs/operations.md, "Draining a node").
 async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = Config::resolve(args).await?;
+    // Before the daemon starts and says it listens: see `os_signal`.
+    let signal = shutdown::os_signal();
     let stop = Shutdown::new();
     let daemon = spoolrelay::start(config, stop.clone()).await?;
     // The spool is open and the listener bound: what systemd's Type=notify waits for.
@@ -76,7 +78,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
     let drain = daemon.drain.clone();
     let signal_stop = stop.clone();
     tokio::spawn(async move {
-        shutdown::os_signal().await;
+        signal.await;
         tracing::info!("signal received; shutting down");
         signal_stop.trigger();
     });

@@ -46,27 +46,42 @@ impl Shutdown {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM: what `main` passes to the daemon.
-pub async fn os_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
+/// Listens for SIGINT and SIGTERM from this call on, and returns what resolves on the
+/// first of them: what `main` passes to the daemon. The handlers are installed here, not
+/// when the future is first polled: a SIGTERM sent the moment the daemon says it listens
+/// (a test, or systemd right after READY=1) would otherwise find the default action and
+/// kill the process without its clean stop.
+#[cfg(unix)]
+pub fn os_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, Signal, SignalKind};
+    let listen = |name: &str, kind: SignalKind| -> Option<Signal> {
+        signal(kind)
+            .inspect_err(|e| tracing::warn!(error = %e, signal = name, "cannot listen for this signal; it will not stop the daemon cleanly"))
+            .ok()
+    };
+    let interrupt = listen("SIGINT", SignalKind::interrupt());
+    let terminate = listen("SIGTERM", SignalKind::terminate());
+    async move {
+        let received = |signal: Option<Signal>| async move {
+            match signal {
+                Some(mut signal) => {
+                    signal.recv().await;
                 }
+                None => std::future::pending::<()>().await,
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the daemon");
-                let _ = ctrl_c.await;
-            }
+        };
+        tokio::select! {
+            _ = received(interrupt) => {}
+            _ = received(terminate) => {}
         }
     }
-    #[cfg(not(unix))]
-    {
+}
+
+/// Resolves on Ctrl-C: what `main` passes to the daemon.
+#[cfg(not(unix))]
+pub fn os_signal() -> impl std::future::Future<Output = ()> {
+    let ctrl_c = tokio::signal::ctrl_c();
+    async move {
         let _ = ctrl_c.await;
     }
 }
