@@ -9,7 +9,7 @@
 //! | P2t    | a trickle (enqueues of 10) → kafka.lua       | the same with `min_batch_size = 1`  |
 //! | P3     | backlog → seed 002 amqp.lua → RabbitMQ       | direct lapin, pipelined confirms    |
 //! | P4     | daemon binary: RSS with N queued, restart    | —                                   |
-//! | P5     | bytes on disk after N in / N out, 3 cycles   | the live data size                  |
+//! | P5     | bytes on disk after N in / N out, 3 cycles (`BENCH_P5_CYCLES`) | the live data size |
 //! | P7     | daemon binary: N queues x 1 message, reaped  | RSS before the burst                |
 //!
 //! Environment: `BENCH_MESSAGES` (P2, P4, P5; default 200000), `BENCH_AMQP_MESSAGES`
@@ -59,6 +59,8 @@ struct Settings {
     run_for: Duration,
     only: Option<String>,
     amqp_url: String,
+    /// P5's fill/drain cycles: enough of them tell growth from sled's lazy reclaim.
+    p5_cycles: usize,
 }
 
 impl Settings {
@@ -76,6 +78,7 @@ impl Settings {
             only: std::env::var("BENCH_ONLY").ok().map(|s| s.to_uppercase()),
             amqp_url: std::env::var("AMQP_URL")
                 .unwrap_or_else(|_| "amqp://127.0.0.1:5672/%2f".into()),
+            p5_cycles: num("BENCH_P5_CYCLES", 3),
         }
     }
 
@@ -207,12 +210,12 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-/// The daemons and the pre-filled spools of every figure run on spool v2's chunks (the
-/// default); `SPOOLRELAY_SPOOL_CHUNKED_INGEST=0` (the daemon's
-/// `--spool-chunked-ingest=false`) puts them on v1 records. The binary that P4 and P7
-/// start reads the same variable. P1 and P5 measure both formats in every run.
+/// The daemons and the pre-filled spools of every figure run on the default format (v1
+/// records); `SPOOLRELAY_SPOOL_CHUNKED_INGEST=1` (the daemon's `--spool-chunked-ingest`)
+/// puts them on spool v2's chunks. The binary that P4 and P7 start reads the same variable. P1 and P5 measure both formats in every run.
 fn chunked_from_env() -> bool {
-    std::env::var_os("SPOOLRELAY_SPOOL_CHUNKED_INGEST").is_none_or(|v| v != "0")
+    std::env::var_os("SPOOLRELAY_SPOOL_CHUNKED_INGEST")
+        .map_or(SpoolOptions::default().chunked_ingest, |v| v != "0")
 }
 
 /// The daemon binary P4 and P7 start: this build's, or `BENCH_DAEMON_BIN` (to compare
@@ -843,7 +846,8 @@ async fn p5_disk(s: &Settings) {
 async fn p5_disk_of(s: &Settings, chunked: bool) {
     let n = s.messages;
     let format = if chunked { "v2 chunks" } else { "v1 records" };
-    println!("\nP5 disk ({format}): {n} x {KIB} B in (enqueue, fsynced), then out (lease + ack, as the dispatcher does), 3 cycles");
+    let cycles = s.p5_cycles;
+    println!("\nP5 disk ({format}): {n} x {KIB} B in (enqueue, fsynced), then out (lease + ack, as the dispatcher does), {cycles} cycles");
     let dir = tempfile::tempdir().expect("tempdir");
     let (spool, _) = Spool::open(dir.path(), spool_options(chunked)).expect("spool opens");
     let record = (spool::keys::message_key(KAFKA_QUEUE, spool::MessageId(1)).len()
@@ -864,7 +868,7 @@ async fn p5_disk_of(s: &Settings, chunked: bool) {
         "cycle", "after", "live data", "on disk", "allocated", "disk/live"
     );
     let mut out_secs = 0.0;
-    for cycle in 1..=3 {
+    for cycle in 1..=cycles {
         fill(&spool, KAFKA_QUEUE, n, KIB).await;
         spool.sync().await.expect("sync");
         let (size, alloc) = dir_bytes(dir.path());
@@ -902,6 +906,6 @@ async fn p5_disk_of(s: &Settings, chunked: bool) {
     }
     println!(
         "  (lease + ack alone ({format}): {:.0} msg/s; live record = {record} B = v1 key + encoded message)",
-        3.0 * n as f64 / out_secs
+        (cycles * n) as f64 / out_secs
     );
 }

@@ -100,9 +100,10 @@ pub async fn start_with(lua: &str, dir: &Path, tweak: impl FnOnce(&mut Config)) 
         .unwrap_or_else(|e| panic!("test policy does not load: {e}\n{lua}"));
     let mut config = Config::new(policy, dir.to_path_buf());
     config.listen = "127.0.0.1:0".into();
-    // As the binary's --spool-chunked-ingest=false does, so the suite can run on v1 records.
-    config.spool_options.chunked_ingest =
-        std::env::var_os("SPOOLRELAY_SPOOL_CHUNKED_INGEST").is_none_or(|v| v != "0");
+    // As the binary's --spool-chunked-ingest[=false] does, so the suite can run either way.
+    if let Some(chunked) = std::env::var_os("SPOOLRELAY_SPOOL_CHUNKED_INGEST") {
+        config.spool_options.chunked_ingest = chunked != "0";
+    }
     config.drain_timeout = Duration::from_secs(5);
     tweak(&mut config);
     spoolrelay::start(config, Shutdown::new())

@@ -6,12 +6,13 @@ pub mod dirs;
 
 use spool::{Leased, Message, Meta, MetaValue, NewMessage, Spool, SpoolOptions};
 
-/// Opens with the daemon's options (chunked ingest, spool v2); `SPOOL_TEST_CHUNKED_INGEST=0`
-/// turns it off, so any spool test can be run on v1 records too.
+/// Opens with the daemon's options; `SPOOL_TEST_CHUNKED_INGEST=1` turns chunked ingest
+/// (spool v2) on and `=0` off, so any spool test can be run either way.
 pub fn open(dir: &Path) -> Spool {
+    let default = SpoolOptions::default().chunked_ingest;
     open_chunked(
         dir,
-        std::env::var_os("SPOOL_TEST_CHUNKED_INGEST").is_none_or(|v| v != "0"),
+        std::env::var_os("SPOOL_TEST_CHUNKED_INGEST").map_or(default, |v| v != "0"),
     )
 }
 
