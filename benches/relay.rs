@@ -9,7 +9,7 @@
 //! | P2t    | a trickle (enqueues of 10) → kafka.lua       | the same with `min_batch_size = 1`  |
 //! | P3     | backlog → seed 002 amqp.lua → RabbitMQ       | direct lapin, pipelined confirms    |
 //! | P4     | daemon binary: RSS with N queued, restart    | —                                   |
-//! | P5     | bytes on disk after N in / N out, 3 cycles (`BENCH_P5_CYCLES`) | the live data size |
+//! | P5     | bytes on disk (and in sled's blobs) after N in / N out, 3 cycles (`BENCH_P5_CYCLES`; `BENCH_P5_FORMAT=v1` or `v2` runs one format) | the live data size |
 //! | P7     | daemon binary: N queues x 1 message, reaped  | RSS before the burst                |
 //!
 //! Environment: `BENCH_MESSAGES` (P2, P4, P5; default 200000), `BENCH_AMQP_MESSAGES`
@@ -838,7 +838,13 @@ fn dir_bytes(dir: &Path) -> (u64, u64) {
 }
 
 async fn p5_disk(s: &Settings) {
+    // BENCH_P5_FORMAT=v1 or v2 runs one format (a long run on one of them); unset runs both.
+    let only = std::env::var("BENCH_P5_FORMAT").ok();
     for chunked in [false, true] {
+        let name = if chunked { "v2" } else { "v1" };
+        if only.as_deref().is_some_and(|o| o != name) {
+            continue;
+        }
         p5_disk_of(s, chunked).await;
     }
 }
@@ -864,21 +870,23 @@ async fn p5_disk_of(s: &Settings, chunked: bool) {
         .len()) as u64;
     let live_in = n as u64 * record;
     println!(
-        "  {:<7} {:<10} {:>14} {:>14} {:>14} {:>9}",
-        "cycle", "after", "live data", "on disk", "allocated", "disk/live"
+        "  {:<7} {:<10} {:>14} {:>14} {:>14} {:>9} {:>14}",
+        "cycle", "after", "live data", "on disk", "allocated", "disk/live", "of it blobs"
     );
+    let blobs = dir.path().join("data").join("blobs");
     let mut out_secs = 0.0;
     for cycle in 1..=cycles {
         fill(&spool, KAFKA_QUEUE, n, KIB).await;
         spool.sync().await.expect("sync");
         let (size, alloc) = dir_bytes(dir.path());
         println!(
-            "  {cycle:<7} {:<10} {:>11.1} MiB {:>10.1} MiB {:>10.1} MiB {:>8.2}x",
+            "  {cycle:<7} {:<10} {:>11.1} MiB {:>10.1} MiB {:>10.1} MiB {:>8.2}x {:>10.1} MiB",
             "N in",
             live_in as f64 / 1048576.0,
             size as f64 / 1048576.0,
             alloc as f64 / 1048576.0,
-            size as f64 / live_in as f64
+            size as f64 / live_in as f64,
+            dir_bytes(&blobs).0 as f64 / 1048576.0
         );
         let t0 = Instant::now();
         loop {
@@ -896,12 +904,13 @@ async fn p5_disk_of(s: &Settings, chunked: bool) {
         out_secs += t0.elapsed().as_secs_f64();
         let (size, alloc) = dir_bytes(dir.path());
         println!(
-            "  {cycle:<7} {:<10} {:>11.1} MiB {:>10.1} MiB {:>10.1} MiB {:>9}",
+            "  {cycle:<7} {:<10} {:>11.1} MiB {:>10.1} MiB {:>10.1} MiB {:>9} {:>10.1} MiB",
             "N out",
             0.0,
             size as f64 / 1048576.0,
             alloc as f64 / 1048576.0,
-            "-"
+            "-",
+            dir_bytes(&blobs).0 as f64 / 1048576.0
         );
     }
     println!(
