@@ -59,15 +59,15 @@ pub struct RunArgs {
     /// Serve no admin API at all (ingest, /metrics and /healthz only).
     #[arg(long)]
     pub no_admin_api: bool,
-    /// Store the messages one request brings to one queue as chunks (spool v2) instead of
-    /// one record each: faster ingest, drains and restarts, but its disk use still grows
-    /// over many fill/drain cycles (docs/performance.md, "Spool v2"), so it is off by
-    /// default. A spool written with chunks needs a build that reads them (this one and
-    /// later); every build reads v1 records.
+    /// Store the messages one request brings to one queue as chunks (spool v2, the
+    /// default) instead of one record each: faster ingest, drains and restarts
+    /// (docs/performance.md, "Spool v2"); `--spool-chunked-ingest=false` writes v1 records
+    /// only. A spool written with chunks needs a build that reads them (every build since
+    /// 2026-12-01); every build reads v1 records.
     #[arg(
         long,
         env = "SPOOLRELAY_SPOOL_CHUNKED_INGEST",
-        default_value_t = false,
+        default_value_t = true,
         num_args = 0..=1,
         require_equals = true,
         default_missing_value = "true",
@@ -321,7 +321,7 @@ mod tests {
     #[test]
     fn chunked_ingest_takes_the_flag_or_a_boolish_value() {
         let cli = Cli::try_parse_from(["spoolrelay"]).unwrap();
-        assert!(!cli.run.spool_chunked_ingest, "off by default");
+        assert!(cli.run.spool_chunked_ingest, "on by default");
         let cli = Cli::try_parse_from(["spoolrelay", "--spool-chunked-ingest"]).unwrap();
         assert!(cli.run.spool_chunked_ingest);
         let cli = Cli::try_parse_from(["spoolrelay", "--spool-chunked-ingest=false"]).unwrap();

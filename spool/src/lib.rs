@@ -42,7 +42,7 @@
 //! One data tree holds every queue, because sled bloats when used with many trees (sled
 //! #1333, #1484); queue-prefixed keys keep each queue contiguous and FIFO by id.
 //!
-//! ## Chunks (spool v2, `SpoolOptions::chunked_ingest`, off by default)
+//! ## Chunks (spool v2, `SpoolOptions::chunked_ingest`, on by default)
 //! With chunked ingest, what one enqueue call brings to one queue (two messages or more,
 //! each under half a chunk) is written as one chunk ([`chunk`]): one sled value for up to
 //! 64 KiB of messages, plus a copy of its header, in the same batch. A chunked message is

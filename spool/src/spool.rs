@@ -46,10 +46,10 @@ pub struct SpoolOptions {
     /// hanging. A healthy commit takes milliseconds, a loaded slow disk a second or two.
     pub commit_deadline: std::time::Duration,
     /// Store the messages of one enqueue call that go to one queue as chunks (spool v2,
-    /// `chunk.rs`) instead of one record each. P1, P2 and P4 gain two to five times with it
-    /// (docs/performance.md), but over 20 fill/drain cycles (P5) its disk use grew from
-    /// 1.4× to 2–3× the live data where v1 stays at 1.6×: off by default until that is
-    /// understood. A spool opened either way reads both.
+    /// `chunk.rs`) instead of one record each. On by default: P1, P2 and P4 gain two to
+    /// five times with it, and with the vendored sled's blob fix its disk use over P5's
+    /// fill/drain cycles is as flat as v1's (docs/performance.md). `false` writes v1 records
+    /// only. A spool opened either way reads both.
     pub chunked_ingest: bool,
 }
 
@@ -61,7 +61,7 @@ impl Default for SpoolOptions {
             repair: true,
             accept_lost_writes: false,
             commit_deadline: std::time::Duration::from_secs(30),
-            chunked_ingest: false,
+            chunked_ingest: true,
         }
     }
 }
