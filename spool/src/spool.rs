@@ -227,7 +227,6 @@ impl Spool {
         ];
         let mut scan = survive_panic(&sled_dir, || recovery::scan(&trees))?.map_err(storage)?;
         scan.index.compact();
-        release_freed_memory();
         if !options.repair {
             scan.report.quarantine_total -= scan.report.quarantined_now;
             scan.report.quarantined_now = 0;
@@ -772,18 +771,6 @@ fn open_sled(sled_dir: &Path, config: &sled::Config) -> Result<sled::Result<sled
             return Ok(opened);
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-}
-
-/// The recovery scan decodes every record once and frees it at once, and the index was
-/// just rebuilt; glibc keeps the freed pages in its arenas, so a daemon that recovered a
-/// million messages would carry the scan's peak as RSS for good. Hand them back.
-fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free heap pages to the kernel; it has no
-    // preconditions and touches no live allocation.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 
