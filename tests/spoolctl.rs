@@ -183,6 +183,54 @@ fn verify_reports_damage_and_repair_quarantines_it() {
     assert!(export.path().join("0.raw").exists() && export.path().join("0.json").exists());
 }
 
+/// A record inside a chunk is read by no open scan (that reads heads and bitmaps): `verify`
+/// reads the chunks too, and `--repair` quarantines only the damaged record.
+#[test]
+fn verify_reads_the_records_in_chunks() {
+    if std::env::var_os("SPOOLRELAY_SPOOL_CHUNKED_INGEST").is_some_and(|v| v == "0") {
+        return; // v1 records only: no chunk to damage (the test above covers them)
+    }
+    let dir = populated();
+    {
+        let db = sled_open_retrying(dir.path());
+        let tree = db.open_tree("messages").unwrap();
+        // `a`'s chunk: "\x00\xffbinary" moved out with its retry; "two" and "three" are in
+        // it. The last byte is "three"'s payload, so only its record's checksum fails.
+        let prefix = spool::keys::chunk_part_prefix(spool::keys::ChunkPart::Chunk);
+        let (key, value) = tree.scan_prefix(prefix).next().unwrap().unwrap();
+        let mut bad = value.to_vec();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        tree.insert(key, bad).unwrap();
+        db.flush().unwrap();
+    }
+    let out = spoolctl(dir.path(), &["verify"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("DAMAGED Messages key"), "{stdout}");
+    assert!(stdout.contains("checksum mismatch"), "{stdout}");
+    assert_eq!(
+        json(dir.path(), &["quarantine", "ls"])
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+
+    assert!(spoolctl(dir.path(), &["verify", "--repair"])
+        .status
+        .success());
+    assert!(
+        spoolctl(dir.path(), &["verify"]).status.success(),
+        "clean after repair"
+    );
+    let q = json(dir.path(), &["quarantine", "ls"]);
+    assert_eq!(q.as_array().unwrap().len(), 1, "{q}");
+    assert!(q[0]["reason"].as_str().unwrap().contains("checksum"));
+    // "two" stays queued beside the retried message; "three" is in quarantine, not lost.
+    assert_eq!(json(dir.path(), &["summary"])["queues"]["a"]["count"], 2);
+}
+
 #[test]
 fn dead_letter_requeue_rebind_and_purge() {
     let dir = populated();

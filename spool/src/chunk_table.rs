@@ -71,6 +71,17 @@ impl ChunkTable {
         })
     }
 
+    /// Where each unsettled message of a chunk lives, in id order; empty for an unknown chunk.
+    pub fn unsettled(&self, queue: &str, first_id: u64) -> Vec<Home> {
+        let Some(bits) = self.queues.get(queue).and_then(|c| c.get(&first_id)) else {
+            return Vec::new();
+        };
+        (0..bits.len())
+            .filter(|&index| !bits.test(usize::from(index)))
+            .map(|index| Home { first_id, index })
+            .collect()
+    }
+
     /// A delivered message: sets its bit now; the commit thread writes the bitmap later.
     /// Returns whether the chunk was the first to turn dirty (the commit thread must be
     /// told there is something to write).

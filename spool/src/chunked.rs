@@ -5,8 +5,9 @@
 //! time, no attempts, due at once. Everything else is a single v1 record: a message alone
 //! in its queue in the call (a chunk of one would cost three keys for one message), one
 //! too large for a chunk, and every message that moved out of its chunk (a retry, an
-//! operator's rewrite). A chunk therefore stays under sled's blob threshold: no blob file,
-//! no large-record marker.
+//! operator's rewrite). A chunk value therefore stays under sled's blob threshold and needs
+//! no large-record marker (its leaf is a blob file all the same: 17 chunks are far over the
+//! threshold; docs/performance.md, "Where v2's disk goes").
 
 use crate::chunk::{self, ChunkError, ChunkHeader, RecordRef};
 use crate::chunk_table::Home;
@@ -124,6 +125,35 @@ pub(crate) struct ChunkRead {
     header: std::result::Result<ChunkHeader, ChunkError>,
 }
 
+/// One record of a chunk, or why it cannot be read and the bytes to quarantine: the
+/// record's own if the header holds, the whole chunk value if not (each of its messages
+/// then quarantines it once, so none is lost uncounted).
+fn decode_or_fault<'c>(
+    queue: &str,
+    id: u64,
+    home: Home,
+    chunk: &'c ChunkRead,
+) -> std::result::Result<Message, (String, &'c [u8])> {
+    let header = match &chunk.header {
+        Ok(header) => header,
+        Err(e) => {
+            let reason = format!("chunk {} (holding id {id}): {e}", home.first_id);
+            return Err((reason, &chunk.value));
+        }
+    };
+    let index = usize::from(home.index);
+    match chunk::decode_record_at(header, &chunk.value, index) {
+        Ok(body) => Ok(message_of(queue, id, header.created_ms, body)),
+        Err(e) => {
+            let raw = header
+                .record_range(index)
+                .and_then(|range| chunk.value.get(range))
+                .unwrap_or(&chunk.value);
+            Err((e.to_string(), raw))
+        }
+    }
+}
+
 /// A chunked message rebuilt from its record: what it brought at ingest, plus what its
 /// chunk says (id, creation time) and what a chunk implies (no attempts, due at creation).
 fn message_of(queue: &str, id: u64, created_ms: u64, body: chunk::RecordBody) -> Message {
@@ -201,9 +231,8 @@ impl Spool {
         }))
     }
 
-    /// Decodes one record of a chunk, or quarantines what cannot be read: the record's own
-    /// bytes if the header holds, the whole chunk value if not (each of its messages then
-    /// quarantines it once, so none is lost uncounted).
+    /// Decodes one record of a chunk, or quarantines what cannot be read (see
+    /// [`decode_or_fault`]).
     fn decode_chunked(
         &self,
         queue: &str,
@@ -211,27 +240,52 @@ impl Spool {
         home: Home,
         chunk: &ChunkRead,
     ) -> Option<Message> {
-        let key = keys::chunk_key(ChunkPart::Chunk, queue, home.first_id);
-        let index = usize::from(home.index);
-        let header = match &chunk.header {
-            Ok(header) => header,
-            Err(e) => {
-                let reason = format!("chunk {} (holding id {id}): {e}", home.first_id);
-                self.quarantine_live(queue, id, &key, &chunk.value, reason, Some(home));
-                return None;
-            }
-        };
-        match chunk::decode_record_at(header, &chunk.value, index) {
-            Ok(body) => Some(message_of(queue, id, header.created_ms, body)),
-            Err(e) => {
-                let raw = header
-                    .record_range(index)
-                    .and_then(|range| chunk.value.get(range))
-                    .unwrap_or(&chunk.value);
-                self.quarantine_live(queue, id, &key, raw, e.to_string(), Some(home));
+        match decode_or_fault(queue, id, home, chunk) {
+            Ok(message) => Some(message),
+            Err((reason, raw)) => {
+                let key = keys::chunk_key(ChunkPart::Chunk, queue, home.first_id);
+                self.quarantine_live(queue, id, &key, raw, reason, Some(home));
                 None
             }
         }
+    }
+
+    /// Reads every chunk's unsettled records, payloads and all (the open scan reads only
+    /// heads and bitmaps, so damage inside a chunk is otherwise found only when a lease or
+    /// an export reaches it), and returns those that fail their checks. With `repair`, each
+    /// is quarantined with its bytes, as a lease would do; wait for [`Spool::sync`] before
+    /// calling that durable.
+    pub fn check_chunked_records(&self, repair: bool) -> Result<Vec<DamagedRecord>> {
+        let mut damaged = Vec::new();
+        let prefix = keys::chunk_part_prefix(ChunkPart::Chunk);
+        for item in self.inner.trees[TreeId::Messages as usize].scan_prefix(prefix) {
+            let (key, value) = item.map_err(|e| self.storage(e))?;
+            // A key that is no chunk's is the open scan's to report and set aside.
+            let Some((queue, first_id)) = keys::parse_chunk_key(ChunkPart::Chunk, &key) else {
+                continue;
+            };
+            let homes = self.index().chunks.unsettled(queue, first_id);
+            let chunk = ChunkRead {
+                first_id,
+                header: chunk::decode_header(&value),
+                value,
+            };
+            for home in homes {
+                let id = first_id + u64::from(home.index);
+                let Err((reason, raw)) = decode_or_fault(queue, id, home, &chunk) else {
+                    continue;
+                };
+                damaged.push(DamagedRecord {
+                    tree: "Messages".into(),
+                    key: key.to_vec(),
+                    reason: format!("message {id}: {reason}"),
+                });
+                if repair {
+                    self.quarantine_live(queue, id, &key, raw, reason, Some(home));
+                }
+            }
+        }
+        Ok(damaged)
     }
 
     /// Calls `f` with every unsettled chunked message under `prefix` (a

@@ -313,7 +313,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .build()?;
     let out = output::Output { json: cli.json };
     if let Command::Verify { repair } = &cli.command {
-        let (_, report) = open(&cli, *repair, true)?;
+        let (spool, mut report) = open(&cli, *repair, true)?;
+        // The open scan reads chunk heads and bitmaps, not the records in a chunk.
+        let in_chunks = spool
+            .check_chunked_records(*repair)
+            .context("reading the records in the spool's chunks")?;
+        if *repair && !in_chunks.is_empty() {
+            rt.block_on(spool.sync())
+                .context("making the quarantine moves durable")?;
+        }
+        report.damaged.extend(in_chunks);
         return Ok(repair::verify(&out, &report, *repair));
     }
     // Read-only commands leave damaged records where they are; only commands that change
