@@ -129,6 +129,43 @@ fn summary_ls_and_show() {
     assert!(!spoolctl(dir.path(), &["show", "999999"]).status.success());
 }
 
+/// Flips the last byte of the messages-tree entry `pick` chooses, behind the spool's back.
+fn flip_last_byte(dir: &Path, pick: impl FnOnce(&sled::Tree) -> (sled::IVec, sled::IVec)) {
+    let db = sled_open_retrying(dir);
+    let tree = db.open_tree("messages").unwrap();
+    let (key, value) = pick(&tree);
+    let mut bad = value.to_vec();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    tree.insert(key, bad).unwrap();
+    db.flush().unwrap();
+}
+
+/// `verify` fails on one checksum failure and repairs nothing; `verify --repair` moves
+/// that one record to quarantine and the spool is clean after. Returns the quarantine.
+fn verify_then_repair_one_checksum_failure(dir: &Path) -> Value {
+    let out = spoolctl(dir, &["verify"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("DAMAGED Messages key"), "{stdout}");
+    assert!(stdout.contains("checksum mismatch"), "{stdout}");
+    let before = json(dir, &["quarantine", "ls"]);
+    assert_eq!(
+        before.as_array().unwrap().len(),
+        0,
+        "verify alone repairs nothing"
+    );
+    assert!(spoolctl(dir, &["verify", "--repair"]).status.success());
+    assert!(
+        spoolctl(dir, &["verify"]).status.success(),
+        "clean after repair"
+    );
+    let q = json(dir, &["quarantine", "ls"]);
+    assert_eq!(q.as_array().unwrap().len(), 1, "{q}");
+    assert!(q[0]["reason"].as_str().unwrap().contains("checksum"));
+    q
+}
+
 #[test]
 fn verify_reports_damage_and_repair_quarantines_it() {
     let dir = populated();
@@ -136,43 +173,15 @@ fn verify_reports_damage_and_repair_quarantines_it() {
         spoolctl(dir.path(), &["verify"]).status.success(),
         "a fresh spool is clean"
     );
-    {
-        let db = sled_open_retrying(dir.path());
-        let tree = db.open_tree("messages").unwrap();
-        // The first single record (`keys::SINGLES_START`): `a`'s retried message. The chunk
-        // area sorts first, and the open scan reads heads, not the records in a chunk.
-        let (key, value) = tree
-            .range(spool::keys::SINGLES_START..)
+    // The first single record (`keys::SINGLES_START`): `a`'s retried message. The chunk area
+    // sorts first, and the open scan reads heads, not the records in a chunk.
+    flip_last_byte(dir.path(), |tree| {
+        tree.range(spool::keys::SINGLES_START..)
             .next()
             .unwrap()
-            .unwrap();
-        let mut bad = value.to_vec();
-        let last = bad.len() - 1;
-        bad[last] ^= 1;
-        tree.insert(key, bad).unwrap();
-        db.flush().unwrap();
-    }
-    let out = spoolctl(dir.path(), &["verify"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("DAMAGED Messages key"));
-    assert_eq!(
-        json(dir.path(), &["quarantine", "ls"])
-            .as_array()
             .unwrap()
-            .len(),
-        0,
-        "verify alone repairs nothing"
-    );
-    assert!(spoolctl(dir.path(), &["verify", "--repair"])
-        .status
-        .success());
-    assert!(
-        spoolctl(dir.path(), &["verify"]).status.success(),
-        "clean after repair"
-    );
-    let q = json(dir.path(), &["quarantine", "ls"]);
-    assert_eq!(q.as_array().unwrap().len(), 1);
-    assert!(q[0]["reason"].as_str().unwrap().contains("checksum"));
+    });
+    verify_then_repair_one_checksum_failure(dir.path());
     let export = tempfile::tempdir().unwrap();
     assert!(spoolctl(
         dir.path(),
@@ -191,42 +200,13 @@ fn verify_reads_the_records_in_chunks() {
         return; // v1 records only: no chunk to damage (the test above covers them)
     }
     let dir = populated();
-    {
-        let db = sled_open_retrying(dir.path());
-        let tree = db.open_tree("messages").unwrap();
-        // `a`'s chunk: "\x00\xffbinary" moved out with its retry; "two" and "three" are in
-        // it. The last byte is "three"'s payload, so only its record's checksum fails.
+    // `a`'s chunk: "\x00\xffbinary" moved out with its retry; "two" and "three" are in it.
+    // The last byte is "three"'s payload, so only its record's checksum fails.
+    flip_last_byte(dir.path(), |tree| {
         let prefix = spool::keys::chunk_part_prefix(spool::keys::ChunkPart::Chunk);
-        let (key, value) = tree.scan_prefix(prefix).next().unwrap().unwrap();
-        let mut bad = value.to_vec();
-        let last = bad.len() - 1;
-        bad[last] ^= 1;
-        tree.insert(key, bad).unwrap();
-        db.flush().unwrap();
-    }
-    let out = spoolctl(dir.path(), &["verify"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
-    assert!(stdout.contains("DAMAGED Messages key"), "{stdout}");
-    assert!(stdout.contains("checksum mismatch"), "{stdout}");
-    assert_eq!(
-        json(dir.path(), &["quarantine", "ls"])
-            .as_array()
-            .unwrap()
-            .len(),
-        0
-    );
-
-    assert!(spoolctl(dir.path(), &["verify", "--repair"])
-        .status
-        .success());
-    assert!(
-        spoolctl(dir.path(), &["verify"]).status.success(),
-        "clean after repair"
-    );
-    let q = json(dir.path(), &["quarantine", "ls"]);
-    assert_eq!(q.as_array().unwrap().len(), 1, "{q}");
-    assert!(q[0]["reason"].as_str().unwrap().contains("checksum"));
+        tree.scan_prefix(prefix).next().unwrap().unwrap()
+    });
+    verify_then_repair_one_checksum_failure(dir.path());
     // "two" stays queued beside the retried message; "three" is in quarantine, not lost.
     assert_eq!(json(dir.path(), &["summary"])["queues"]["a"]["count"], 2);
 }
