@@ -319,7 +319,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .check_chunked_records(*repair)
             .context("reading the records in the spool's chunks")?;
         if *repair && !in_chunks.is_empty() {
-            rt.block_on(spool.sync())
+            spool
+                .sync_blocking()
                 .context("making the quarantine moves durable")?;
         }
         report.damaged.extend(in_chunks);
