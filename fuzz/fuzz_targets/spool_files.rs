@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use spool::fuzzing::open_small;
+use spool::fuzzing::{open_small, sync_blocking};
 use spool::{MessageId, Meta, NewMessage, Spool, SpoolOptions};
 
 struct Template {
@@ -206,7 +206,7 @@ fn check_opened(
             Err(_) => {} // an error on read names the message: reported
         }
     }
-    let at_lease = match spool.sync_blocking() {
+    let at_lease = match sync_blocking(spool) {
         Ok(()) => quarantined().saturating_sub(before_leases),
         Err(_) => return, // the spool refused a write: nothing it acknowledges is at stake
     };

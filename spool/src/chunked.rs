@@ -258,20 +258,13 @@ impl Spool {
     pub fn check_chunked_records(&self, repair: bool) -> Result<Vec<DamagedRecord>> {
         let mut damaged = Vec::new();
         let prefix = keys::chunk_part_prefix(ChunkPart::Chunk);
-        for item in self.inner.trees[TreeId::Messages as usize].scan_prefix(prefix) {
-            let (key, value) = item.map_err(|e| self.storage(e))?;
+        self.for_each_chunk(&prefix, |key, chunk| {
             // A key that is no chunk's is the open scan's to report and set aside.
-            let Some((queue, first_id)) = keys::parse_chunk_key(ChunkPart::Chunk, &key) else {
-                continue;
-            };
-            let homes = self.index().chunks.unsettled(queue, first_id);
-            let chunk = ChunkRead {
-                first_id,
-                header: chunk::decode_header(&value),
-                value,
+            let Some((queue, chunk, homes)) = chunk else {
+                return Ok(true);
             };
             for home in homes {
-                let id = first_id + u64::from(home.index);
+                let id = chunk.first_id + u64::from(home.index);
                 let Err((reason, raw)) = decode_or_fault(queue, id, home, &chunk) else {
                     continue;
                 };
@@ -281,10 +274,11 @@ impl Spool {
                     reason: format!("message {id}: {reason}"),
                 });
                 if repair {
-                    self.quarantine_live(queue, id, &key, raw, reason, Some(home));
+                    self.quarantine_live(queue, id, key, raw, reason, Some(home));
                 }
             }
-        }
+            Ok(true)
+        })?;
         Ok(damaged)
     }
 
@@ -296,42 +290,54 @@ impl Spool {
         prefix: &[u8],
         mut f: impl FnMut(std::result::Result<Message, DamagedRecord>) -> Result<bool>,
     ) -> Result<()> {
-        for item in self.inner.trees[TreeId::Messages as usize].scan_prefix(prefix) {
-            let (key, value) = item.map_err(|e| self.storage(e))?;
+        self.for_each_chunk(prefix, |key, chunk| {
             let damaged = |reason: String| DamagedRecord {
                 tree: "Messages".into(),
                 key: key.to_vec(),
                 reason,
             };
-            let Some((queue, first_id)) = keys::parse_chunk_key(ChunkPart::Chunk, &key) else {
-                if !f(Err(damaged("not a chunk's key".into())))? {
-                    return Ok(());
-                }
-                continue;
+            let Some((queue, chunk, homes)) = chunk else {
+                return f(Err(damaged("not a chunk's key".into())));
             };
-            let header = match chunk::decode_header(&value) {
+            let header = match &chunk.header {
                 Ok(header) => header,
-                Err(e) => {
-                    if !f(Err(damaged(e.to_string())))? {
-                        return Ok(());
-                    }
-                    continue;
-                }
+                Err(e) => return f(Err(damaged(e.to_string()))),
             };
-            let live: Vec<u16> = {
-                let index = self.index();
-                (0..header.count)
-                    .filter(|&i| index.chunks.home(queue, first_id + u64::from(i)).is_some())
-                    .collect()
-            };
-            for i in live {
-                let id = first_id + u64::from(i);
-                let record = chunk::decode_record_at(&header, &value, usize::from(i))
+            for home in homes {
+                let id = chunk.first_id + u64::from(home.index);
+                let record = chunk::decode_record_at(header, &chunk.value, usize::from(home.index))
                     .map(|body| message_of(queue, id, header.created_ms, body))
                     .map_err(|e| damaged(e.to_string()));
                 if !f(record)? {
-                    return Ok(());
+                    return Ok(false);
                 }
+            }
+            Ok(true)
+        })
+    }
+
+    /// Calls `f` with every chunk value under `prefix`, in key order: its key, and (unless
+    /// the key is no chunk's) its queue, the value with its decoded header, and where its
+    /// unsettled messages are. Stops when `f` returns `false`.
+    fn for_each_chunk(
+        &self,
+        prefix: &[u8],
+        mut f: impl FnMut(&[u8], Option<(&str, ChunkRead, Vec<Home>)>) -> Result<bool>,
+    ) -> Result<()> {
+        for item in self.inner.trees[TreeId::Messages as usize].scan_prefix(prefix) {
+            let (key, value) = item.map_err(|e| self.storage(e))?;
+            let chunk = keys::parse_chunk_key(ChunkPart::Chunk, &key).map(|(queue, first_id)| {
+                let homes = self.index().chunks.unsettled(queue, first_id);
+                let header = chunk::decode_header(&value);
+                let read = ChunkRead {
+                    first_id,
+                    header,
+                    value,
+                };
+                (queue, read, homes)
+            });
+            if !f(&key, chunk)? {
+                return Ok(());
             }
         }
         Ok(())

@@ -120,6 +120,17 @@ pub fn tree_label(tree: usize) -> String {
     format!("{id:?}")
 }
 
+/// [`Spool::sync`] for a harness outside an async runtime. It waits without the spool's
+/// commit deadline, so it is for the fuzz targets only: `spoolctl` and the daemon use
+/// `sync`, which poisons the spool instead of hanging on a stuck fsync.
+pub fn sync_blocking(spool: &Spool) -> SpoolResult<()> {
+    crate::spool::wait(
+        spool
+            .submit(crate::commit::Job::with_capacity(0))?
+            .blocking_recv(),
+    )
+}
+
 /// sled's segment size in the `spool_files` target, in place of sled's 512 KiB. On every
 /// open sled overwrites the rest of the segment it recovers its tip in (its "shred zone"):
 /// half a megabyte written per input was most of what the target spent outside the code

@@ -450,12 +450,6 @@ impl Spool {
         self.await_commit(self.submit(Job::with_capacity(0))?).await
     }
 
-    /// [`sync`](Self::sync) for a caller outside an async runtime (`spoolctl`, the fuzz
-    /// harnesses): waits without a deadline.
-    pub fn sync_blocking(&self) -> Result<()> {
-        wait(self.submit(Job::with_capacity(0))?.blocking_recv())
-    }
-
     /// Queues that hold at least one message, sorted.
     pub fn queue_names(&self) -> Vec<String> {
         self.index().queue_names()

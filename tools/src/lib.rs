@@ -319,8 +319,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .check_chunked_records(*repair)
             .context("reading the records in the spool's chunks")?;
         if *repair && !in_chunks.is_empty() {
-            spool
-                .sync_blocking()
+            rt.block_on(spool.sync())
                 .context("making the quarantine moves durable")?;
         }
         report.damaged.extend(in_chunks);
