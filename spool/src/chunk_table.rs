@@ -14,7 +14,9 @@
 //!   [`Op::Settle`](crate::commit::Op)), and here only once that batch is durable, so no
 //!   bitmap write can claim a move that a crash could still undo.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
+
+use rustc_hash::FxHashSet;
 
 use crate::chunk::SettleBitmap;
 use crate::commit::{Op, TreeId};
@@ -33,8 +35,9 @@ pub struct Home {
 #[derive(Debug, Default)]
 pub struct ChunkTable {
     queues: HashMap<String, BTreeMap<u64, SettleBitmap>>,
-    /// Chunks whose bitmap gained bits (acks) that are not written yet.
-    dirty: HashSet<(String, u64)>,
+    /// Chunks whose bitmap gained bits (acks) that are not written yet, by queue (so an
+    /// ack of a chunk already dirty allocates nothing).
+    dirty: HashMap<String, FxHashSet<u64>>,
 }
 
 /// The bitmap writes of one group, and the chunks they delete.
@@ -91,7 +94,14 @@ impl ChunkTable {
         };
         bits.set(usize::from(home.index));
         let first_dirty = self.dirty.is_empty();
-        self.dirty.insert((queue.to_owned(), home.first_id));
+        match self.dirty.get_mut(queue) {
+            Some(chunks) => chunks.insert(home.first_id),
+            None => self
+                .dirty
+                .entry(queue.to_owned())
+                .or_default()
+                .insert(home.first_id),
+        };
         first_dirty
     }
 
@@ -110,7 +120,7 @@ impl ChunkTable {
         let dirty = std::mem::take(&mut self.dirty);
         let touched = dirty
             .iter()
-            .map(|(q, first)| (q.as_str(), *first))
+            .flat_map(|(q, firsts)| firsts.iter().map(move |first| (q.as_str(), *first)))
             .chain(moves.iter().map(|(q, home)| (*q, home.first_id)));
         for (queue, first_id) in touched {
             if let Some(bits) = self.queues.get(queue).and_then(|c| c.get(&first_id)) {

@@ -1,13 +1,22 @@
 //! The in-memory schedule: which message of which queue is due when.
 //!
-//! It holds ids, due times and a few numbers per message, never payloads, so a million
-//! queued messages cost tens of megabytes. It is rebuilt from disk on open and is only
-//! ever changed after the change it mirrors is durable (see `commit.rs`), so the
-//! dispatcher can never lease a message that a crash could take back.
+//! It holds ids, due times and sizes, never payloads. Waiting messages are kept in runs of
+//! consecutive ids that share a due time (`index/run.rs`): one entry per run and four bytes
+//! per message, so a million queued messages cost a few megabytes and a thousand entries
+//! (P4 in docs/performance.md). It is rebuilt from disk on open and is only ever changed
+//! after the change it mirrors is durable (see `commit.rs`), so the dispatcher can never
+//! lease a message that a crash could take back.
+
+#[cfg(test)]
+mod model_tests;
+mod run;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use rustc_hash::FxHashMap;
+
 use crate::chunk_table::{ChunkTable, Home};
+use run::Run;
 
 /// What the index keeps per message besides its id and due time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,10 +45,86 @@ pub struct Taken {
 
 #[derive(Debug, Default)]
 struct QueueIndex {
-    /// Waiting messages, ordered by (due time, id): first attempts come out FIFO.
-    scheduled: BTreeMap<(u64, u64), Slot>,
-    /// Messages handed to the dispatcher and not yet settled, with their due time.
-    leased: HashMap<u64, (u64, Slot)>,
+    /// Waiting messages in runs (`run.rs`), keyed by (due time, first id). The runs of one
+    /// due time never overlap, so the key order is the (due time, id) order of every message
+    /// in them: first attempts come out FIFO.
+    scheduled: BTreeMap<(u64, u64), Run>,
+    /// Messages handed to the dispatcher and not yet settled, with their due time. One entry
+    /// per message, but only for what is in flight. Keyed by id, which the spool assigns, so
+    /// a fast hash (FxHash) is safe here; maps keyed by queue names keep std's SipHash.
+    leased: FxHashMap<u64, (u64, Slot)>,
+}
+
+impl QueueIndex {
+    /// The key of the run that holds `id` waiting at `due`.
+    fn run_holding(&self, due: u64, id: u64) -> Option<(u64, u64)> {
+        let (&key, run) = self.scheduled.range(..=(due, id)).next_back()?;
+        (key.0 == due && run.holds(key.1, id)).then_some(key)
+    }
+
+    /// The key of the run that holds `id` waiting at any due time (a walk over every run:
+    /// for operators, not for the hot path).
+    fn run_holding_any(&self, id: u64) -> Option<(u64, u64)> {
+        self.scheduled
+            .iter()
+            .find(|((_, first), run)| run.holds(*first, id))
+            .map(|(key, _)| *key)
+    }
+
+    /// Takes `id` out of the run at `key`, which holds it; the messages before and after it
+    /// stay as runs of their own.
+    fn cut(&mut self, key: (u64, u64), id: u64) -> Slot {
+        let Some(mut run) = self.scheduled.remove(&key) else {
+            unreachable!("cut is only called with the key of a run that holds the id");
+        };
+        let (slot, after) = run.cut((id - key.1) as usize);
+        if !after.is_empty() {
+            self.scheduled.insert((key.0, id + 1), after);
+        }
+        if !run.is_empty() {
+            self.scheduled.insert(key, run);
+        }
+        slot
+    }
+
+    /// Schedules `id` at `due`: it joins the run it continues (or starts), or starts one.
+    /// Returns the figures of the same id already waiting at `due`, which it replaces.
+    fn schedule(&mut self, due: u64, id: u64, slot: Slot) -> Option<Slot> {
+        // The common case first, in one lookup: the id continues the run before it (ingest
+        // and recovery schedule in id order). Such a run ends before `id`: nothing replaced.
+        if let Some((&(run_due, first), run)) = self.scheduled.range_mut(..=(due, id)).next_back() {
+            if run_due == due && first + run.len() == id && run.admits(&slot) {
+                run.push_back(slot.bytes);
+                return None;
+            }
+        }
+        let replaced = self.run_holding(due, id).map(|key| self.cut(key, id));
+        if let Some((&(run_due, first), run)) = self.scheduled.range_mut(..(due, id)).next_back() {
+            if run_due == due && first + run.len() == id && run.admits(&slot) {
+                run.push_back(slot.bytes);
+                return replaced;
+            }
+        }
+        let next = (due, id + 1);
+        match self.scheduled.remove(&next) {
+            Some(mut run) if run.admits(&slot) => {
+                run.push_front(slot.bytes);
+                self.scheduled.insert((due, id), run);
+            }
+            other => {
+                if let Some(run) = other {
+                    self.scheduled.insert(next, run);
+                }
+                self.scheduled.insert((due, id), Run::of(slot));
+            }
+        }
+        replaced
+    }
+
+    /// Whether no message is waiting or leased.
+    fn is_empty(&self) -> bool {
+        self.scheduled.is_empty() && self.leased.is_empty()
+    }
 }
 
 /// Figures for one queue, as shown by stats and `spoolctl summary`.
@@ -79,8 +164,19 @@ pub struct Index {
 
 impl Index {
     /// Schedules `id` in `queue` at `due_ms`, replacing a lease or an earlier schedule of the
-    /// same id (a retry or a rebind) so the byte total counts each message once.
+    /// same id at the same due time (a retry or a rebind) so the byte total counts each
+    /// message once.
     pub fn insert(&mut self, queue: &str, id: u64, due_ms: u64, slot: Slot) {
+        self.insert_all(queue, [(id, due_ms, slot)]);
+    }
+
+    /// [`Index::insert`] for many messages of one queue, as (id, due time, slot): the queue
+    /// is looked up once (recovery schedules a chunk's messages this way).
+    pub fn insert_all(
+        &mut self,
+        queue: &str,
+        messages: impl IntoIterator<Item = (u64, u64, Slot)>,
+    ) {
         if !self.touched.contains(queue) {
             self.touched.insert(queue.to_owned());
         }
@@ -88,14 +184,16 @@ impl Index {
             Some(q) => q,
             None => self.queues.entry(queue.to_owned()).or_default(),
         };
-        let mut freed = q
-            .leased
-            .remove(&id)
-            .map_or(0, |(_, old)| u64::from(old.bytes));
-        if let Some(old) = q.scheduled.insert((due_ms, id), slot) {
-            freed += u64::from(old.bytes);
+        for (id, due_ms, slot) in messages {
+            let mut freed = q
+                .leased
+                .remove(&id)
+                .map_or(0, |(_, old)| u64::from(old.bytes));
+            if let Some(old) = q.schedule(due_ms, id, slot) {
+                freed += u64::from(old.bytes);
+            }
+            self.bytes = (self.bytes + u64::from(slot.bytes)).saturating_sub(freed);
         }
-        self.bytes = (self.bytes + u64::from(slot.bytes)).saturating_sub(freed);
     }
 
     /// The queues that had a message scheduled (enqueued, retried, released by an
@@ -110,35 +208,61 @@ impl Index {
         self.bytes
     }
 
-    /// Rebuilds each queue's schedule with full B-tree nodes. Inserting in order (as
-    /// recovery and ingest do) leaves every node about half full: 1 M messages took 63 MiB,
-    /// rebuilt from the sorted entries 33 MiB (docs/performance.md, P4).
+    /// Rebuilds each queue's schedule with full B-tree nodes and runs without spare room.
+    /// Inserting in order (as recovery and ingest do) leaves every node about half full
+    /// (docs/performance.md, P4).
     pub fn compact(&mut self) {
         for q in self.queues.values_mut() {
-            q.scheduled = std::mem::take(&mut q.scheduled).into_iter().collect();
+            let mut runs = std::mem::take(&mut q.scheduled);
+            runs.values_mut().for_each(Run::shrink);
+            q.scheduled = runs.into_iter().collect();
         }
     }
 
-    /// Leases up to `max` messages due at `now_ms`, earliest first.
+    /// Leases up to `max` messages due at `now_ms`, earliest first (then by id).
     pub fn take_due(&mut self, queue: &str, now_ms: u64, max: usize) -> Vec<Taken> {
-        let Some(q) = self.queues.get(queue) else {
+        let Some(q) = self.queues.get_mut(queue) else {
             return Vec::new();
         };
-        let keys: Vec<(u64, u64)> = q
-            .scheduled
-            .range(..=(now_ms, u64::MAX))
-            .take(max)
-            .map(|(k, _)| *k)
-            .collect();
-        self.take_keys(queue, &keys)
+        let mut taken = Vec::new();
+        while taken.len() < max {
+            let Some(entry) = q.scheduled.first_entry() else {
+                break;
+            };
+            let (due_ms, first) = *entry.key();
+            if due_ms > now_ms {
+                break;
+            }
+            // A run's messages all come before the next entry (runs of one due time never
+            // overlap), so the first run is taken from its front until `max`.
+            let mut run = entry.remove();
+            let slots = run.take_front(max - taken.len());
+            let ids = first..first + slots.len() as u64;
+            if !run.is_empty() {
+                q.scheduled.insert((due_ms, ids.end), run);
+            }
+            for (id, slot) in ids.zip(slots) {
+                q.leased.insert(id, (due_ms, slot));
+                taken.push(Taken {
+                    id,
+                    due_ms,
+                    slot,
+                    home: self.chunks.home(queue, id),
+                });
+            }
+        }
+        taken
     }
 
     /// The waiting (not leased) messages of `queue` as (due, id), earliest due first.
     pub fn waiting(&self, queue: &str) -> Vec<(u64, u64)> {
-        self.queues
-            .get(queue)
-            .map(|q| q.scheduled.keys().copied().collect())
-            .unwrap_or_default()
+        let Some(q) = self.queues.get(queue) else {
+            return Vec::new();
+        };
+        q.scheduled
+            .iter()
+            .flat_map(|(&(due, first), run)| (first..first + run.len()).map(move |id| (due, id)))
+            .collect()
     }
 
     /// Leases those of `keys` (due, id) that are still waiting at that due time; the
@@ -150,7 +274,8 @@ impl Index {
         let chunks = &self.chunks;
         keys.iter()
             .filter_map(|&(due_ms, id)| {
-                let slot = q.scheduled.remove(&(due_ms, id))?;
+                let run = q.run_holding(due_ms, id)?;
+                let slot = q.cut(run, id);
                 q.leased.insert(id, (due_ms, slot));
                 Some(Taken {
                     id,
@@ -166,10 +291,7 @@ impl Index {
     /// `chunk_table.rs`). Returns whether the commit thread must be woken to write the
     /// bitmap, or `None` if it was not leased.
     pub(crate) fn ack_chunked(&mut self, queue: &str, id: u64, home: Home) -> Option<bool> {
-        if !self.is_leased(queue, id) {
-            return None;
-        }
-        self.remove(queue, id);
+        self.remove_leased(queue, id)?;
         Some(self.chunks.settle_delivered(queue, home))
     }
 
@@ -187,7 +309,7 @@ impl Index {
         };
         match q.leased.remove(&id) {
             Some((due, slot)) => {
-                q.scheduled.insert((due, id), slot);
+                q.schedule(due, id, slot);
                 true
             }
             None => false,
@@ -199,19 +321,28 @@ impl Index {
         let q = self.queues.get_mut(queue)?;
         let slot = match q.leased.remove(&id) {
             Some((_, slot)) => Some(slot),
-            None => {
-                let key = q.scheduled.iter().find(|(k, _)| k.1 == id).map(|(k, _)| *k);
-                key.and_then(|k| q.scheduled.remove(&k))
-            }
+            None => q.run_holding_any(id).map(|run| q.cut(run, id)),
         };
-        if q.scheduled.is_empty() && q.leased.is_empty() {
-            self.queues.remove(queue);
-            shrink_if_sparse(&mut self.queues);
-        }
+        self.forget_if_empty(queue);
         if let Some(slot) = slot {
             self.bytes = self.bytes.saturating_sub(u64::from(slot.bytes));
         }
         slot
+    }
+
+    /// Forgets a leased message (the hot path of an ack: no walk over the runs).
+    fn remove_leased(&mut self, queue: &str, id: u64) -> Option<Slot> {
+        let (_, slot) = self.queues.get_mut(queue)?.leased.remove(&id)?;
+        self.forget_if_empty(queue);
+        self.bytes = self.bytes.saturating_sub(u64::from(slot.bytes));
+        Some(slot)
+    }
+
+    fn forget_if_empty(&mut self, queue: &str) {
+        if self.queues.get(queue).is_some_and(QueueIndex::is_empty) {
+            self.queues.remove(queue);
+            shrink_if_sparse(&mut self.queues);
+        }
     }
 
     /// Names of every queue holding at least one message, sorted (an empty queue is dropped).
@@ -224,9 +355,17 @@ impl Index {
     /// How many waiting messages of `queue` are due at `now_ms`, counting at most `max`
     /// (the dispatcher's batch gathering asks "are there `min_batch_size` yet?").
     pub fn due_count(&self, queue: &str, now_ms: u64, max: usize) -> usize {
-        self.queues.get(queue).map_or(0, |q| {
-            q.scheduled.range(..=(now_ms, u64::MAX)).take(max).count()
-        })
+        let Some(q) = self.queues.get(queue) else {
+            return 0;
+        };
+        let mut count = 0;
+        for run in q.scheduled.range(..=(now_ms, u64::MAX)).map(|(_, run)| run) {
+            if count >= max as u64 {
+                break;
+            }
+            count += run.len();
+        }
+        count.min(max as u64) as usize
     }
 
     /// Earliest due time of a waiting message, for the dispatcher's timer.
@@ -239,7 +378,7 @@ impl Index {
     pub fn find(&self, id: u64) -> Option<String> {
         self.queues
             .iter()
-            .find(|(_, q)| q.leased.contains_key(&id) || q.scheduled.keys().any(|k| k.1 == id))
+            .find(|(_, q)| q.leased.contains_key(&id) || q.run_holding_any(id).is_some())
             .map(|(name, _)| name.clone())
     }
 
@@ -249,19 +388,28 @@ impl Index {
         let Some(q) = self.queues.get(queue) else {
             return stats;
         };
-        let leased = q.leased.values().map(|(_, slot)| slot);
-        for slot in q.scheduled.values().chain(leased) {
-            stats.count += 1;
-            stats.bytes += u64::from(slot.bytes);
-            *stats.attempts.entry(slot.attempts).or_default() += 1;
+        let mut count = |slot: Slot, n: u64, bytes: u64| {
+            stats.count += n;
+            stats.bytes += bytes;
+            *stats.attempts.entry(slot.attempts).or_default() += n;
             stats.oldest_created_ms = Some(
                 stats
                     .oldest_created_ms
                     .map_or(slot.created_ms, |t| t.min(slot.created_ms)),
             );
+        };
+        for run in q.scheduled.values() {
+            count(run.slot(0), run.len(), run.total_bytes());
+        }
+        for (_, slot) in q.leased.values() {
+            count(*slot, 1, u64::from(slot.bytes));
         }
         stats.leased = q.leased.len() as u64;
-        stats.due_now = q.scheduled.range(..=(now_ms, u64::MAX)).count() as u64;
+        stats.due_now = q
+            .scheduled
+            .range(..=(now_ms, u64::MAX))
+            .map(|(_, run)| run.len())
+            .sum();
         stats.next_due_ms = self.next_due(queue);
         stats
     }
@@ -269,7 +417,9 @@ impl Index {
 
 /// Gives back a map's capacity once it is under a quarter full: a burst over many queues
 /// would otherwise keep its table for good. Amortized O(1) per removal.
-pub(crate) fn shrink_if_sparse<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+pub(crate) fn shrink_if_sparse<K: std::hash::Hash + Eq, V, S: std::hash::BuildHasher>(
+    map: &mut HashMap<K, V, S>,
+) {
     if map.capacity() > 64 && map.len() < map.capacity() / 4 {
         map.shrink_to(map.len() * 2);
     }

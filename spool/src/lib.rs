@@ -104,7 +104,7 @@
 //!
 //! ## Recovery
 //! Opening scans every tree once ([`recovery`]): it rebuilds the index (ids, due times and
-//! sizes: a million messages cost tens of MB), reading single records whole but of chunks
+//! sizes, in runs of consecutive ids: a million messages cost a few MB), reading single records whole but of chunks
 //! only their headers and bitmaps, never a payload; it quarantines what does not
 //! decode, and resolves a message found both queued and dead-lettered in favour of the
 //! dead-letter copy. The ids continue above the highest id ever committed.

@@ -255,7 +255,8 @@ fn settle_dead_lettered(header: &ChunkHeader, bits: &mut SettleBitmap, dead: &Ha
 
 fn schedule_unsettled(scan: &mut Scan, queue: &str, header: &ChunkHeader, bits: &SettleBitmap) {
     let counts = scan.report.queues.entry(queue.to_owned()).or_default();
-    for index in (0..usize::from(header.count)).filter(|&i| !bits.test(i)) {
+    let unsettled = (0..usize::from(header.count)).filter(|&i| !bits.test(i));
+    let messages = unsettled.map(|index| {
         let bytes = header.payload_sizes[index];
         counts.0 += 1;
         counts.1 += u64::from(bytes);
@@ -264,9 +265,9 @@ fn schedule_unsettled(scan: &mut Scan, queue: &str, header: &ChunkHeader, bits: 
             bytes,
             attempts: 0,
         };
-        let id = header.id(index).0;
-        scan.index.insert(queue, id, header.created_ms, slot);
-    }
+        (header.id(index).0, header.created_ms, slot)
+    });
+    scan.index.insert_all(queue, messages);
 }
 
 /// A head that cannot be trusted: the chunk goes to quarantine whole, with its raw bytes

@@ -1,0 +1,117 @@
+//! A run: waiting messages of one queue with consecutive ids, one due time, one creation
+//! time and one attempt count, held as one schedule entry.
+//!
+//! What one enqueue call brings to a queue gets consecutive ids, the same creation time and
+//! the same due time, and recovery schedules a chunk's messages in id order, so most of a
+//! backlog falls into runs. One entry per run instead of one per message is what keeps a
+//! million queued messages to a few megabytes of schedule (docs/performance.md, P4): a run
+//! keeps its figures once and each message's size in four bytes.
+
+use std::collections::VecDeque;
+
+use super::Slot;
+
+/// The most messages one run holds. Cutting a message out of the middle of a run (an
+/// operator taking one message, a purge) copies the part after it, so this bounds that
+/// copy; 4096 keeps a run's own cost well under 1 % of its sizes' four bytes each.
+pub(super) const MAX_RUN: usize = 4096;
+
+/// A run of waiting messages. Its key in the schedule, (due time, first id), gives the due
+/// time and the first id; message `i` of the run has id `first + i`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Run {
+    created_ms: u64,
+    attempts: u32,
+    /// The size of each message, in id order.
+    bytes: VecDeque<u32>,
+}
+
+impl Run {
+    /// A run of one message.
+    pub(super) fn of(slot: Slot) -> Run {
+        Run {
+            created_ms: slot.created_ms,
+            attempts: slot.attempts,
+            bytes: VecDeque::from([slot.bytes]),
+        }
+    }
+
+    /// How many messages it holds (never zero: an emptied run leaves the schedule).
+    pub(super) fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    /// Whether `id` is one of its messages, the run starting at `first`.
+    pub(super) fn holds(&self, first: u64, id: u64) -> bool {
+        id >= first && id - first < self.len()
+    }
+
+    /// Whether a message with `slot` may join the run (at either end, if its id fits).
+    pub(super) fn admits(&self, slot: &Slot) -> bool {
+        self.created_ms == slot.created_ms
+            && self.attempts == slot.attempts
+            && self.bytes.len() < MAX_RUN
+    }
+
+    /// The figures of message `at` of the run.
+    pub(super) fn slot(&self, at: usize) -> Slot {
+        Slot {
+            created_ms: self.created_ms,
+            bytes: self.bytes[at],
+            attempts: self.attempts,
+        }
+    }
+
+    /// The sum of its messages' sizes.
+    pub(super) fn total_bytes(&self) -> u64 {
+        self.bytes.iter().map(|&b| u64::from(b)).sum()
+    }
+
+    /// Adds a message after the last one.
+    pub(super) fn push_back(&mut self, bytes: u32) {
+        self.bytes.push_back(bytes);
+    }
+
+    /// Adds a message before the first one.
+    pub(super) fn push_front(&mut self, bytes: u32) {
+        self.bytes.push_front(bytes);
+    }
+
+    /// Takes the first `n` messages' figures out (fewer if it holds fewer).
+    pub(super) fn take_front(&mut self, n: usize) -> Vec<Slot> {
+        let n = n.min(self.bytes.len());
+        let (created_ms, attempts) = (self.created_ms, self.attempts);
+        self.bytes
+            .drain(..n)
+            .map(|bytes| Slot {
+                created_ms,
+                bytes,
+                attempts,
+            })
+            .collect()
+    }
+
+    /// Cuts message `at` out: returns its figures and the run of the messages after it
+    /// (empty if it was the last), and keeps the messages before it.
+    pub(super) fn cut(&mut self, at: usize) -> (Slot, Run) {
+        let slot = self.slot(at);
+        let mut after = self.bytes.split_off(at);
+        after.pop_front();
+        let after = Run {
+            created_ms: self.created_ms,
+            attempts: self.attempts,
+            bytes: after,
+        };
+        (slot, after)
+    }
+
+    /// Whether it holds no message.
+    pub(super) fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// Gives back spare capacity (after recovery built the schedule).
+    pub(super) fn shrink(&mut self) {
+        self.bytes.shrink_to_fit();
+    }
+}
