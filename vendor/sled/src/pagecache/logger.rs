@@ -753,14 +753,17 @@ pub(crate) fn read_message<R: ReadAt>(
     }
 
     // perform crc check on everything that isn't Corrupted
-    let mut buf = vec![0; header_len];
+    //
+    // spoolrelay: zeroed by a memset (`zeroed_buf`), not by `vec![0; n]`: see there.
+    let mut buf;
 
     if header_len > len_after {
         // we have to read more data from disk
+        buf = zeroed_buf(header_len);
         file.pread_exact(&mut buf, lid + message_offset as LogOffset)?;
     } else {
         // we already read this data in the initial read
-        buf.copy_from_slice(header_cursor[..header_len].as_ref());
+        buf = header_cursor[..header_len].to_vec();
     }
 
     let crc32 = calculate_message_crc32(
@@ -848,4 +851,15 @@ pub(crate) fn read_message<R: ReadAt>(
              before reading message length above"
         ),
     }
+}
+
+/// spoolrelay: a zeroed buffer of `len` bytes, zeroed by a memset. `vec![0; len]` asks the
+/// allocator for zeroed memory, and jemalloc zeroes a reused large block with
+/// madvise(MADV_DONTNEED): the read into it then faults every page back in. On a spool's
+/// open (the log replay reads every message and segment since the last snapshot) that was
+/// half of the time (vendor/sled/PATCHES.md).
+pub(crate) fn zeroed_buf(len: usize) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(len);
+    buf.resize(len, 0);
+    buf
 }
