@@ -74,15 +74,15 @@ impl QueueIndex {
     /// Takes `id` out of the run at `key`, which holds it; the messages before and after it
     /// stay as runs of their own.
     fn cut(&mut self, key: (u64, u64), id: u64) -> Slot {
-        let Some(mut run) = self.scheduled.remove(&key) else {
+        let Some(run) = self.scheduled.remove(&key) else {
             unreachable!("cut is only called with the key of a run that holds the id");
         };
-        let (slot, after) = run.cut((id - key.1) as usize);
+        let (slot, before, after) = run.cut((id - key.1) as usize);
         if !after.is_empty() {
             self.scheduled.insert((key.0, id + 1), after);
         }
-        if !run.is_empty() {
-            self.scheduled.insert(key, run);
+        if !before.is_empty() {
+            self.scheduled.insert(key, before);
         }
         slot
     }
