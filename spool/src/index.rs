@@ -11,6 +11,7 @@
 mod model_tests;
 mod run;
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use rustc_hash::FxHashMap;
@@ -90,35 +91,44 @@ impl QueueIndex {
     /// Schedules `id` at `due`: it joins the run it continues (or starts), or starts one.
     /// Returns the figures of the same id already waiting at `due`, which it replaces.
     fn schedule(&mut self, due: u64, id: u64, slot: Slot) -> Option<Slot> {
-        // The common case first, in one lookup: the id continues the run before it (ingest
-        // and recovery schedule in id order). Such a run ends before `id`: nothing replaced.
-        if let Some((&(run_due, first), run)) = self.scheduled.range_mut(..=(due, id)).next_back() {
-            if run_due == due && first + run.len() == id && run.admits(&slot) {
-                run.push_back(slot.bytes);
-                return None;
-            }
+        // The common case first, in one lookup: ingest and recovery schedule in id order,
+        // so the id continues the run before it (and no run holds it yet).
+        if self.append(due, id, slot) {
+            return None;
         }
         let replaced = self.run_holding(due, id).map(|key| self.cut(key, id));
-        if let Some((&(run_due, first), run)) = self.scheduled.range_mut(..(due, id)).next_back() {
-            if run_due == due && first + run.len() == id && run.admits(&slot) {
-                run.push_back(slot.bytes);
-                return replaced;
-            }
-        }
-        let next = (due, id + 1);
-        match self.scheduled.remove(&next) {
-            Some(mut run) if run.admits(&slot) => {
-                run.push_front(slot.bytes);
-                self.scheduled.insert((due, id), run);
-            }
-            other => {
-                if let Some(run) = other {
-                    self.scheduled.insert(next, run);
-                }
-                self.scheduled.insert((due, id), Run::of(slot));
-            }
+        if !self.append(due, id, slot) && !self.prepend(due, id, slot) {
+            self.scheduled.insert((due, id), Run::of(slot));
         }
         replaced
+    }
+
+    /// Adds `id` at the end of the run before it, if it continues that run. The range takes
+    /// in a run that starts at `id` itself, which holds it: then nothing is appended.
+    fn append(&mut self, due: u64, id: u64, slot: Slot) -> bool {
+        match self.scheduled.range_mut(..=(due, id)).next_back() {
+            Some((&(run_due, first), run))
+                if run_due == due && first + run.len() == id && run.admits(&slot) =>
+            {
+                run.push_back(slot.bytes);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Adds `id` at the front of the run after it, if that run starts at `id + 1`.
+    fn prepend(&mut self, due: u64, id: u64, slot: Slot) -> bool {
+        let Entry::Occupied(next) = self.scheduled.entry((due, id + 1)) else {
+            return false;
+        };
+        if !next.get().admits(&slot) {
+            return false;
+        }
+        let mut run = next.remove();
+        run.push_front(slot.bytes);
+        self.scheduled.insert((due, id), run);
+        true
     }
 
     /// Whether no message is waiting or leased.
