@@ -333,26 +333,26 @@ impl Index {
             Some((_, slot)) => Some(slot),
             None => q.run_holding_any(id).map(|run| q.cut(run, id)),
         };
-        self.forget_if_empty(queue);
-        if let Some(slot) = slot {
-            self.bytes = self.bytes.saturating_sub(u64::from(slot.bytes));
-        }
-        slot
+        self.account_removed(queue, slot)
     }
 
     /// Forgets a leased message (the hot path of an ack: no walk over the runs).
     fn remove_leased(&mut self, queue: &str, id: u64) -> Option<Slot> {
-        let (_, slot) = self.queues.get_mut(queue)?.leased.remove(&id)?;
-        self.forget_if_empty(queue);
-        self.bytes = self.bytes.saturating_sub(u64::from(slot.bytes));
-        Some(slot)
+        let slot = self.queues.get_mut(queue)?.leased.remove(&id);
+        self.account_removed(queue, slot.map(|(_, slot)| slot))
     }
 
-    fn forget_if_empty(&mut self, queue: &str) {
+    /// What every removal does after taking `slot` out of `queue`: its bytes leave the
+    /// total, and an emptied queue is forgotten. Returns `slot`.
+    fn account_removed(&mut self, queue: &str, slot: Option<Slot>) -> Option<Slot> {
+        if let Some(slot) = slot {
+            self.bytes = self.bytes.saturating_sub(u64::from(slot.bytes));
+        }
         if self.queues.get(queue).is_some_and(QueueIndex::is_empty) {
             self.queues.remove(queue);
             shrink_if_sparse(&mut self.queues);
         }
+        slot
     }
 
     /// Names of every queue holding at least one message, sorted (an empty queue is dropped).

@@ -104,10 +104,11 @@
 //!
 //! ## Recovery
 //! Opening scans every tree once ([`recovery`]): it rebuilds the index (ids, due times and
-//! sizes, in runs of consecutive ids: a million messages cost a few MB), reading single records whole but of chunks
-//! only their headers and bitmaps, never a payload; it quarantines what does not
-//! decode, and resolves a message found both queued and dead-lettered in favour of the
-//! dead-letter copy. The ids continue above the highest id ever committed.
+//! sizes, in runs of consecutive ids: a million messages cost a few MB), reading single
+//! records whole but of chunks only their headers and bitmaps, never a payload; it
+//! quarantines what does not decode, and resolves a message found both queued and
+//! dead-lettered in favour of the dead-letter copy. The ids continue above the highest id
+//! ever committed.
 //!
 //! sled itself can lose data without saying so: its recovery treats a damaged frame as
 //! the end of the log. The [`ledger`] catches that (sled's last commit mark behind the one

@@ -80,15 +80,9 @@ impl Run {
     /// Takes the first `n` messages' figures out (fewer if it holds fewer).
     pub(super) fn take_front(&mut self, n: usize) -> Vec<Slot> {
         let n = n.min(self.bytes.len());
-        let (created_ms, attempts) = (self.created_ms, self.attempts);
-        self.bytes
-            .drain(..n)
-            .map(|bytes| Slot {
-                created_ms,
-                bytes,
-                attempts,
-            })
-            .collect()
+        let slots = (0..n).map(|at| self.slot(at)).collect();
+        self.bytes.drain(..n);
+        slots
     }
 
     /// Cuts message `at` out: returns its figures and the runs of the messages before and
