@@ -14,6 +14,11 @@
 //! MiB with glibc; jemalloc with its default settings was no better than glibc, mimalloc
 //! far worse (+617 MiB). P1 and P2 are in docs/performance.md beside the glibc figures.
 //!
+//! What stays after a purge follows the burst's *peak*, not what is still live: jemalloc
+//! never returns its metadata for the extents it mapped (22 MB after a 1 GB peak). That is
+//! why the vendored sled's batches repin their epoch guard (vendor/sled/PATCHES.md): the
+//! peak fell from ~960 to ~550 MiB and the RSS after the reap to about +27 MiB.
+//!
 //! C libraries (librdkafka, OpenSSL) still call glibc's `malloc`: the `_rjem_` prefix keeps
 //! jemalloc to Rust's allocations (Lua's too: mlua allocates through Rust), so a release
 //! trims glibc as well.

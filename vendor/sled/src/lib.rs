@@ -364,6 +364,16 @@ pub struct Guard {
     writeset: Vec<PageId>,
 }
 
+impl Guard {
+    /// spoolrelay patch: lets the epoch advance past this guard, then frees what other
+    /// threads' advances made collectable. The caller must hold no `Shared` pointer
+    /// obtained through this guard (the `&mut` borrow enforces it).
+    pub(crate) fn repin_and_collect(&mut self) {
+        self.inner.repin();
+        self.inner.flush();
+    }
+}
+
 impl std::ops::Deref for Guard {
     type Target = CrossbeamGuard;
 

@@ -379,6 +379,9 @@ impl Tree {
         self.apply_batch_inner(batch, &mut guard)
     }
 
+    /// How many writes of a batch share one epoch pin (see `apply_batch_inner`).
+    const REPIN_EVERY: usize = 64;
+
     pub(crate) fn apply_batch_inner(
         &self,
         batch: Batch,
@@ -386,7 +389,14 @@ impl Tree {
     ) -> Result<()> {
         let peg = self.context.pin_log(guard)?;
         trace!("applying batch {:?}", batch);
-        for (k, v_opt) in batch.writes {
+        for (n, (k, v_opt)) in batch.writes.into_iter().enumerate() {
+            // spoolrelay patch (PATCHES.md, "A batch repins its epoch"): every write
+            // copies a node and defers the old one's free to the epoch GC, and one guard
+            // held across a big batch kept all of that garbage alive until the batch
+            // ended. No pointer outlives one insert, so the epoch can move on between them.
+            if n % Self::REPIN_EVERY == Self::REPIN_EVERY - 1 {
+                guard.repin_and_collect();
+            }
             loop {
                 if self.insert_inner(&k, v_opt.clone(), guard)?.is_ok() {
                     break;
