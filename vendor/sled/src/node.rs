@@ -13,6 +13,10 @@ pub struct Node {
     pub(crate) data: Data,
 }
 
+/// spoolrelay patch: a leaf of fewer than 4 entries merges into its left sibling only if
+/// its entries hold fewer bytes than this too (see `Node::should_merge`).
+const LEAF_MERGE_BYTES: u64 = 16 * 1024;
+
 impl Node {
     pub(crate) fn new_hoisted_root(
         left: PageId,
@@ -620,7 +624,13 @@ impl Node {
             4
         };
 
-        let size_checks = self.data.len() < threshold;
+        // spoolrelay patch (PATCHES.md, "Leaves of big values merge only once small"):
+        // sled merges a leaf of under 4 entries into its left sibling whatever their
+        // size, and with spool chunks (64 KiB values) each such merge rewrote a leaf of
+        // up to 3 chunks as a blob file, then again as each of them was deleted. Such a
+        // leaf now empties where it is and merges once its entries are small.
+        let size_checks = self.data.len() < threshold
+            && (self.data.is_index() || self.data.rss() < LEAF_MERGE_BYTES);
         let safety_checks = self.merging_child.is_none() && !self.merging;
 
         size_checks && safety_checks

@@ -25,6 +25,8 @@ pub(crate) const COUNTER_PID: PageId = 1;
 pub(crate) const BATCH_MANIFEST_PID: PageId = PageId::max_value() - 666;
 
 pub(crate) const PAGE_CONSOLIDATION_THRESHOLD: usize = 10;
+/// spoolrelay patch: see `consolidation_threshold` in `pagecache/mod.rs`.
+pub(crate) const BLOB_PAGE_CONSOLIDATION_THRESHOLD: usize = 40;
 pub(crate) const SEGMENT_CLEANUP_THRESHOLD: usize = 50;
 
 // Allows for around 1 trillion items to be stored

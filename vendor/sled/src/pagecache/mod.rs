@@ -38,7 +38,8 @@ use self::{
     blob_io::{gc_blobs, read_blob, remove_blob, write_blob},
     constants::{
         BATCH_MANIFEST_PID, COUNTER_PID, META_PID,
-        PAGE_CONSOLIDATION_THRESHOLD, SEGMENT_CLEANUP_THRESHOLD,
+        BLOB_PAGE_CONSOLIDATION_THRESHOLD, PAGE_CONSOLIDATION_THRESHOLD,
+        SEGMENT_CLEANUP_THRESHOLD,
     },
     header::Header,
     iobuf::{roll_iobuf, IoBuf, IoBufs},
@@ -1036,7 +1037,7 @@ impl PageCache {
         node.apply(&new);
 
         // see if we should short-circuit replace
-        if old.cache_infos.len() >= PAGE_CONSOLIDATION_THRESHOLD {
+        if old.cache_infos.len() >= consolidation_threshold(&old.cache_infos) {
             let short_circuit = self.replace(pid, old, node, guard)?;
             return Ok(short_circuit.map_err(|a| a.map(|b| (b.0, new))));
         }
@@ -2183,5 +2184,17 @@ impl PageCache {
             active_segment: None,
             pt: page_states,
         }
+    }
+}
+
+/// spoolrelay patch (PATCHES.md, "A blob page takes more deltas"): how many log entries
+/// (a base and its deltas) a page may have before a link rewrites it whole. A page whose
+/// base is a blob file is over a quarter of a segment (a leaf of spool chunks is ~1 MiB),
+/// so rewriting it every 10 small deltas cost far more than reading a longer chain.
+fn consolidation_threshold(cache_infos: &[CacheInfo]) -> usize {
+    if cache_infos.first().map_or(false, |base| base.pointer.is_blob()) {
+        BLOB_PAGE_CONSOLIDATION_THRESHOLD
+    } else {
+        PAGE_CONSOLIDATION_THRESHOLD
     }
 }
