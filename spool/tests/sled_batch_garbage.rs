@@ -6,6 +6,8 @@
 //! (docs/performance.md), and the allocator's bookkeeping for that peak stays after the
 //! burst. This measures the heap's peak during one big batch on sled alone.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -44,11 +46,7 @@ fn reset_peak() -> usize {
 /// The heap's peak above where it stood, while one batch of `writes` writes is applied.
 fn batch_peak(writes: u64) -> usize {
     let dir = tempfile::tempdir().unwrap();
-    let db = sled::Config::new()
-        .path(dir.path())
-        .flush_every_ms(None)
-        .open()
-        .unwrap();
+    let db = common::bare_sled(dir.path());
     let value = vec![7u8; 200];
     let mut batch = sled::Batch::default();
     for id in 0..writes {

@@ -4,17 +4,11 @@
 //! sled to a plain map through fills, deletes in and out of key order, and reopens (which
 //! page in every leaf from its blob and its chain of deltas).
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
-
-fn open(dir: &std::path::Path) -> sled::Db {
-    sled::Config::new()
-        .path(dir)
-        .flush_every_ms(None)
-        .open()
-        .unwrap()
-}
 
 fn value(id: u64, round: u64) -> Vec<u8> {
     // 20-60 KiB: a leaf of them is a blob, and one to three of them are over 16 KiB.
@@ -47,7 +41,7 @@ fn leaves_of_big_values_read_back_through_drains_and_reopens() {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = StdRng::seed_from_u64(11);
     let mut model = BTreeMap::new();
-    let mut db = open(dir.path());
+    let mut db = common::bare_sled(dir.path());
     let mut next = 0u64;
     for round in 0..6u64 {
         for _ in 0..60 {
@@ -78,7 +72,7 @@ fn leaves_of_big_values_read_back_through_drains_and_reopens() {
         assert_same(&db, &model, &format!("round {round}, before reopen"));
         db.flush().unwrap();
         drop(db);
-        db = open(dir.path());
+        db = common::bare_sled(dir.path());
         assert_same(&db, &model, &format!("round {round}, after reopen"));
     }
 }

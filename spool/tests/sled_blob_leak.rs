@@ -5,6 +5,8 @@
 //! v2's disk goes"). This runs the same shape on sled alone: leaves of big values next to
 //! leaves of small ones, filled and emptied in key order, the way chunks and their heads are.
 
+mod common;
+
 use std::path::Path;
 
 fn blob_files(db_dir: &Path) -> usize {
@@ -22,11 +24,7 @@ fn key(area: u8, id: u64) -> Vec<u8> {
 #[test]
 fn blob_files_do_not_pile_up_over_fill_and_drain_rounds() {
     let dir = tempfile::tempdir().unwrap();
-    let db = sled::Config::new()
-        .path(dir.path())
-        .flush_every_ms(None)
-        .open()
-        .unwrap();
+    let db = common::bare_sled(dir.path());
     let big = vec![7u8; 40 * 1024];
     let per_round = 96u64;
     let mut after_round = Vec::new();

@@ -16,6 +16,17 @@ pub fn open(dir: &Path) -> Spool {
     )
 }
 
+/// Opens a bare sled database with no background flusher, for the tests that hold the
+/// vendored sled's patches to account (`sled_*.rs`): what they count is then only what
+/// their own writes caused.
+pub fn bare_sled(dir: &Path) -> sled::Db {
+    sled::Config::new()
+        .path(dir)
+        .flush_every_ms(None)
+        .open()
+        .expect("sled open")
+}
+
 /// Opens sled itself (to damage records behind the spool's back), waiting out the lock of
 /// a spool just dropped: sled lets go of its file lock from a background thread shortly
 /// after the last handle drops.
