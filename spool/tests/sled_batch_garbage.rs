@@ -1,11 +1,11 @@
-//! The vendored sled's batch repin (`vendor/sled/PATCHES.md`, "A batch repins its epoch").
-//! Every write in sled copies the node it changes and defers the old copy's free to the
-//! epoch GC; sled 0.34.7 held one epoch guard across a whole `apply_batch`, so a big batch
-//! kept every old copy alive until it ended. One group commit carrying a message for each
-//! of 100 000 queues is such a batch: it set the daemon's peak at ~960 MiB in P7
-//! (docs/performance.md), and the allocator's bookkeeping for that peak stays after the
-//! burst. This measures the heap's peak during one big batch on sled alone.
-
+//! The vendored sled's batch repin (`vendor/sled/PATCHES.md`, "A long batch repins its
+//! epoch"). Every write in sled copies the node it changes and defers the old copy's free
+//! to the epoch GC; sled 0.34.7 held one epoch guard across a whole `apply_batch`, so a
+//! long batch kept every old copy alive until it ended. One group commit carrying a
+//! message for each of 100 000 queues is such a batch: it set the daemon's peak at
+//! ~960 MiB in P7 (docs/performance.md), and the allocator's bookkeeping for that peak
+//! stays after the burst. This compares the heap's peak during a short and a long batch
+//! on sled alone.
 mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -61,7 +61,7 @@ fn batch_peak(writes: u64) -> usize {
 fn a_long_batch_does_not_keep_every_replaced_node_alive() {
     // Short batches keep sled's own behaviour (up to 4 096 writes, PATCHES.md), so the
     // measure is how the peak grows with the batch: with the patch, hardly at all past
-    // that; without it, in proportion (244 MB at 50 000 writes against ~20 MB at 5 000).
+    // that; without it, in proportion (223 MB at 50 000 writes against 23 MB at 5 000).
     let short = batch_peak(5_000);
     let long = batch_peak(50_000);
     let data = 50_000 * (8 + 200);
