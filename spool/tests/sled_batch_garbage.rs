@@ -6,6 +6,7 @@
 //! ~960 MiB in P7 (docs/performance.md), and the allocator's bookkeeping for that peak
 //! stays after the burst. This compares the heap's peak during a short and a long batch
 //! on sled alone.
+
 mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
