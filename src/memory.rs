@@ -16,8 +16,9 @@
 //!
 //! What stays after a purge follows the burst's *peak*, not what is still live: jemalloc
 //! never returns its metadata for the extents it mapped (22 MB after a 1 GB peak). That is
-//! why the vendored sled's batches repin their epoch guard (vendor/sled/PATCHES.md): the
-//! peak fell from ~960 to ~550 MiB and the RSS after the reap to about +27 MiB.
+//! why the vendored sled's long batches (over 4 096 writes) repin their epoch guard
+//! (vendor/sled/PATCHES.md): the peak fell from ~960 to ~550 MiB and the RSS after the
+//! reap to about +28 MiB.
 //!
 //! C libraries (librdkafka, OpenSSL) still call glibc's `malloc`: the `_rjem_` prefix keeps
 //! jemalloc to Rust's allocations (Lua's too: mlua allocates through Rust), so a release
