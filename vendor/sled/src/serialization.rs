@@ -33,7 +33,11 @@ pub trait Serialize: Sized {
     /// Returns owned serialized bytes.
     fn serialize(&self) -> Vec<u8> {
         let sz = self.serialized_size();
-        let mut buf = vec![0; usize::try_from(sz).unwrap()];
+        // spoolrelay patch (PATCHES.md, "Blob buffers are zeroed by a memset"): a blob's
+        // buffer is 0.5–1 MiB, and `vec![0; sz]` made jemalloc zero a reused block by
+        // madvise, so the copy below faulted every page back in.
+        let mut buf =
+            crate::pagecache::logger::zeroed_buf(usize::try_from(sz).unwrap());
         self.serialize_into(&mut buf.as_mut_slice());
         buf
     }
