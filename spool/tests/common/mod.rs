@@ -18,28 +18,32 @@ pub fn open(dir: &Path) -> Spool {
 
 /// Opens a bare sled database with no background flusher, for the tests that hold the
 /// vendored sled's patches to account (`sled_*.rs`): what they count is then only what
-/// their own writes caused.
+/// their own writes caused. Waits out the lock of a handle just dropped, as
+/// [`sled_open`] does.
 pub fn bare_sled(dir: &Path) -> sled::Db {
-    sled::Config::new()
-        .path(dir)
-        .flush_every_ms(None)
-        .open()
-        .expect("sled open")
+    open_when_unlocked(dir, || {
+        sled::Config::new().path(dir).flush_every_ms(None).open()
+    })
 }
 
 /// Opens sled itself (to damage records behind the spool's back), waiting out the lock of
-/// a spool just dropped: sled lets go of its file lock from a background thread shortly
-/// after the last handle drops.
+/// a spool just dropped.
 pub fn sled_open(data_dir: &Path) -> sled::Db {
+    open_when_unlocked(data_dir, || sled::open(data_dir))
+}
+
+/// Retries `open` while sled's file lock is held: sled lets go of it from a background
+/// thread shortly after the last handle drops (later still while a blob write fsyncs).
+fn open_when_unlocked(dir: &Path, open: impl Fn() -> sled::Result<sled::Db>) -> sled::Db {
     for _ in 0..250 {
-        match sled::open(data_dir) {
+        match open() {
             Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
                 std::thread::sleep(std::time::Duration::from_millis(20))
             }
             opened => return opened.expect("sled open"),
         }
     }
-    panic!("sled stayed locked at {}", data_dir.display());
+    panic!("sled stayed locked at {}", dir.display());
 }
 
 /// Opens with the daemon's options and chunked ingest on or off.

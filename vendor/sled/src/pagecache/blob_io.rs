@@ -90,12 +90,19 @@ pub(crate) fn write_blob<T: Serialize>(
     io_fail!(config, "write_blob write kind_byte");
     f.write_all(kind_buf)?;
     io_fail!(config, "write_blob write buf");
-    f.write_all(&data)
-        .map(|r| {
-            trace!("successfully wrote blob at {:?}", path);
-            r
-        })
-        .map_err(|e| e.into())
+    f.write_all(&data)?;
+
+    // spoolrelay patch (PATCHES.md, "A blob is durable before its pointer"): the caller
+    // writes this blob's pointer to the log next, and a log write can be made durable by
+    // anyone's fsync at any time. Without these two fsyncs a power cut could keep the
+    // pointer and lose the file (or its directory entry): the page, with every entry it
+    // held, was then lost, or read back as garbage.
+    io_fail!(config, "write_blob fsync");
+    f.sync_all()?;
+    let dir = path.parent().expect("a blob path has a directory");
+    std::fs::File::open(dir)?.sync_all()?;
+    trace!("successfully wrote blob at {:?}", path);
+    Ok(())
 }
 
 pub(crate) fn gc_blobs(config: &Config, stable_lsn: Lsn) -> Result<()> {
