@@ -43,7 +43,8 @@ pub struct ChunkTable {
 /// The bitmap writes of one group, and the chunks they delete.
 #[derive(Debug, Default)]
 pub struct SettleWrites {
-    /// The bitmap puts and chunk deletes, all in the messages tree.
+    /// The bitmap puts and chunk deletes (messages tree), and the deletes of acked single
+    /// records (`acked_singles.rs`, which may touch the meta tree too).
     pub(crate) ops: Vec<Op>,
     /// Chunks whose every record is settled: their three keys are deleted by `ops`, and
     /// their state goes once that is written ([`ChunkTable::forget`]).
@@ -161,6 +162,11 @@ impl ChunkTable {
                 crate::index::shrink_if_sparse(&mut self.queues);
             }
         }
+    }
+
+    /// Whether acks left bitmaps to write.
+    pub fn has_dirty(&self) -> bool {
+        !self.dirty.is_empty()
     }
 
     /// Whether no chunk is live.

@@ -442,26 +442,43 @@ fn count_heads(state: &WriterState, added: usize, deleted: usize, ops: &mut Vec<
     heads
 }
 
-/// Writes the bitmaps acks left, alone: not fsynced, like a v1 ack's delete (a crash
-/// before sled's next flush redelivers those messages, never loses one).
+/// Writes what acks left (bitmaps, deletes of single records), alone: not fsynced (a crash
+/// before sled's next flush redelivers those messages, never loses one). Large-record
+/// markers go first, in their own batch, as `acked_singles.rs` explains.
 fn write_settles(state: &mut WriterState) {
     if state.poison.is_set() {
         return;
     }
-    let mut writes = lock_index(state).chunks.settle_writes(&[]);
+    let mut writes = lock_index(state).settle_writes(&[]);
     if writes.ops.is_empty() {
         return;
     }
     let heads = count_heads(state, 0, writes.deleted.len(), &mut writes.ops);
-    let mut batch = sled::Batch::default();
+    let (mut markers, mut messages) = (sled::Batch::default(), sled::Batch::default());
+    let mut any_marker = false;
     for op in &writes.ops {
-        match op {
-            Op::Put(_, key, value) => batch.insert(key.as_slice(), value.as_slice()),
-            Op::Del(_, key) => batch.remove(key.as_slice()),
-            Op::Settle(..) => {}
+        match (op, op.tree()) {
+            (Op::Put(_, key, value), TreeId::Messages) => {
+                messages.insert(key.as_slice(), value.as_slice())
+            }
+            (Op::Del(_, key), TreeId::Messages) => messages.remove(key.as_slice()),
+            (Op::Del(_, key), TreeId::Meta) => {
+                markers.remove(key.as_slice());
+                any_marker = true;
+            }
+            _ => debug_assert!(
+                false,
+                "settle writes touch only messages and markers: {op:?}"
+            ),
         }
     }
-    match state.trees[TreeId::Messages as usize].apply_batch(batch) {
+    // An empty sled batch still costs a log record.
+    let written = match any_marker {
+        true => state.trees[TreeId::Meta as usize].apply_batch(markers),
+        false => Ok(()),
+    }
+    .and_then(|()| state.trees[TreeId::Messages as usize].apply_batch(messages));
+    match written {
         Ok(()) => {
             state.chunk_heads = heads;
             forget_deleted(&mut lock_index(state), writes.deleted);
@@ -512,7 +529,7 @@ fn commit_group(state: &mut WriterState, group: &[Job]) -> Result<Vec<(String, u
     let SettleWrites {
         ops: mut settles,
         deleted,
-    } = lock_index(state).chunks.settle_writes(&moves(group));
+    } = lock_index(state).settle_writes(&moves(group));
     let added = group
         .iter()
         .flat_map(|job| &job.effects)
@@ -532,6 +549,7 @@ fn commit_group(state: &mut WriterState, group: &[Job]) -> Result<Vec<(String, u
         let single_tree = group
             .iter()
             .flat_map(|job| &job.ops)
+            .chain(&settles)
             .all(|op| op.tree() == TreeId::Messages);
         if single_tree {
             write_messages_batch(state, group, &settles, &meta)

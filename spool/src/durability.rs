@@ -44,6 +44,8 @@ pub struct SyncFaults {
     failing: Arc<Mutex<Option<io::ErrorKind>>>,
     skipping: Arc<AtomicBool>,
     stalling: Arc<AtomicBool>,
+    /// Syncs held by `stalling` right now.
+    stalled: Arc<std::sync::atomic::AtomicUsize>,
     synced: SyncLog,
     mtime_granularity: Arc<Mutex<Option<Duration>>>,
 }
@@ -65,6 +67,12 @@ impl SyncFaults {
     /// (a dead NFS server, a drive that stopped answering).
     pub fn stall_syncs(&self) {
         self.stalling.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a sync is being held by [`stall_syncs`](Self::stall_syncs) right now: the
+    /// spool's commit thread is stuck in it.
+    pub fn is_stalled(&self) -> bool {
+        self.stalled.load(Ordering::SeqCst) > 0
     }
 
     fn skipping(&self) -> bool {
@@ -131,8 +139,12 @@ impl SyncFaults {
     }
 
     fn check(&self) -> io::Result<()> {
-        while self.stalling.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(10));
+        if self.stalling.load(Ordering::SeqCst) {
+            self.stalled.fetch_add(1, Ordering::SeqCst);
+            while self.stalling.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            self.stalled.fetch_sub(1, Ordering::SeqCst);
         }
         match *self.failing.lock().unwrap_or_else(|e| e.into_inner()) {
             Some(kind) => Err(io::Error::new(kind, "injected sync failure")),

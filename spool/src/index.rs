@@ -16,7 +16,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use rustc_hash::FxHashMap;
 
-use crate::chunk_table::{ChunkTable, Home};
+use crate::acked_singles::AckedSingles;
+use crate::chunk_table::{ChunkTable, Home, SettleWrites};
 use run::Run;
 
 /// What the index keeps per message besides its id and due time.
@@ -170,6 +171,8 @@ pub struct Index {
     touched: HashSet<String>,
     /// The live chunks and their settled bits: which messages are chunked, and where.
     pub(crate) chunks: ChunkTable,
+    /// Delivered single records whose deletes the commit thread has not written yet.
+    pub(crate) acked_singles: AckedSingles,
 }
 
 impl Index {
@@ -302,7 +305,26 @@ impl Index {
     /// bitmap, or `None` if it was not leased.
     pub(crate) fn ack_chunked(&mut self, queue: &str, id: u64, home: Home) -> Option<bool> {
         self.remove_leased(queue, id)?;
-        Some(self.chunks.settle_delivered(queue, home))
+        let first_dirty = self.chunks.settle_delivered(queue, home);
+        Some(first_dirty && self.acked_singles.is_empty())
+    }
+
+    /// Settles a leased single record as delivered: forgets it and leaves its delete (and
+    /// its large-record marker's) to the commit thread (see `acked_singles.rs`). Returns
+    /// whether the commit thread must be woken, or `None` if it was not leased.
+    pub(crate) fn ack_single(&mut self, queue: &str, id: u64, large: bool) -> Option<bool> {
+        self.remove_leased(queue, id)?;
+        let first = self.acked_singles.is_empty() && !self.chunks.has_dirty();
+        self.acked_singles.push(queue, id, large);
+        Some(first)
+    }
+
+    /// Every write the acks left (bitmaps and deletes), plus the bits `moves` set: what the
+    /// commit thread writes with a group or on its settle tick.
+    pub(crate) fn settle_writes(&mut self, moves: &[(&str, Home)]) -> SettleWrites {
+        let mut writes = self.chunks.settle_writes(moves);
+        writes.ops.extend(self.acked_singles.take_ops());
+        writes
     }
 
     /// Whether `id` is in flight from `queue`: settlements check it before touching disk.

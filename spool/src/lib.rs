@@ -92,9 +92,11 @@
 //! stored) that every settlement takes (`settle.rs`), so in-flight tracking never copies a
 //! payload and a message read from anywhere else cannot settle anything. Leases are
 //! memory-only: after a crash every message is simply due again, and only what was in
-//! flight can be delivered twice. Deletes after delivery (`ack`) are not fsynced one by
-//! one; the next group commit or sled's background flush carries them. A crash in between
-//! means a duplicate, never a loss. `retry` and `dead_letter` take the whole [`Leased`]
+//! flight can be delivered twice. An `ack` does not touch the disk: the message leaves the
+//! index at once, and the commit thread writes its delete (or settled bit) with its next
+//! group commit, or alone after a short tick, not fsynced on its own, so a dispatcher never
+//! waits for the disk on an async thread. A crash in between means a duplicate, never a
+//! loss. `retry` and `dead_letter` take the whole [`Leased`]
 //! and write its message back durably (v1 keeps the delivery state in the record; nothing
 //! else writes a leased record). Whatever fails after a lease was taken (a read, an ack, the
 //! hand-off of a retry or a dead-letter to the commit thread) gives the lease back, so
@@ -123,6 +125,7 @@
 
 #![warn(missing_docs)]
 
+mod acked_singles;
 pub mod chunk;
 pub mod chunk_table;
 mod chunked;

@@ -45,6 +45,9 @@ impl Spool {
             self.inner.trees[TreeId::Messages as usize].scan_prefix(keys::queue_prefix(queue))
         {
             let (key, raw) = item.map_err(|e| self.storage(e))?;
+            if self.ack_pending(&key) {
+                continue;
+            }
             if let Ok(msg) = recovery::check_message(&key, &raw) {
                 out.push(msg);
                 if out.len() >= limit {
@@ -75,6 +78,9 @@ impl Spool {
         })?;
         for item in self.inner.trees[TreeId::Messages as usize].range(keys::SINGLES_START..) {
             let (key, raw) = item.map_err(|e| self.storage(e))?;
+            if self.ack_pending(&key) {
+                continue;
+            }
             f(
                 recovery::check_message(&key, &raw).map_err(|reason| DamagedRecord {
                     tree: "messages".into(),
@@ -84,6 +90,13 @@ impl Spool {
             )?;
         }
         Ok(())
+    }
+
+    /// Whether the single record under `key` was delivered and only its delete is still
+    /// to be written (`acked_singles.rs`): listings leave it out, as they leave out
+    /// delivered chunked messages whose bitmap is not written yet.
+    fn ack_pending(&self, key: &[u8]) -> bool {
+        self.index().acked_singles.contains(key)
     }
 
     /// Every dead letter, oldest id first, and every dead-letter record that does not

@@ -1,10 +1,10 @@
 //! Settling leased messages: ack, retry, dead-letter, release, each by [`Lease`].
 //!
 //! A lease says where its record is stored, so an ack deletes the record (and its
-//! large-record marker) without reading it. Record format v1 keeps a message's delivery
-//! state inside its one record, so a retry or a dead-letter writes the leased copy back
-//! whole; every settlement that fails gives the lease back, so nothing stays in
-//! flight until a restart.
+//! large-record marker) without reading it, through the commit thread. Record format v1
+//! keeps a message's delivery state inside its one record, so a retry or a dead-letter
+//! writes the leased copy back whole; every settlement that fails gives the lease back, so
+//! nothing stays in flight until a restart.
 
 use tokio::sync::oneshot;
 
@@ -18,93 +18,48 @@ use crate::record::{self, Message};
 use crate::spool::{mark_large, schedule, Spool};
 
 impl Spool {
-    /// Delivered: deletes the message. The delete is made durable by the next group commit
-    /// or sled's background flush; a crash before that redelivers it (at-least-once).
+    /// Delivered: deletes the message. The delete is left to the commit thread (see
+    /// [`ack_many`](Self::ack_many)); a crash before it is written redelivers the message
+    /// (at-least-once).
     pub fn ack(&self, lease: &Lease) -> Result<()> {
-        self.check_leased(lease)?;
-        if let Location::Chunk(home) = lease.location {
-            if let Err(e) = self.check_poison() {
-                self.release(lease);
-                return Err(e);
-            }
-            return self.ack_chunked(&[(lease, home)]);
-        }
-        // One plain remove: a one-entry sled batch costs an extra log record.
-        let removed = self.check_poison().and_then(|()| {
-            self.unmark_large(std::slice::from_ref(&lease))?;
-            let key = keys::message_key(&lease.queue, lease.id);
-            self.inner.trees[TreeId::Messages as usize]
-                .remove(key)
-                .map_err(|e| self.write_failed(e))
-        });
-        match removed {
-            Ok(_) => {
-                self.index().remove(&lease.queue, lease.id.0);
-                Ok(())
-            }
-            // Still on disk: due again rather than leased until a restart.
-            Err(e) => {
-                self.release(lease);
-                Err(e)
-            }
-        }
+        self.ack_many(&[lease])
     }
 
-    /// [`ack`](Self::ack) for several delivered messages at once: one sled batch, so a
-    /// dispatcher settling a `send_batch` pays for one tree update instead of one per
-    /// message. Leases no longer held are skipped (and reported in the error); the rest
-    /// are still deleted.
+    /// [`ack`](Self::ack) for several delivered messages at once. Nothing here touches the
+    /// disk: each message leaves the index now, and its delete (a single record) or settled
+    /// bit (a chunked one) is written by the commit thread with its next group, or alone
+    /// after a short tick, so a dispatcher on an async runtime never waits for the disk
+    /// (`acked_singles.rs`). Leases no longer held are skipped (and reported in the
+    /// error); the rest are still settled.
     pub fn ack_many(&self, leases: &[&Lease]) -> Result<()> {
-        match leases {
-            // An empty sled batch still costs a log record: a send that failed entirely
-            // acks nothing and must not write.
-            [] => return Ok(()),
-            [lease] => return self.ack(lease),
-            _ => {}
-        }
         if let Err(e) = self.check_poison() {
             leases.iter().for_each(|l| self.release(l));
             return Err(e);
         }
-        let mut batch = sled::Batch::default();
-        let mut acked = Vec::with_capacity(leases.len());
-        let mut chunked = Vec::new();
+        let mut wake = false;
         let mut not_leased = None;
         {
-            let index = self.index();
+            let mut index = self.index();
             for lease in leases {
-                if !index.is_leased(&lease.queue, lease.id.0) {
-                    not_leased.get_or_insert((lease.queue.clone(), lease.id));
-                } else if let Location::Chunk(home) = lease.location {
-                    chunked.push((*lease, home));
-                } else {
-                    batch.remove(keys::message_key(&lease.queue, lease.id).as_slice());
-                    acked.push(*lease);
+                let (queue, id) = (&lease.queue, lease.id.0);
+                let first = match lease.location {
+                    Location::Chunk(home) => index.ack_chunked(queue, id, home),
+                    Location::Single { .. } => {
+                        let large = lease.is_single_of_at_least(keys::LARGE_RECORD);
+                        index.ack_single(queue, id, large)
+                    }
+                };
+                match first {
+                    Some(first) => wake |= first,
+                    None => {
+                        not_leased.get_or_insert((queue.clone(), lease.id));
+                    }
                 }
             }
         }
-        self.ack_chunked(&chunked)?;
-        if acked.is_empty() {
-            return not_leased.map_or(Ok(()), |(queue, id)| {
-                Err(SpoolError::NotLeased {
-                    queue: queue.to_string(),
-                    id,
-                })
-            });
-        }
-        let applied = self.check_poison().and_then(|()| {
-            self.unmark_large(&acked)?;
-            self.inner.trees[TreeId::Messages as usize]
-                .apply_batch(batch)
-                .map_err(|e| self.write_failed(e))
-        });
-        if let Err(e) = applied {
-            acked.into_iter().for_each(|l| self.release(l));
-            return Err(e);
-        }
-        let mut index = self.index();
-        for lease in acked {
-            index.remove(&lease.queue, lease.id.0);
+        if wake {
+            // Only a stopped commit thread refuses it, and then nothing is written anyway.
+            let _ = self.inner.committer.submit(Job::settle_tick());
         }
         match not_leased {
             Some((queue, id)) => Err(SpoolError::NotLeased {
@@ -113,25 +68,6 @@ impl Spool {
             }),
             None => Ok(()),
         }
-    }
-
-    /// Acks chunked messages: their bits are set in memory now and written by the commit
-    /// thread with its next group (or after a short tick), as `chunk_table.rs` explains.
-    fn ack_chunked(&self, leases: &[(&Lease, Home)]) -> Result<()> {
-        let mut wake = false;
-        {
-            let mut index = self.index();
-            for (lease, home) in leases {
-                wake |= index
-                    .ack_chunked(&lease.queue, lease.id.0, *home)
-                    .unwrap_or(false);
-            }
-        }
-        if wake {
-            // Only a stopped commit thread refuses it, and then nothing is written anyway.
-            let _ = self.inner.committer.submit(Job::settle_tick());
-        }
-        Ok(())
     }
 
     /// Not delivered: counts the attempt and reschedules the message for `next_due_ms`,
@@ -222,29 +158,6 @@ impl Spool {
         done
     }
 
-    /// Removes the large-record markers of `leases` (those that have one), *before* the
-    /// messages themselves: sled's log keeps that order, so a crash in between leaves a
-    /// message without its marker (undetectable only if its blob is then lost too), never
-    /// a marker without its message, which the next open would report as a loss. The
-    /// lease's location says which records are large, without reading them.
-    fn unmark_large(&self, leases: &[&Lease]) -> Result<()> {
-        let mut batch = sled::Batch::default();
-        let mut any = false;
-        for lease in leases
-            .iter()
-            .filter(|l| l.is_single_of_at_least(keys::LARGE_RECORD))
-        {
-            batch.remove(keys::large_marker(lease.id.0));
-            any = true;
-        }
-        if !any {
-            return Ok(());
-        }
-        self.inner.trees[TreeId::Meta as usize]
-            .apply_batch(batch)
-            .map_err(|e| self.write_failed(e))
-    }
-
     /// Returns a lease untouched: the message is due again at its old time.
     pub fn release(&self, lease: &Lease) {
         self.index().release(&lease.queue, lease.id.0);
@@ -258,15 +171,6 @@ impl Spool {
                 id: lease.id,
             })
         }
-    }
-
-    /// A sled write outside the commit thread (an ack's delete) failed: like a failed
-    /// commit, it may have left sled wedged (see `commit::Poison`), so the spool is
-    /// poisoned before the error is returned.
-    fn write_failed(&self, source: sled::Error) -> SpoolError {
-        let e = self.storage(source);
-        self.inner.poison.set(&e.to_string());
-        e
     }
 }
 

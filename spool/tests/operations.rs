@@ -66,6 +66,53 @@ async fn ack_deletes_and_the_delete_survives_reopen_after_sync() {
     assert_eq!(left[0].message.payload, b"b");
 }
 
+/// An ack never waits for the disk (contract 7: the dispatcher acks on an async thread).
+/// With the commit thread stuck in a sync that does not return, acks of a single record
+/// and of a chunked message still return at once, and listings stop showing them; once
+/// the disk answers, both deletes are written and survive a reopen.
+#[tokio::test]
+async fn an_ack_does_not_wait_for_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = SyncFaults::default();
+    {
+        let options = SpoolOptions {
+            faults: faults.clone(),
+            chunked_ingest: true,
+            ..SpoolOptions::default()
+        };
+        let spool = std::sync::Arc::new(Spool::open(dir.path(), options).unwrap().0);
+        // One message alone is a single record; two of a queue make a chunk.
+        spool.enqueue(vec![msg("single", b"s")]).await.unwrap();
+        let pair = vec![msg("chunked", b"1"), msg("chunked", b"2")];
+        spool.enqueue(pair).await.unwrap();
+        let (single, chunked) = (lease_all(&spool, "single"), lease_all(&spool, "chunked"));
+        faults.stall_syncs();
+        let stuck = tokio::spawn({
+            let spool = spool.clone();
+            async move { spool.enqueue(vec![msg("other", b"x")]).await }
+        });
+        while !faults.is_stalled() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        spool.ack(&single[0].lease).unwrap();
+        spool.ack_many(&[&chunked[0].lease]).unwrap();
+        assert!(spool.list("single", 10).unwrap().is_empty());
+        assert_eq!(spool.list("chunked", 10).unwrap().len(), 1);
+        assert!(
+            !stuck.is_finished(),
+            "the commit thread was stuck meanwhile"
+        );
+        faults.heal();
+        stuck.await.unwrap().unwrap();
+        spool.sync().await.unwrap();
+    }
+    let spool = open(dir.path());
+    assert!(lease_all(&spool, "single").is_empty());
+    let left = lease_all(&spool, "chunked");
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].message.payload, b"2");
+}
+
 #[tokio::test]
 async fn ack_many_deletes_the_leased_and_reports_the_rest() {
     let dir = tempfile::tempdir().unwrap();
