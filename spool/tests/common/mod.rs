@@ -34,7 +34,7 @@ pub fn sled_open(data_dir: &Path) -> sled::Db {
 
 /// Retries `open` while sled's file lock is held: sled lets go of it from a background
 /// thread shortly after the last handle drops (later still while a blob write fsyncs).
-fn open_when_unlocked(dir: &Path, open: impl Fn() -> sled::Result<sled::Db>) -> sled::Db {
+pub fn open_when_unlocked(dir: &Path, open: impl Fn() -> sled::Result<sled::Db>) -> sled::Db {
     for _ in 0..250 {
         match open() {
             Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {

@@ -104,19 +104,24 @@ pub(crate) struct SegmentCleaner {
 }
 
 impl SegmentCleaner {
+    /// spoolrelay patch (PATCHES.md, "The cleaner does not stop at the first cleaned
+    /// segment"): upstream returned `None` on meeting a segment whose pages were all
+    /// taken, which ended the flusher's cleaning burst after about one segment, every
+    /// 500 ms, however many segments waited. The exhausted entry is dropped and the next
+    /// segment's pages follow.
     pub(crate) fn pop(&self) -> Option<(PageId, LogOffset)> {
         let mut inner = self.inner.lock();
-        let offset = {
-            let (offset, pids) = inner.iter_mut().next()?;
-            if !pids.is_empty() {
-                let pid = pids.iter().next().copied().unwrap();
-                pids.remove(&pid);
-                return Some((pid, *offset));
-            }
-            *offset
-        };
-        inner.remove(&offset);
-        None
+        loop {
+            let offset = {
+                let (offset, pids) = inner.iter_mut().next()?;
+                if let Some(pid) = pids.iter().next().copied() {
+                    pids.remove(&pid);
+                    return Some((pid, *offset));
+                }
+                *offset
+            };
+            inner.remove(&offset);
+        }
     }
 
     fn add_pids(&self, offset: LogOffset, pids: BTreeSet<PageId>) {
