@@ -66,11 +66,9 @@
 //!
 //! ## Blobs
 //! sled writes a log item over about 128 KiB (a large value, or a large node) to its own
-//! file in `data/blobs/` and never fsyncs it. Each sync lists that directory unless its
-//! mtime is unchanged and older than a couple of seconds (mtimes are coarse: a blob made
-//! in the same tick as the last listing leaves the mtime as it was), and fsyncs every blob
-//! not yet synced at its current size and mtime, then the directory ([`durability`]).
-//! sled skips a blob whose file is missing at open without an error, so each record big
+//! file in `data/blobs/`. Upstream never fsyncs it; the vendored sled fsyncs the file and
+//! the directory before the item's pointer goes into the log, so the spool's own sync is
+//! the log's fdatasync alone ([`durability`]). sled skips a blob whose file is missing at open without an error, so each record big
 //! enough to be a blob gets a small marker in `meta`, written with it; the recovery scan
 //! reports a marker whose message is gone ([`keys::LARGE_RECORD`]).
 //!
