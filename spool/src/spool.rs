@@ -301,10 +301,14 @@ impl Spool {
         Ok(ids)
     }
 
-    /// [`enqueue`](Self::enqueue) for threads outside an async runtime.
+    /// [`enqueue`](Self::enqueue) for threads outside an async runtime, with the same
+    /// [`SpoolOptions::commit_deadline`].
     pub fn enqueue_blocking(&self, messages: Vec<NewMessage>) -> Result<Vec<MessageId>> {
         let (ids, rx) = self.submit_enqueue(messages)?;
-        wait(rx.blocking_recv())?;
+        match recv_within(rx, self.inner.commit_deadline) {
+            Some(reply) => wait(reply)?,
+            None => self.commit_timed_out()?,
+        }
         Ok(ids)
     }
 
@@ -635,16 +639,21 @@ impl Spool {
         let deadline = self.inner.commit_deadline;
         match tokio::time::timeout(deadline, rx).await {
             Ok(reply) => wait(reply),
-            Err(_) => {
-                let cause = format!(
-                    "a group commit did not finish within {deadline:?} (an fsync or sled flush \
-                     hung: check the disk)"
-                );
-                tracing::error!(dir = %self.inner.dir.display(), %cause, "spool poisoned");
-                self.inner.poison.set(&cause);
-                self.check_poison()
-            }
+            Err(_) => self.commit_timed_out(),
         }
+    }
+
+    /// A commit outlived `commit_deadline`: the disk (or a wedged sled) hangs, so the spool
+    /// is poisoned and the caller gets that error instead of waiting for ever.
+    fn commit_timed_out(&self) -> Result<()> {
+        let deadline = self.inner.commit_deadline;
+        let cause = format!(
+            "a group commit did not finish within {deadline:?} (an fsync or sled flush \
+             hung: check the disk)"
+        );
+        tracing::error!(dir = %self.inner.dir.display(), %cause, "spool poisoned");
+        self.inner.poison.set(&cause);
+        self.check_poison()
     }
 
     /// `Err(Poisoned)` once a durability error poisoned the spool (see [`Poison`]).
@@ -821,6 +830,34 @@ pub(crate) fn schedule(msg: &Message) -> Effect {
         id: msg.id.0,
         due_ms: msg.due_ms,
         slot: recovery::slot_of(msg),
+    }
+}
+
+/// Wakes the thread blocked in [`recv_within`].
+struct Unpark(std::thread::Thread);
+
+impl std::task::Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// `rx.blocking_recv()` that gives up after `limit` (`None`).
+fn recv_within(
+    mut rx: oneshot::Receiver<Reply>,
+    limit: std::time::Duration,
+) -> Option<Result<Reply, oneshot::error::RecvError>> {
+    use std::future::Future;
+    use std::task::{Context, Poll};
+    let deadline = std::time::Instant::now() + limit;
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    loop {
+        if let Poll::Ready(reply) = std::pin::Pin::new(&mut rx).poll(&mut cx) {
+            return Some(reply);
+        }
+        let left = deadline.checked_duration_since(std::time::Instant::now())?;
+        std::thread::park_timeout(left);
     }
 }
 

@@ -376,6 +376,31 @@ async fn a_hung_fsync_poisons_the_spool_after_the_commit_deadline() {
     faults.heal();
 }
 
+/// The same for [`Spool::enqueue_blocking`] (threads outside a runtime: tools, tests): it
+/// keeps the deadline too, instead of waiting on the commit for ever.
+#[test]
+fn a_hung_fsync_fails_a_blocking_enqueue_after_the_commit_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = SyncFaults::default();
+    let options = SpoolOptions {
+        faults: faults.clone(),
+        commit_deadline: std::time::Duration::from_millis(300),
+        ..SpoolOptions::default()
+    };
+    let (spool, _) = Spool::open(dir.path(), options).unwrap();
+    spool.enqueue_blocking(vec![msg("q", b"before")]).unwrap();
+    faults.stall_syncs();
+    let started = std::time::Instant::now();
+    let err = spool.enqueue_blocking(vec![msg("q", b"stuck")]);
+    assert!(matches!(err, Err(SpoolError::Poisoned { .. })), "{err:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "failed only after {:?}",
+        started.elapsed()
+    );
+    faults.heal();
+}
+
 #[tokio::test]
 async fn stats_report_counts_bytes_due_and_attempts() {
     let dir = tempfile::tempdir().unwrap();
