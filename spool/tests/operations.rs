@@ -346,19 +346,24 @@ async fn failed_fsync_poisons_the_spool_until_reopened() {
     spool.enqueue(vec![msg("q", b"kept")]).await.unwrap();
 }
 
-/// A disk whose fsync hangs (a dead NFS server, a drive that stopped answering) must not
-/// hang ingest: past the commit deadline the write fails and the spool is poisoned, so every
-/// later write fails at once (the daemon answers 503 and `/readyz` says why).
-#[tokio::test]
-async fn a_hung_fsync_poisons_the_spool_after_the_commit_deadline() {
-    let dir = tempfile::tempdir().unwrap();
+/// A spool with a 300 ms commit deadline, and the seam that can stall its fsyncs.
+fn open_with_deadline(dir: &std::path::Path) -> (Spool, SyncFaults) {
     let faults = SyncFaults::default();
     let options = SpoolOptions {
         faults: faults.clone(),
         commit_deadline: std::time::Duration::from_millis(300),
         ..SpoolOptions::default()
     };
-    let (spool, _) = Spool::open(dir.path(), options).unwrap();
+    (Spool::open(dir, options).unwrap().0, faults)
+}
+
+/// A disk whose fsync hangs (a dead NFS server, a drive that stopped answering) must not
+/// hang ingest: past the commit deadline the write fails and the spool is poisoned, so every
+/// later write fails at once (the daemon answers 503 and `/readyz` says why).
+#[tokio::test]
+async fn a_hung_fsync_poisons_the_spool_after_the_commit_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, faults) = open_with_deadline(dir.path());
     spool.enqueue(vec![msg("q", b"before")]).await.unwrap();
     faults.stall_syncs();
     let bounded = std::time::Duration::from_secs(10);
@@ -381,13 +386,7 @@ async fn a_hung_fsync_poisons_the_spool_after_the_commit_deadline() {
 #[test]
 fn a_hung_fsync_fails_a_blocking_enqueue_after_the_commit_deadline() {
     let dir = tempfile::tempdir().unwrap();
-    let faults = SyncFaults::default();
-    let options = SpoolOptions {
-        faults: faults.clone(),
-        commit_deadline: std::time::Duration::from_millis(300),
-        ..SpoolOptions::default()
-    };
-    let (spool, _) = Spool::open(dir.path(), options).unwrap();
+    let (spool, faults) = open_with_deadline(dir.path());
     spool.enqueue_blocking(vec![msg("q", b"before")]).unwrap();
     faults.stall_syncs();
     let started = std::time::Instant::now();
