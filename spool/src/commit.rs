@@ -187,6 +187,14 @@ struct MetaWrites {
     hwm: Option<u64>,
 }
 
+/// A group's writes in the order they are applied: what acks left (`settles`) first, then
+/// the jobs'. Where a job writes a key an ack deletes (an import of a just-delivered id),
+/// the job's write must win: the index schedules what the job wrote, and a record kept
+/// costs at most a duplicate, while a record deleted under its index entry is lost.
+fn in_write_order<'a>(group: &'a [Job], settles: &'a [Op]) -> impl Iterator<Item = &'a Op> {
+    settles.iter().chain(group.iter().flat_map(|job| &job.ops))
+}
+
 /// The common case (enqueue, retry) touches only the messages tree: one sled batch is
 /// atomic there and much cheaper than a transaction. The meta writes follow the batch in
 /// sled's log, so a log cut short before them also lost the group (which is what the
@@ -199,7 +207,7 @@ fn write_messages_batch(
     meta: &MetaWrites,
 ) -> sled::Result<()> {
     let mut batch = sled::Batch::default();
-    for op in group.iter().flat_map(|job| &job.ops).chain(settles) {
+    for op in in_write_order(group, settles) {
         match op {
             Op::Put(_, key, value) => batch.insert(key.as_slice(), value.as_slice()),
             Op::Del(_, key) => batch.remove(key.as_slice()),
@@ -223,7 +231,7 @@ fn write_transaction(
     meta: &MetaWrites,
 ) -> sled::Result<()> {
     let written = state.trees.as_slice().transaction(|views| {
-        for op in group.iter().flat_map(|job| &job.ops).chain(settles) {
+        for op in in_write_order(group, settles) {
             match op {
                 Op::Put(tree, key, value) => {
                     views[*tree as usize].insert(key.as_slice(), value.as_slice())?;

@@ -474,6 +474,31 @@ async fn disk_use_stays_bounded_over_fill_and_drain_cycles() {
     );
 }
 
+/// A record imported under the id of a message delivered a moment before (its delete not
+/// yet written, as acks leave deletes to the commit thread) is kept: the import's write
+/// comes after the delete, never under it.
+#[tokio::test]
+async fn an_import_right_after_an_ack_of_the_same_id_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let spool = open(dir.path());
+        spool.enqueue(vec![msg("q", b"delivered")]).await.unwrap();
+        let leased = lease_all(&spool, "q").remove(0);
+        spool.ack(&leased.lease).unwrap();
+        let mut again = leased.message.clone();
+        again.payload = b"imported".to_vec();
+        assert_eq!(spool.import(vec![again], vec![]).await.unwrap(), (1, 0));
+        let back = lease_all(&spool, "q");
+        assert_eq!(back.len(), 1, "the import is leasable");
+        assert_eq!(back[0].message.payload, b"imported");
+        spool.release(&back[0].lease);
+        spool.sync().await.unwrap();
+    }
+    let back = lease_all(&open(dir.path()), "q");
+    assert_eq!(back.len(), 1, "the import survives a reopen");
+    assert_eq!(back[0].message.payload, b"imported");
+}
+
 /// An imported id near u64::MAX used to make the next enqueue wrap around and overwrite a
 /// queued message: imports are bounded, and the id counter refuses rather than wraps.
 #[tokio::test]
