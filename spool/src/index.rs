@@ -305,8 +305,9 @@ impl Index {
     /// bitmap, or `None` if it was not leased.
     pub(crate) fn ack_chunked(&mut self, queue: &str, id: u64, home: Home) -> Option<bool> {
         self.remove_leased(queue, id)?;
-        let first_dirty = self.chunks.settle_delivered(queue, home);
-        Some(first_dirty && self.acked_singles.is_empty())
+        let idle = self.no_settles_pending();
+        let dirtied = self.chunks.settle_delivered(queue, home);
+        Some(idle && dirtied)
     }
 
     /// Settles a leased single record as delivered: forgets it and leaves its delete (and
@@ -314,9 +315,14 @@ impl Index {
     /// whether the commit thread must be woken, or `None` if it was not leased.
     pub(crate) fn ack_single(&mut self, queue: &str, id: u64, large: bool) -> Option<bool> {
         self.remove_leased(queue, id)?;
-        let first = self.acked_singles.is_empty() && !self.chunks.has_dirty();
+        let wake = self.no_settles_pending();
         self.acked_singles.push(queue, id, large);
-        Some(first)
+        Some(wake)
+    }
+
+    /// Whether acks left nothing for the commit thread to write: the next ack must wake it.
+    fn no_settles_pending(&self) -> bool {
+        !self.chunks.has_dirty() && self.acked_singles.is_empty()
     }
 
     /// Every write the acks left (bitmaps and deletes), plus the bits `moves` set: what the
