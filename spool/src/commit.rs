@@ -223,6 +223,32 @@ fn write_messages_batch(
     Ok(())
 }
 
+/// Walks sled's tree to each chunk-area key just written, so that the commit thread, not a
+/// reader, splits the leaves those writes left oversized.
+///
+/// sled splits a leaf of more than 16 entries on the next walk that passes it, not on the
+/// write that made it so. A leaf of chunks is up to 1 MiB, a blob file of its own, and
+/// splitting it writes two new blobs, each fsynced: milliseconds. When that next walk was a
+/// lease's `get`, the dispatcher's thread stalled on those fsyncs: in P5's drain, half of
+/// the draining thread's context switches, and from 4 to 66 splits in one drain of 200 000
+/// messages (docs/performance.md). Single records (v1) are left alone: their leaves are
+/// small and written to the log, not to blob files.
+///
+/// Only a speed-up, so it never fails a commit: a walk that fails here is logged, and the
+/// same failure will meet the next reader of that key.
+fn split_ahead<'a>(tree: &sled::Tree, ops: impl IntoIterator<Item = &'a Op>) {
+    for op in ops {
+        if let Op::Put(TreeId::Messages, key, _) | Op::Del(TreeId::Messages, key) = op {
+            if key.first() == Some(&keys::CHUNK_AREA) {
+                if let Err(e) = tree.get(key) {
+                    tracing::warn!(error = %e, "sled read after a commit failed (leaves left for readers to split)");
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// Moves between trees (dead-letter, quarantine) must be all or nothing across trees.
 fn write_transaction(
     state: &WriterState,
@@ -488,6 +514,7 @@ fn write_settles(state: &mut WriterState) {
     .and_then(|()| state.trees[TreeId::Messages as usize].apply_batch(messages));
     match written {
         Ok(()) => {
+            split_ahead(&state.trees[TreeId::Messages as usize], &writes.ops);
             state.chunk_heads = heads;
             forget_deleted(&mut lock_index(state), writes.deleted);
         }
@@ -565,6 +592,10 @@ fn commit_group(state: &mut WriterState, group: &[Job]) -> Result<Vec<(String, u
             write_transaction(state, group, &settles, &meta)
         }
         .map_err(|e| format!("sled write failed: {e}"))?;
+        split_ahead(
+            &state.trees[TreeId::Messages as usize],
+            in_write_order(group, &settles),
+        );
     }
     let started = Instant::now();
     state
