@@ -234,19 +234,19 @@ fn write_messages_batch(
 /// messages (docs/performance.md). Single records (v1) are left alone: their leaves are
 /// small and written to the log, not to blob files.
 ///
-/// Only a speed-up, so it never fails a commit: a walk that fails here is logged, and the
-/// same failure will meet the next reader of that key.
-fn split_ahead<'a>(tree: &sled::Tree, ops: impl IntoIterator<Item = &'a Op>) {
+/// A walk that fails fails the commit like a failed write, and the spool refuses writes
+/// from then on. It must not be passed over: a split whose blob write failed can leave
+/// sled's log waiting for ever on the reservation it leaked, and the commit's flush would
+/// then hang instead of failing.
+fn split_ahead<'a>(tree: &sled::Tree, ops: impl IntoIterator<Item = &'a Op>) -> sled::Result<()> {
     for op in ops {
         if let Op::Put(TreeId::Messages, key, _) | Op::Del(TreeId::Messages, key) = op {
             if key.first() == Some(&keys::CHUNK_AREA) {
-                if let Err(e) = tree.get(key) {
-                    tracing::warn!(error = %e, "sled read after a commit failed (leaves left for readers to split)");
-                    return;
-                }
+                tree.get(key)?;
             }
         }
     }
+    Ok(())
 }
 
 /// Moves between trees (dead-letter, quarantine) must be all or nothing across trees.
@@ -511,10 +511,10 @@ fn write_settles(state: &mut WriterState) {
         true => state.trees[TreeId::Meta as usize].apply_batch(markers),
         false => Ok(()),
     }
-    .and_then(|()| state.trees[TreeId::Messages as usize].apply_batch(messages));
+    .and_then(|()| state.trees[TreeId::Messages as usize].apply_batch(messages))
+    .and_then(|()| split_ahead(&state.trees[TreeId::Messages as usize], &writes.ops));
     match written {
         Ok(()) => {
-            split_ahead(&state.trees[TreeId::Messages as usize], &writes.ops);
             state.chunk_heads = heads;
             forget_deleted(&mut lock_index(state), writes.deleted);
         }
@@ -591,11 +591,11 @@ fn commit_group(state: &mut WriterState, group: &[Job]) -> Result<Vec<(String, u
         } else {
             write_transaction(state, group, &settles, &meta)
         }
+        .and_then(|()| {
+            let messages = &state.trees[TreeId::Messages as usize];
+            split_ahead(messages, in_write_order(group, &settles))
+        })
         .map_err(|e| format!("sled write failed: {e}"))?;
-        split_ahead(
-            &state.trees[TreeId::Messages as usize],
-            in_write_order(group, &settles),
-        );
     }
     let started = Instant::now();
     state
