@@ -7,14 +7,17 @@
 //! cleaner stopped each burst at the first segment it had emptied, so about one segment
 //! was cleaned per flush and the log file grew with the fill. Measured here (flush every
 //! 10 ms, 64 MiB per fill): the log was 20-28 MiB after each fill without the change, and
-//! 3-11 MiB with it (debug and release builds).
+//! 3-12 MiB with it (debug and release builds), but now and then 18-19 MiB after one of
+//! the four fills (a flush that came late on a busy machine; seen with and without the
+//! later sled patches). So the test bounds all fills but one: without the change every
+//! fill is over the bound.
 
 mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// Upper bound for the log file after a fill: between the two figures above.
+/// Upper bound for the log file after all fills but one: between the two figures above.
 const LOG_AFTER_FILL: u64 = 16 << 20;
 
 fn key(part: u8, id: u64) -> Vec<u8> {
@@ -43,6 +46,7 @@ fn the_cleaner_keeps_up_with_a_fill_and_what_it_moves_reads_back() {
     let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
     let mut db = open(dir.path());
     let per_fill = 1024u64;
+    let mut logs = Vec::new();
     for cycle in 0..4u64 {
         let first = cycle * per_fill;
         for id in first..first + per_fill {
@@ -62,12 +66,7 @@ fn the_cleaner_keeps_up_with_a_fill_and_what_it_moves_reads_back() {
             }
         }
         db.flush().unwrap();
-        let log = log_len(dir.path());
-        assert!(
-            log <= LOG_AFTER_FILL,
-            "cycle {cycle}: the log file is {} MiB after a fill of 64 MiB: the cleaner fell behind",
-            log >> 20
-        );
+        logs.push(log_len(dir.path()) >> 20);
         // Drain all but the last few, in key order, as the spool settles chunks.
         for id in first..first + per_fill - 16 {
             let mut batch = sled::Batch::default();
@@ -89,4 +88,14 @@ fn the_cleaner_keeps_up_with_a_fill_and_what_it_moves_reads_back() {
             "cycle {cycle}: sled differs from the model after reopen"
         );
     }
+    let over = logs
+        .iter()
+        .filter(|&&mib| mib > LOG_AFTER_FILL >> 20)
+        .count();
+    assert!(
+        over <= 1,
+        "the log file after each fill of 64 MiB was {logs:?} MiB: over {} MiB after {over} \
+         of 4 fills, so the cleaner fell behind",
+        LOG_AFTER_FILL >> 20
+    );
 }

@@ -374,9 +374,17 @@ impl Tree {
     /// # Ok(()) }
     /// ```
     pub fn apply_batch(&self, batch: Batch) -> Result<()> {
-        let _cc = concurrency_control::write();
-        let mut guard = pin();
-        self.apply_batch_inner(batch, &mut guard)
+        // spoolrelay patch (PATCHES.md, "A batch cleans after its lock"): the segment
+        // cleaning that the batch's page replacements would do under the write lock is
+        // done once the lock is released, so readers do not wait for it.
+        let deferred = {
+            let _cc = concurrency_control::write();
+            let mut guard = pin();
+            let deferral = crate::pagecache::CleaningDeferral::start();
+            self.apply_batch_inner(batch, &mut guard)?;
+            deferral.finish()
+        };
+        self.context.pagecache.clean_deferred(deferred)
     }
 
     /// A batch this long starts to repin its epoch guard (see `apply_batch_inner`).
@@ -1635,6 +1643,7 @@ impl Tree {
         let mut parent_view = None;
         let mut unsplit_parent = None;
         let mut took_leftmost_branch = false;
+        let mut child_pos = 0;
 
         macro_rules! retry {
             () => {
@@ -1750,7 +1759,9 @@ impl Tree {
             if view.should_merge() && !took_leftmost_branch {
                 if let Some(ref mut parent) = parent_view {
                     assert!(parent.merging_child.is_none());
-                    if parent.can_merge_child() {
+                    if parent.can_merge_child()
+                        && !self.left_sibling_is_blob(parent, child_pos, guard)?
+                    {
                         let frag = Link::ParentMergeIntention(cursor);
 
                         let link = self.context.pagecache.link(
@@ -1772,6 +1783,7 @@ impl Tree {
             if view.data.is_index() {
                 let next = view.index_next_node(key.as_ref());
                 took_leftmost_branch = next.0 == 0;
+                child_pos = next.0;
                 parent_view = Some(view);
                 cursor = next.1;
             } else {
@@ -1784,6 +1796,34 @@ impl Tree {
             cursor,
             key.as_ref(),
         );
+    }
+
+    /// spoolrelay patch (PATCHES.md, "A leaf does not merge into a blob"): whether the
+    /// left sibling of the child at `child_pos` of `parent` is a leaf big enough to be
+    /// written as a blob file. A merge rewrites the left sibling whole, so merging a
+    /// (nearly) empty leaf into such a sibling writes a new blob file of it, fsynced, for
+    /// the sake of a few small entries. The merge waits instead until the sibling is
+    /// small; meanwhile the leaves to its right merge into this one, so at most one leaf
+    /// waits beside each big leaf. Not merging is always safe: sled already keeps leaves
+    /// that never merge (the leftmost child of every index node).
+    fn left_sibling_is_blob<'g>(
+        &self,
+        parent: &View<'g>,
+        child_pos: usize,
+        guard: &'g Guard,
+    ) -> Result<bool> {
+        let left_pid = parent.data.index_ref().and_then(|index| {
+            child_pos.checked_sub(1).and_then(|pos| index.pointers.get(pos))
+        });
+        let Some(&left_pid) = left_pid else {
+            return Ok(false);
+        };
+        let blob_bytes =
+            (self.context.segment_size / MINIMUM_ITEMS_PER_SEGMENT) as u64;
+        Ok(match self.view_for_pid(left_pid, guard)? {
+            Some(left) => !left.data.is_index() && left.rss() > blob_bytes,
+            None => false,
+        })
     }
 
     fn cap_merging_child<'g>(

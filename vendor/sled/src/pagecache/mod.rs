@@ -875,6 +875,25 @@ impl PageCache {
         ret
     }
 
+    /// spoolrelay patch (PATCHES.md, "A batch cleans after its lock"): does the segment
+    /// cleaning that `replace` left to after a batch (`CleaningDeferral`), one page per
+    /// deferred step, as `replace` would have, under the read side of the concurrency
+    /// control like the flusher's `attempt_gc`.
+    pub(crate) fn clean_deferred(&self, steps: usize) -> Result<()> {
+        if steps == 0 {
+            return Ok(());
+        }
+        let guard = pin();
+        let _cc = concurrency_control::read();
+        for _ in 0..steps {
+            match self.log.iobufs.segment_cleaner.pop() {
+                Some((pid, segment)) => self.rewrite_page(pid, segment, &guard)?,
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
     /// Initiate an atomic sequence of writes to the
     /// underlying log. Returns a `RecoveryGuard` which,
     /// when dropped, will record the current max reserved
@@ -1204,10 +1223,14 @@ impl PageCache {
         let result =
             self.cas_page(pid, old, Update::Node(new), false, guard)?;
 
-        if let Some((pid_to_clean, segment_to_clean)) =
-            self.log.iobufs.segment_cleaner.pop()
-        {
-            self.rewrite_page(pid_to_clean, segment_to_clean, guard)?;
+        // spoolrelay patch (PATCHES.md, "A batch cleans after its lock"): inside
+        // `Tree::apply_batch` this step is counted and done after the batch instead.
+        if !CleaningDeferral::defer_one() {
+            if let Some((pid_to_clean, segment_to_clean)) =
+                self.log.iobufs.segment_cleaner.pop()
+            {
+                self.rewrite_page(pid_to_clean, segment_to_clean, guard)?;
+            }
         }
 
         Ok(result.map_err(|fail| {
@@ -2196,5 +2219,49 @@ fn consolidation_threshold(cache_infos: &[CacheInfo]) -> usize {
         BLOB_PAGE_CONSOLIDATION_THRESHOLD
     } else {
         PAGE_CONSOLIDATION_THRESHOLD
+    }
+}
+
+/// spoolrelay patch (PATCHES.md, "A batch cleans after its lock"): while one is alive on a
+/// thread, `PageCache::replace` on that thread counts its segment-cleaning step instead of
+/// doing it; `finish` returns the count for `PageCache::clean_deferred`.
+///
+/// `Tree::apply_batch` holds the process-wide write lock of `concurrency_control` for the
+/// whole batch, and every reader waits on it. The cleaning step of a `replace` can rewrite
+/// a whole page elsewhere in the log, and a page over the blob threshold as a new blob file,
+/// fsynced: done inside a batch, readers waited for that too.
+pub(crate) struct CleaningDeferral(());
+
+thread_local! {
+    static DEFERRED_CLEANING: std::cell::Cell<Option<usize>> = std::cell::Cell::new(None);
+}
+
+impl CleaningDeferral {
+    pub(crate) fn start() -> CleaningDeferral {
+        DEFERRED_CLEANING.with(|d| d.set(Some(0)));
+        CleaningDeferral(())
+    }
+
+    /// The number of cleaning steps deferred since `start`; ends the deferral.
+    pub(crate) fn finish(self) -> usize {
+        DEFERRED_CLEANING.with(|d| d.take()).unwrap_or(0)
+    }
+
+    /// Whether a cleaning step on this thread is deferred (and then counts it).
+    fn defer_one() -> bool {
+        DEFERRED_CLEANING.with(|d| match d.get() {
+            Some(n) => {
+                d.set(Some(n + 1));
+                true
+            }
+            None => false,
+        })
+    }
+}
+
+impl Drop for CleaningDeferral {
+    fn drop(&mut self) {
+        // An early return (an error inside the batch) must not leave the thread deferring.
+        DEFERRED_CLEANING.with(|d| d.set(None));
     }
 }
