@@ -223,8 +223,9 @@ fn write_messages_batch(
     Ok(())
 }
 
-/// Walks sled's tree to each chunk-area key just written, so that the commit thread, not a
-/// reader, splits the leaves those writes left oversized.
+/// Walks sled's tree to each chunk-area key just written or deleted, so that the commit
+/// thread, not a reader, splits the leaves those writes left oversized (and starts the
+/// merges of those the deletes left nearly empty, which sled also leaves to the next walk).
 ///
 /// sled splits a leaf of more than 16 entries on the next walk that passes it, not on the
 /// write that made it so. A leaf of chunks is up to 1 MiB, a blob file of its own, and
