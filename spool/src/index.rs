@@ -234,10 +234,24 @@ impl Index {
 
     /// Leases up to `max` messages due at `now_ms`, earliest first (then by id).
     pub fn take_due(&mut self, queue: &str, now_ms: u64, max: usize) -> Vec<Taken> {
+        self.take_due_within(queue, now_ms, max, u64::MAX)
+    }
+
+    /// [`take_due`](Self::take_due), stopping before the message that would bring the
+    /// sizes taken over `max_bytes`. The first message is taken whatever its size, so a
+    /// message larger than the budget still goes, alone.
+    pub fn take_due_within(
+        &mut self,
+        queue: &str,
+        now_ms: u64,
+        max: usize,
+        max_bytes: u64,
+    ) -> Vec<Taken> {
         let Some(q) = self.queues.get_mut(queue) else {
             return Vec::new();
         };
         let mut taken = Vec::new();
+        let mut bytes_left = max_bytes;
         while taken.len() < max {
             let Some(entry) = q.scheduled.first_entry() else {
                 break;
@@ -246,10 +260,19 @@ impl Index {
             if due_ms > now_ms {
                 break;
             }
+            let (mut n, bytes) = entry.get().front_within(max - taken.len(), bytes_left);
+            let over_budget = n == 0;
+            if over_budget {
+                if !taken.is_empty() {
+                    break;
+                }
+                n = 1;
+            }
+            bytes_left -= bytes;
             // A run's messages all come before the next entry (runs of one due time never
-            // overlap), so the first run is taken from its front until `max`.
+            // overlap), so the first run is taken from its front.
             let mut run = entry.remove();
-            let slots = run.take_front(max - taken.len());
+            let slots = run.take_front(n);
             let ids = first..first + slots.len() as u64;
             if !run.is_empty() {
                 q.scheduled.insert((due_ms, ids.end), run);
@@ -262,6 +285,9 @@ impl Index {
                     slot,
                     home: self.chunks.home(queue, id),
                 });
+            }
+            if over_budget {
+                break;
             }
         }
         taken
@@ -500,6 +526,28 @@ mod tests {
         );
         assert!(index.release("q", 3));
         assert_eq!(index.take_due("q", 1000, 10).len(), 2);
+    }
+
+    #[test]
+    fn a_byte_budget_stops_the_take_but_never_before_the_first_message() {
+        let mut index = Index::default();
+        let sized = |bytes| Slot { bytes, ..SLOT };
+        for (id, bytes) in [(1, 400), (2, 400), (3, 400), (4, 5000), (5, 10)] {
+            index.insert("q", id, 100, sized(bytes));
+        }
+        let ids = |taken: Vec<Taken>| taken.iter().map(|t| t.id).collect::<Vec<u64>>();
+        assert_eq!(ids(index.take_due_within("q", 100, 10, 900)), vec![1, 2]);
+        assert_eq!(
+            ids(index.take_due_within("q", 100, 10, 900)),
+            vec![3],
+            "the next message (5000 B) would pass the budget"
+        );
+        assert_eq!(
+            ids(index.take_due_within("q", 100, 10, 900)),
+            vec![4],
+            "a message over the budget goes alone, and nothing after it"
+        );
+        assert_eq!(ids(index.take_due_within("q", 100, 10, 900)), vec![5]);
     }
 
     #[test]

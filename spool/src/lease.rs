@@ -51,6 +51,8 @@ pub struct Lease {
     pub(crate) created_ms: u64,
     pub(crate) due_ms: u64,
     pub(crate) location: Location,
+    /// The message's payload size, as the spool's index keeps it.
+    pub(crate) bytes: u32,
 }
 
 /// Where a leased message's record is, beyond its queue and id (see [`Lease`]).
@@ -64,7 +66,7 @@ pub(crate) enum Location {
 
 impl Lease {
     /// Builds the handle for `msg` of `queue`, whose record was just read at `location`.
-    pub(crate) fn of(queue: &Arc<str>, msg: &Message, location: Location) -> Lease {
+    pub(crate) fn of(queue: &Arc<str>, msg: &Message, location: Location, bytes: u32) -> Lease {
         Lease {
             queue: queue.clone(),
             id: msg.id,
@@ -72,6 +74,7 @@ impl Lease {
             created_ms: msg.created_ms,
             due_ms: msg.due_ms,
             location,
+            bytes,
         }
     }
 
@@ -111,5 +114,11 @@ impl Lease {
     /// When the message was due (ms since the Unix epoch) when it was leased.
     pub fn due_ms(&self) -> u64 {
         self.due_ms
+    }
+
+    /// The message's payload size in bytes, as the spool's index keeps it: what
+    /// [`Spool::lease_within`](crate::Spool::lease_within) budgets.
+    pub fn bytes(&self) -> u64 {
+        u64::from(self.bytes)
     }
 }

@@ -376,8 +376,22 @@ impl Spool {
     /// A poisoned spool leases nothing (its settlements could not be written). A read
     /// error gives back every lease this call took, so nothing stays in flight.
     pub fn lease(&self, queue: &str, max: usize, now_ms: u64) -> Result<Vec<Leased>> {
+        self.lease_within(queue, max, u64::MAX, now_ms)
+    }
+
+    /// [`lease`](Self::lease), stopping before the message that would bring the leased
+    /// payloads' sizes ([`Lease::bytes`]) over `max_bytes`, so a caller can bound the
+    /// memory it holds in flight without reading a message first. The first message is
+    /// leased whatever its size: one larger than the budget goes alone.
+    pub fn lease_within(
+        &self,
+        queue: &str,
+        max: usize,
+        max_bytes: u64,
+        now_ms: u64,
+    ) -> Result<Vec<Leased>> {
         self.check_poison()?;
-        let taken = self.index().take_due(queue, now_ms, max);
+        let taken = self.index().take_due_within(queue, now_ms, max, max_bytes);
         self.read_taken(queue, taken)
     }
 
@@ -394,7 +408,7 @@ impl Spool {
             };
             match read {
                 Ok(Some((message, location))) => leased.push(Leased {
-                    lease: Lease::of(&shared, &message, location),
+                    lease: Lease::of(&shared, &message, location, t.slot.bytes),
                     message,
                 }),
                 Ok(None) => {}

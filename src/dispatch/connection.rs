@@ -35,7 +35,19 @@ pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 256;
 /// `batch_size = 100` queue would have 256 x 100 messages in the air per connection, and a
 /// million-message backlog drains at 1.3 GB RSS (measured: docs/performance.md, P4); it is
 /// also what a crash can deliver twice.
-pub const MAX_MESSAGES_IN_FLIGHT_PER_CONNECTION: usize = 1024;
+///
+/// It is also what one connection's throughput is bounded by: a Kafka producer holds each
+/// record for `linger.ms` (5 in kafka.lua) plus a round trip, so at most this many messages
+/// per that time go out. At 1 024 the P2 drain stopped at ~200 000 msg/s with the Lua
+/// thread a third idle; 4 096 lets it run until the CPU is the limit, and 8 192 gained
+/// nothing more (docs/performance.md, "In flight per connection").
+pub const MAX_MESSAGES_IN_FLIGHT_PER_CONNECTION: usize = 4096;
+
+/// Payload bytes in flight per connection. The message count alone bounds memory only for
+/// small messages (4 096 messages of 16 MiB would be 64 GiB); this keeps what a connection
+/// holds in Lua, in librdkafka's or lapin's buffers and in the sends' copies to a few
+/// times this. A message larger than the budget is still sent, alone.
+pub const MAX_BYTES_IN_FLIGHT_PER_CONNECTION: u64 = 16 << 20;
 
 /// How many sends of `per_send` messages one connection carries at once.
 pub fn send_slots(per_send: usize) -> usize {
@@ -54,6 +66,8 @@ pub const GROWTH_INTERVAL: Duration = Duration::from_secs(1);
 /// A policy connection plus what the pool needs to know about its health.
 pub struct PooledConnection {
     conn: Connection,
+    /// Payload bytes of the sends in flight on it (see [`HeldBytes`]).
+    bytes_in_flight: Arc<AtomicU64>,
     /// Sends delivered on this connection so far.
     delivered: AtomicU64,
     retired: AtomicBool,
@@ -97,7 +111,41 @@ impl SendSign {
     }
 }
 
+/// Room on a connection for more sends: how many, and how many payload bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Room {
+    pub sends: usize,
+    pub bytes: u64,
+}
+
+/// A send's payload bytes, counted in its connection's bytes in flight until this is
+/// dropped: with the send's task, however it ends (done, panicked or aborted).
+pub struct HeldBytes {
+    counter: Arc<AtomicU64>,
+    bytes: u64,
+}
+
+impl Drop for HeldBytes {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
 impl PooledConnection {
+    /// Counts `bytes` in flight on this connection until the returned guard is dropped.
+    /// (Not an `Arc` of the connection: those count its sends in flight.)
+    pub fn hold_bytes(&self, bytes: u64) -> HeldBytes {
+        self.bytes_in_flight.fetch_add(bytes, Ordering::Relaxed);
+        HeldBytes {
+            counter: self.bytes_in_flight.clone(),
+            bytes,
+        }
+    }
+
+    fn bytes_in_flight(&self) -> u64 {
+        self.bytes_in_flight.load(Ordering::Relaxed)
+    }
+
     /// A mark to take before a send, for [`record_send`](Self::record_send).
     pub fn mark(&self) -> u64 {
         self.delivered.load(Ordering::Relaxed)
@@ -276,27 +324,32 @@ impl Pool {
 
     /// Whether every open connection is busy: another one would add throughput. Under a
     /// backlog the worker tops a connection up as each send finishes, so it is never seen
-    /// completely full; three quarters full means it is saturated (its Lua state, which
-    /// runs one coroutine at a time, or its broker round trips are the limit).
+    /// completely full; three quarters full (of its sends or of its bytes) means it is
+    /// saturated (its Lua state, which runs one coroutine at a time, or its broker round
+    /// trips are the limit).
     pub fn all_busy(&self) -> bool {
         let busy = (self.slots_per_connection * 3 / 4).max(1);
+        let busy_bytes = MAX_BYTES_IN_FLIGHT_PER_CONNECTION / 4 * 3;
         !self.slots.is_empty()
-            && self
-                .slots
-                .iter()
-                .all(|slot| Self::in_flight(&slot.conn) >= busy)
+            && self.slots.iter().all(|slot| {
+                Self::in_flight(&slot.conn) >= busy || slot.conn.bytes_in_flight() >= busy_bytes
+            })
     }
 
-    /// The first connection with room, and how many more sends it takes. Filling in order
-    /// keeps later connections idle, so they time out when load drops.
-    pub fn with_room(&mut self) -> Option<(Arc<PooledConnection>, usize)> {
+    /// The first connection with room, and how much more it takes. Filling in order keeps
+    /// later connections idle, so they time out when load drops.
+    pub fn with_room(&mut self) -> Option<(Arc<PooledConnection>, Room)> {
         self.retire_broken();
         let now = Instant::now();
         self.slots.iter_mut().find_map(|slot| {
-            let room = self
-                .slots_per_connection
-                .saturating_sub(Self::in_flight(&slot.conn));
-            (room > 0).then(|| {
+            let room = Room {
+                sends: self
+                    .slots_per_connection
+                    .saturating_sub(Self::in_flight(&slot.conn)),
+                bytes: MAX_BYTES_IN_FLIGHT_PER_CONNECTION
+                    .saturating_sub(slot.conn.bytes_in_flight()),
+            };
+            (room.sends > 0 && room.bytes > 0).then(|| {
                 slot.last_used = now;
                 (slot.conn.clone(), room)
             })
@@ -307,6 +360,7 @@ impl Pool {
         self.last_opened = Some(Instant::now());
         let conn = Arc::new(PooledConnection {
             conn,
+            bytes_in_flight: Arc::default(),
             delivered: AtomicU64::new(0),
             retired: AtomicBool::new(false),
             permit,

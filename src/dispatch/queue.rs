@@ -252,7 +252,7 @@ impl QueueWorker {
                 // Every connection is full: a finished send (or the growth timer) wakes us.
                 None => return later(connection::GROWTH_INTERVAL),
             };
-            let mut want = (room * per_send).min(MAX_LEASE);
+            let mut want = (room.sends * per_send).min(MAX_LEASE);
             if cfg.min_batch_size > 1 {
                 let due = self.spool.due_count(&self.queue, now_ms, want);
                 match batch_rule(&cfg).gather(due, oldest_due, now_ms) {
@@ -268,7 +268,10 @@ impl QueueWorker {
                 Ok(granted) => granted,
                 Err(wait) => return later(wait),
             };
-            let msgs: Vec<Leased> = match self.spool.lease(&self.queue, want, now_ms) {
+            let leased = self
+                .spool
+                .lease_within(&self.queue, want, room.bytes, now_ms);
+            let msgs: Vec<Leased> = match leased {
                 Ok(msgs) => msgs,
                 Err(e) => {
                     tracing::error!(queue = %self.queue, error = %e, "lease failed");
@@ -317,9 +320,13 @@ impl QueueWorker {
             while live.peek().is_some() {
                 let batch: Vec<Leased> = live.by_ref().take(per_send).collect();
                 let held = batch.iter().map(|l| l.lease.clone()).collect();
+                let bytes = conn.hold_bytes(batch.iter().map(|l| l.lease.bytes()).sum());
                 let (conn, cfg, telemetry) = (conn.clone(), cfg.clone(), self.telemetry.clone());
                 self.sends.spawn(
-                    move |spool| deliver::deliver(spool, telemetry, conn, cfg, batch),
+                    move |spool| async move {
+                        let _bytes = bytes;
+                        deliver::deliver(spool, telemetry, conn, cfg, batch).await
+                    },
                     held,
                 );
             }

@@ -43,10 +43,25 @@ impl Model {
             .collect()
     }
 
-    fn take_due(&mut self, queue: &str, now: u64, max: usize) -> Vec<(u64, u64, Slot)> {
+    /// Due messages in order until `max`, or until the next would pass `max_bytes`; the
+    /// first is taken whatever its size.
+    fn take_due(
+        &mut self,
+        queue: &str,
+        now: u64,
+        max: usize,
+        max_bytes: u64,
+    ) -> Vec<(u64, u64, Slot)> {
         let keys: Vec<(u64, u64)> = self.queues.get(queue).map_or_else(Vec::new, |q| {
-            let due = q.scheduled.range(..=(now, u64::MAX));
-            due.take(max).map(|(k, _)| *k).collect()
+            let mut sum = 0u64;
+            let due = q.scheduled.range(..=(now, u64::MAX)).take(max);
+            due.enumerate()
+                .take_while(|(i, (_, slot))| {
+                    sum += u64::from(slot.bytes);
+                    *i == 0 || sum <= max_bytes
+                })
+                .map(|(_, (k, _))| *k)
+                .collect()
         });
         self.take_keys(queue, &keys)
     }
@@ -137,6 +152,7 @@ enum Op {
         queue: usize,
         now: u64,
         max: usize,
+        max_bytes: u64,
     },
     /// An operator's take of some waiting messages (`pick` chooses among them by index).
     TakeKeys {
@@ -174,7 +190,8 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (queue.clone(), 0u64..60, 1u64..12, 0u64..4, slot())
             .prop_map(|(queue, first, len, due, slot)| Op::Ingest { queue, first, len, due, slot }),
         1 => (0u64..60, 0u64..4, slot()).prop_map(|(id, due, slot)| Op::Reschedule { id, due, slot }),
-        3 => (queue.clone(), 0u64..5, 1usize..9).prop_map(|(queue, now, max)| Op::TakeDue { queue, now, max }),
+        3 => (queue.clone(), 0u64..5, 1usize..9, prop_oneof![Just(u64::MAX), 0u64..3000])
+            .prop_map(|(queue, now, max, max_bytes)| Op::TakeDue { queue, now, max, max_bytes }),
         1 => (queue.clone(), prop::collection::vec(0usize..40, 0..4))
             .prop_map(|(queue, pick)| Op::TakeKeys { queue, pick }),
         2 => (queue.clone(), 0u64..60).prop_map(|(queue, id)| Op::Release { queue, id }),
@@ -214,9 +231,14 @@ fn apply(index: &mut Index, model: &mut Model, op: &Op) {
             index.insert(&queue, *id, due, *slot);
             model.insert(&queue, *id, due, *slot);
         }
-        Op::TakeDue { queue, now, max } => {
-            let got = taken(index.take_due(QUEUES[*queue], *now, *max));
-            assert_eq!(got, model.take_due(QUEUES[*queue], *now, *max));
+        Op::TakeDue {
+            queue,
+            now,
+            max,
+            max_bytes,
+        } => {
+            let got = taken(index.take_due_within(QUEUES[*queue], *now, *max, *max_bytes));
+            assert_eq!(got, model.take_due(QUEUES[*queue], *now, *max, *max_bytes));
         }
         Op::TakeKeys { queue, pick } => {
             let waiting = model.waiting(QUEUES[*queue]);

@@ -77,6 +77,25 @@ impl Run {
         self.bytes.push_front(bytes);
     }
 
+    /// How many of its first messages fit in `max` messages and `bytes` bytes, and the sum
+    /// of their sizes.
+    pub(super) fn front_within(&self, max: usize, bytes: u64) -> (usize, u64) {
+        let mut sum = 0u64;
+        let n = self
+            .bytes
+            .iter()
+            .take(max)
+            .take_while(|&&b| match sum.checked_add(u64::from(b)) {
+                Some(next) if next <= bytes => {
+                    sum = next;
+                    true
+                }
+                _ => false,
+            })
+            .count();
+        (n, sum)
+    }
+
     /// Takes the first `n` messages' figures out (fewer if it holds fewer).
     pub(super) fn take_front(&mut self, n: usize) -> Vec<Slot> {
         let n = n.min(self.bytes.len());
