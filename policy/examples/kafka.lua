@@ -57,8 +57,9 @@ kumo.on('make.kafka', function(domain, tenant, campaign)
     end
     local failed, errors = producer:send_batch(records)
     local results = {}
+    local delivered = '250 ' .. topic
     for i = 1, #messages do
-      results[i] = string.format('250 %s', topic)
+      results[i] = delivered
     end
     for j, i in ipairs(failed) do
       results[i] = string.format('451 %s', errors[j])

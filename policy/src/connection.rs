@@ -14,7 +14,7 @@ use mlua::{Function, Lua, Table, Value};
 use crate::host::function_location;
 use crate::host::SENDER_KEY;
 use crate::message::{LuaMessage, PolicyMessage};
-use crate::outcome::{classify_error, classify_value, warn_if_not_2xx, SendOutcome};
+use crate::outcome::{classify_error, judge_value, SendOutcome};
 use crate::queue_config::QueueConfig;
 use crate::worker::{deadline_error, is_memory_error, LuaThread, Stop, WarmStates};
 
@@ -239,8 +239,7 @@ async fn call_send(lua: &Lua, msg: PolicyMessage, who: &str) -> mlua::Result<Sen
     let queue = msg.queue.clone();
     let message = lua.create_userdata(LuaMessage(msg))?;
     let value = send.call_async::<Value>((sender, message)).await?;
-    warn_if_not_2xx(&queue, &value, who);
-    Ok(classify_value(&value, who))
+    Ok(judge_value(&queue, &value, || who.to_owned()))
 }
 
 /// On the state's thread: `sender:send_batch(messages)`, or `send` for each.
@@ -268,17 +267,12 @@ async fn call_send_batch(
         Err(e) => vec![Err(e); n],
         Ok(Value::Table(results)) => (1..=n)
             .map(|i| {
-                results.get::<Value>(i).map(|v| {
-                    let who = format!("{who} for message {i}");
-                    warn_if_not_2xx(&queue, &v, &who);
-                    classify_value(&v, &who)
-                })
+                results
+                    .get::<Value>(i)
+                    .map(|v| judge_value(&queue, &v, || format!("{who} for message {i}")))
             })
             .collect(),
-        Ok(v) => {
-            warn_if_not_2xx(&queue, &v, &who);
-            vec![Ok(classify_value(&v, &who)); n]
-        }
+        Ok(v) => vec![Ok(judge_value(&queue, &v, || who)); n],
     }
 }
 

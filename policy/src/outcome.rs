@@ -80,6 +80,22 @@ pub fn leading_code(s: &str) -> Option<u16> {
     }
 }
 
+/// What a value a sender returned means ([`classify_value`]), with the once-per-queue
+/// warning of [`warn_if_not_2xx`]. `who` names the call for those messages and is built
+/// only when the value is not a delivery: a batch's results are 2xx strings nearly always,
+/// and naming each one ("... for message 17") cost an allocation per message.
+pub(crate) fn judge_value(queue: &str, value: &Value, who: impl FnOnce() -> String) -> SendOutcome {
+    if let Value::String(s) = value {
+        let text = s.to_string_lossy();
+        if matches!(leading_code(&text), Some(200..=299)) {
+            return SendOutcome::Delivered { response: text };
+        }
+    }
+    let who = who();
+    warn_if_not_2xx(queue, value, &who);
+    classify_value(value, &who)
+}
+
 pub(crate) fn classify_value(value: &Value, who: &str) -> SendOutcome {
     match value {
         Value::String(s) => {
