@@ -36,15 +36,16 @@ pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 256;
 /// million-message backlog drains at 1.3 GB RSS (measured: docs/performance.md, P4); it is
 /// also what a crash can deliver twice.
 ///
-/// It is also what one connection's throughput is bounded by: a Kafka producer holds each
-/// record for `linger.ms` (5 in kafka.lua) plus a round trip, so at most this many messages
-/// per that time go out. At 1 024 the P2 drain stopped at ~200 000 msg/s with the Lua
-/// thread a third idle; 4 096 lets it run until the CPU is the limit, and 8 192 gained
-/// nothing more (docs/performance.md, "In flight per connection").
-pub const MAX_MESSAGES_IN_FLIGHT_PER_CONNECTION: usize = 4096;
+/// It also bounds one connection's throughput: a Kafka producer holds each record for
+/// `linger.ms` (5 in kafka.lua) plus a round trip, so at most this many messages per that
+/// time go out. At 1 024 the P2 drain stopped at ~200 000 msg/s with CPU to spare; at 2 048
+/// the CPU is the limit. 4 096 and 8 192 were no faster, and 4 096 raised the peak RSS of
+/// a million-message drain by about 100 MiB (docs/performance.md, "In flight per
+/// connection").
+pub const MAX_MESSAGES_IN_FLIGHT_PER_CONNECTION: usize = 2048;
 
 /// Payload bytes in flight per connection. The message count alone bounds memory only for
-/// small messages (4 096 messages of 16 MiB would be 64 GiB); this keeps what a connection
+/// small messages (2 048 messages of 16 MiB would be 32 GiB); this keeps what a connection
 /// holds in Lua, in librdkafka's or lapin's buffers and in the sends' copies to a few
 /// times this. A message larger than the budget is still sent, alone.
 pub const MAX_BYTES_IN_FLIGHT_PER_CONNECTION: u64 = 16 << 20;
