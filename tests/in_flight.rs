@@ -47,18 +47,25 @@ fn leased(daemon: &spoolrelay::Daemon) -> u64 {
     stats.queues.get("big").map_or(0, |q| q.leased)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_holds_at_most_16_mib_of_payloads_in_flight() {
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = common::start(POLICY, dir.path()).await;
-    // 40 messages of 1 MiB: the message count (up to 256 sends of one) would take them all.
-    enqueue(&daemon, &[MIB; 40]).await;
+/// Enqueues `sizes` (as [`enqueue`]) on a fresh relay whose sends never finish, and
+/// returns it once its worker has filled its one connection: the first sends started, and
+/// the worker had a few rounds to lease more whenever it looked for room.
+async fn stuck_relay_with(dir: &std::path::Path, sizes: &[usize]) -> spoolrelay::Daemon {
+    let daemon = common::start(POLICY, dir).await;
+    enqueue(&daemon, sizes).await;
     common::wait_until("the first sends to start", Duration::from_secs(20), || {
         leased(&daemon) > 0
     })
     .await;
-    // The worker leases again whenever it looks for room; give it a few rounds.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    daemon
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_holds_at_most_16_mib_of_payloads_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    // 40 messages of 1 MiB: the message count (up to 256 sends of one) would take them all.
+    let daemon = stuck_relay_with(dir.path(), &[MIB; 40]).await;
     assert_eq!(
         leased(&daemon),
         16,
@@ -75,13 +82,7 @@ async fn a_connection_holds_at_most_16_mib_of_payloads_in_flight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_larger_than_the_budget_goes_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let daemon = common::start(POLICY, dir.path()).await;
-    enqueue(&daemon, &[17 * MIB, MIB, MIB, MIB]).await;
-    common::wait_until("the large message's send", Duration::from_secs(20), || {
-        leased(&daemon) > 0
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let daemon = stuck_relay_with(dir.path(), &[17 * MIB, MIB, MIB, MIB]).await;
     assert_eq!(
         leased(&daemon),
         1,

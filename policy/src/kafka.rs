@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mlua::{Lua, Table, UserData, UserDataMethods, Value};
+use mlua::{Lua, LuaString, Table, UserData, UserDataMethods, Value};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
@@ -159,44 +159,49 @@ fn unknown_field(k: &Value) -> mlua::Error {
 /// timeout, and parsing the timeout again for each record cost a tenth of the batch.
 #[derive(Default)]
 struct Shared {
-    topic: Option<(Vec<u8>, Arc<str>)>,
-    timeout: Option<(Vec<u8>, Duration)>,
+    topic: LastConverted<Arc<str>>,
+    timeout: LastConverted<Duration>,
+}
+
+/// The value converted from the last string given, with that string.
+struct LastConverted<T>(Option<(Vec<u8>, T)>);
+
+impl<T> Default for LastConverted<T> {
+    fn default() -> Self {
+        LastConverted(None)
+    }
+}
+
+impl<T: Clone> LastConverted<T> {
+    /// `convert`'s value for `s`, reused if `s` is the string last given.
+    fn of(&mut self, s: &LuaString, convert: impl FnOnce() -> mlua::Result<T>) -> mlua::Result<T> {
+        let bytes = s.as_bytes();
+        if let Some((last, value)) = &self.0 {
+            if last[..] == bytes[..] {
+                return Ok(value.clone());
+            }
+        }
+        let value = convert()?;
+        self.0 = Some((bytes.to_vec(), value.clone()));
+        Ok(value)
+    }
 }
 
 impl Shared {
     fn topic(&mut self, lua: &Lua, v: Value) -> mlua::Result<Arc<str>> {
-        let Value::String(s) = &v else {
+        match &v {
+            Value::String(s) => self.topic.of(s, || Ok(Arc::from(&*s.to_str()?))),
             // Not a string: converted as before (a number is coerced, a table refused).
-            return Ok(lua.unpack::<String>(v)?.into());
-        };
-        let bytes = s.as_bytes();
-        if let Some((last, topic)) = &self.topic {
-            if last[..] == bytes[..] {
-                return Ok(topic.clone());
-            }
+            _ => Ok(lua.unpack::<String>(v)?.into()),
         }
-        let topic: Arc<str> = Arc::from(&*s.to_str()?);
-        self.topic = Some((bytes.to_vec(), topic.clone()));
-        Ok(topic)
     }
 
     fn timeout(&mut self, v: Option<Value>) -> mlua::Result<Duration> {
-        let v = match v {
-            None | Some(Value::Nil) => return Ok(DEFAULT_SEND_TIMEOUT),
-            Some(v) => v,
-        };
-        let Value::String(s) = &v else {
-            return parse_timeout(&v);
-        };
-        let bytes = s.as_bytes();
-        if let Some((last, timeout)) = &self.timeout {
-            if last[..] == bytes[..] {
-                return Ok(*timeout);
-            }
+        match &v {
+            None | Some(Value::Nil) => Ok(DEFAULT_SEND_TIMEOUT),
+            Some(v @ Value::String(s)) => self.timeout.of(s, || parse_timeout(v)),
+            Some(v) => parse_timeout(v),
         }
-        let timeout = parse_timeout(&v)?;
-        self.timeout = Some((bytes.to_vec(), timeout));
-        Ok(timeout)
     }
 }
 
@@ -217,7 +222,7 @@ fn parse_record(lua: &Lua, t: &Table, shared: &mut Shared) -> mlua::Result<Recor
         None => None,
         Some(h) => {
             let mut owned = OwnedHeaders::new();
-            for pair in h.pairs::<String, mlua::LuaString>() {
+            for pair in h.pairs::<String, LuaString>() {
                 let (name, value) = pair?;
                 owned = owned.insert(Header {
                     key: &name,
@@ -230,7 +235,7 @@ fn parse_record(lua: &Lua, t: &Table, shared: &mut Shared) -> mlua::Result<Recor
     let timeout = shared.timeout(fields.timeout)?;
     let bytes = |v: Option<Value>| -> mlua::Result<Option<Vec<u8>>> {
         Ok(lua
-            .unpack::<Option<mlua::LuaString>>(nil(v))?
+            .unpack::<Option<LuaString>>(nil(v))?
             .map(|s| s.as_bytes().to_vec()))
     };
     Ok(Record {

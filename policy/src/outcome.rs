@@ -80,40 +80,33 @@ pub fn leading_code(s: &str) -> Option<u16> {
     }
 }
 
-/// What a value a sender returned means ([`classify_value`]), with the once-per-queue
-/// warning of [`warn_if_not_2xx`]. `who` names the call for those messages and is built
-/// only when the value is not a delivery: a batch's results are 2xx strings nearly always,
-/// and naming each one ("... for message 17") cost an allocation per message.
+/// What a value a sender returned means, with the once-per-queue warning of
+/// [`warn_if_not_2xx`] for a returned string without a 2xx code. `who` names the call for
+/// those messages and is built only when the value is not a delivery: a batch's results
+/// are 2xx strings nearly always, and naming each one ("... for message 17") cost an
+/// allocation per message.
 pub(crate) fn judge_value(queue: &str, value: &Value, who: impl FnOnce() -> String) -> SendOutcome {
-    if let Value::String(s) = value {
-        let text = s.to_string_lossy();
-        if matches!(leading_code(&text), Some(200..=299)) {
-            return SendOutcome::Delivered { response: text };
-        }
+    let Value::String(s) = value else {
+        return SendOutcome::transient(format!(
+            "{} returned {}; it must return a string like '250 ok' or raise",
+            who(),
+            crate::host::describe(value)
+        ));
+    };
+    let text = s.to_string_lossy();
+    let code = leading_code(&text);
+    if matches!(code, Some(200..=299)) {
+        return SendOutcome::Delivered { response: text };
     }
     let who = who();
-    warn_if_not_2xx(queue, value, &who);
-    classify_value(value, &who)
-}
-
-pub(crate) fn classify_value(value: &Value, who: &str) -> SendOutcome {
-    match value {
-        Value::String(s) => {
-            let text = s.to_string_lossy();
-            match leading_code(&text) {
-                Some(200..=299) => SendOutcome::Delivered { response: text },
-                Some(code @ 400..=499) => SendOutcome::Transient {
-                    code,
-                    response: format!("{who} returned a non-2xx response: {text}"),
-                },
-                _ => SendOutcome::transient(format!(
-                    "{who} returned {text:?}, which is not a 2xx response; use kumo.reject(code, msg) to fail a message"
-                )),
-            }
-        }
-        other => SendOutcome::transient(format!(
-            "{who} returned {}; it must return a string like '250 ok' or raise",
-            crate::host::describe(other)
+    warn_if_not_2xx(queue, &text, &who);
+    match code {
+        Some(code @ 400..=499) => SendOutcome::Transient {
+            code,
+            response: format!("{who} returned a non-2xx response: {text}"),
+        },
+        _ => SendOutcome::transient(format!(
+            "{who} returned {text:?}, which is not a 2xx response; use kumo.reject(code, msg) to fail a message"
         )),
     }
 }
@@ -122,19 +115,14 @@ pub(crate) fn classify_value(value: &Value, who: &str) -> SendOutcome {
 /// about (a bound on memory, not a rule anyone should meet).
 const MAX_WARNED_QUEUES: usize = 10_000;
 
-/// Warns, once per queue per process, when a sender *returned* a string without a 2xx
-/// code. KumoMTA counts any returned string as delivered; here it is a transient failure
+/// Warns, once per queue per process, that a sender *returned* `text`, a string without
+/// a 2xx code. KumoMTA counts any returned string as delivered; here it is a transient failure
 /// (the contract: delivered only on 2xx), so a policy ported from KumoMTA that returns
 /// `'ok'` would retry for ever without a word. Raised errors and `kumo.reject` are meant and
 /// not warned about.
-pub(crate) fn warn_if_not_2xx(queue: &str, value: &Value, who: &str) {
+fn warn_if_not_2xx(queue: &str, text: &str, who: &str) {
     static WARNED: std::sync::Mutex<Option<std::collections::HashSet<String>>> =
         std::sync::Mutex::new(None);
-    let Value::String(s) = value else { return };
-    let text = s.to_string_lossy();
-    if matches!(leading_code(&text), Some(200..=299)) {
-        return;
-    }
     let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
     let warned = warned.get_or_insert_with(Default::default);
     if warned.len() >= MAX_WARNED_QUEUES || !warned.insert(queue.to_owned()) {
